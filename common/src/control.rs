@@ -1,0 +1,571 @@
+//! The control protocol: line-delimited JSON over a unix stream socket.
+//!
+//! Each request is one line, a JSON object with a command name and optional arguments:
+//!
+//! ```text
+//! {"cmd":"status"}
+//! {"cmd":"resize","args":{"size":"20G"}}
+//! ```
+//!
+//! Each reply is one line:
+//!
+//! ```text
+//! {"ok":true,"data":{...}}
+//! {"ok":false,"error":{"kind":"unknown-command","message":"..."}}
+//! ```
+//!
+//! A connection may carry any number of requests; replies come in order. Every daemon answers
+//! `help` (the commands it knows), `status` and `stats`; each backend adds its own commands
+//! through [`ControlHandler`]. `vbctl` and the tests use [`ControlClient`].
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use crate::socket::{BindError, bind_unix};
+
+/// The longest request line a server reads (64 KiB); a longer one gets an error reply and the
+/// connection is closed.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A request as sent on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    /// The command name.
+    pub cmd: String,
+    /// Arguments, an object (absent means `{}`).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+}
+
+/// Stable error kinds of the control protocol: scripts may match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request line is not a JSON object with a `cmd` string.
+    BadRequest,
+    /// The daemon does not know the command.
+    UnknownCommand,
+    /// An argument is missing or has a bad value.
+    BadArgument,
+    /// The command cannot run in the device's current state (for example a locked tray).
+    Busy,
+    /// The command ran and failed.
+    Failed,
+}
+
+/// An error reply.
+#[derive(Debug, Clone, Error, Serialize, Deserialize, PartialEq, Eq)]
+#[error("{message}")]
+pub struct ControlError {
+    /// Stable kind.
+    pub kind: ErrorKind,
+    /// A sentence for the operator.
+    pub message: String,
+}
+
+impl ControlError {
+    /// An error of the given kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ControlError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A bad or missing argument.
+    pub fn bad_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadArgument, message)
+    }
+}
+
+/// A reply as sent on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// The result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// The error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ControlError>,
+}
+
+impl Reply {
+    fn from_result(r: Result<Value, ControlError>) -> Reply {
+        match r {
+            Ok(data) => Reply {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
+            Err(e) => Reply {
+                ok: false,
+                data: None,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// A command a backend adds, for `help`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandInfo {
+    /// Command name.
+    pub name: &'static str,
+    /// Arguments, e.g. `size=SIZE`.
+    pub args: &'static str,
+    /// One sentence.
+    pub help: &'static str,
+}
+
+/// What a backend plugs into the control socket.
+pub trait ControlHandler: Send + Sync {
+    /// Device state for `status` (merged under `"device"`).
+    fn status(&self) -> Value {
+        Value::Null
+    }
+
+    /// Counters for `stats` (merged under `"device"`).
+    fn stats(&self) -> Value {
+        Value::Null
+    }
+
+    /// The backend's own commands, for `help`.
+    fn commands(&self) -> Vec<CommandInfo> {
+        Vec::new()
+    }
+
+    /// Runs a backend command; `None` means the command is unknown.
+    fn handle(&self, _cmd: &str, _args: &Value) -> Option<Result<Value, ControlError>> {
+        None
+    }
+}
+
+/// A handler with no device commands.
+#[derive(Debug, Default)]
+pub struct NoDeviceCommands;
+impl ControlHandler for NoDeviceCommands {}
+
+/// Daemon-wide facts every `status` reply carries.
+pub trait DaemonInfo: Send + Sync {
+    /// The `"daemon"` part of `status`.
+    fn daemon_status(&self) -> Value;
+}
+
+/// Dispatches one parsed request: the built-in commands first, then the backend's.
+pub fn dispatch(
+    daemon: &dyn DaemonInfo,
+    handler: &dyn ControlHandler,
+    req: &Request,
+) -> Result<Value, ControlError> {
+    if !(req.args.is_null() || req.args.is_object()) {
+        return Err(ControlError::new(
+            ErrorKind::BadRequest,
+            "`args` must be a JSON object",
+        ));
+    }
+    match req.cmd.as_str() {
+        "help" => {
+            let mut cmds = vec![
+                json!({"name": "help", "args": "", "help": "List the commands this daemon answers."}),
+                json!({"name": "status", "args": "", "help": "Daemon and device state."}),
+                json!({"name": "stats", "args": "", "help": "Counters (requests, bytes, errors)."}),
+            ];
+            for c in handler.commands() {
+                cmds.push(serde_json::to_value(c).unwrap_or(Value::Null));
+            }
+            Ok(json!({ "commands": cmds }))
+        }
+        "status" => Ok(json!({
+            "daemon": daemon.daemon_status(),
+            "device": handler.status(),
+        })),
+        "stats" => Ok(json!({ "device": handler.stats() })),
+        cmd => handler.handle(cmd, &req.args).unwrap_or_else(|| {
+            let mut known: Vec<&str> = vec!["help", "status", "stats"];
+            let extra = handler.commands();
+            known.extend(extra.iter().map(|c| c.name));
+            Err(ControlError::new(
+                ErrorKind::UnknownCommand,
+                format!("unknown command `{cmd}`; this daemon answers: {}", known.join(", ")),
+            ))
+        }),
+    }
+}
+
+/// Handles one request line and returns the reply line (without the newline).
+pub fn handle_line(daemon: &dyn DaemonInfo, handler: &dyn ControlHandler, line: &str) -> String {
+    let reply = match serde_json::from_str::<Request>(line) {
+        Ok(req) => Reply::from_result(dispatch(daemon, handler, &req)),
+        Err(e) => Reply::from_result(Err(ControlError::new(
+            ErrorKind::BadRequest,
+            format!(
+                "the request is not a JSON object like {{\"cmd\":\"status\"}}: {e} (at column {})",
+                e.column()
+            ),
+        ))),
+    };
+    serde_json::to_string(&reply).unwrap_or_else(|_| {
+        r#"{"ok":false,"error":{"kind":"failed","message":"reply could not be encoded"}}"#.into()
+    })
+}
+
+/// A running control server. Dropping it stops accepting and removes the socket file (if it
+/// created one).
+#[derive(Debug)]
+pub struct ControlServer {
+    path: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ControlServer {
+    /// Listens on `path` and serves requests on background threads.
+    pub fn start(
+        path: &Path,
+        daemon: Arc<dyn DaemonInfo>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<ControlServer, BindError> {
+        let listener = bind_unix(path)?;
+        Ok(Self::serve(listener, Some(path.to_owned()), daemon, handler))
+    }
+
+    /// Serves on an inherited listener (systemd socket activation); the file is not removed.
+    pub fn from_listener(
+        listener: UnixListener,
+        daemon: Arc<dyn DaemonInfo>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> ControlServer {
+        Self::serve(listener, None, daemon, handler)
+    }
+
+    fn serve(
+        listener: UnixListener,
+        path: Option<PathBuf>,
+        daemon: Arc<dyn DaemonInfo>,
+        handler: Arc<dyn ControlHandler>,
+    ) -> ControlServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let spawned = thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (d, h) = (daemon.clone(), handler.clone());
+                    let _ = thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve_connection(conn, &*d, &*h));
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the control thread: {e}");
+        }
+        ControlServer { path, stop }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(p) = &self.path {
+            // Wake the accept loop so it sees the stop flag, then remove the file.
+            let _ = UnixStream::connect(p);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn serve_connection(conn: UnixStream, daemon: &dyn DaemonInfo, handler: &dyn ControlHandler) {
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if n > MAX_LINE && line.last() != Some(&b'\n') {
+            let reply = Reply::from_result(Err(ControlError::new(
+                ErrorKind::BadRequest,
+                format!("request line longer than {MAX_LINE} bytes; closing the connection"),
+            )));
+            let _ = writeln!(writer, "{}", serde_json::to_string(&reply).unwrap_or_default());
+            return;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let reply = handle_line(daemon, handler, text);
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+/// Errors of a control client.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Connecting failed.
+    #[error("cannot connect to control socket {path}: {source} (is the daemon running with --control {path}?)")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The reply could not be decoded.
+    #[error("control socket {path}: the daemon sent a reply that is not valid JSON: {reply}")]
+    BadReply {
+        /// The socket path.
+        path: PathBuf,
+        /// What came back.
+        reply: String,
+    },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Command(ControlError),
+}
+
+/// A connection to a daemon's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ControlClient {
+    /// Connects, with a 30 s timeout on each reply.
+    pub fn connect(path: impl AsRef<Path>) -> Result<ControlClient, ClientError> {
+        let path = path.as_ref().to_owned();
+        let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        let io_err = |source| ClientError::Io {
+            path: path.clone(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io_err)?;
+        let writer = stream.try_clone().map_err(io_err)?;
+        Ok(ControlClient {
+            path,
+            reader: BufReader::new(stream),
+            writer,
+        })
+    }
+
+    /// Sends a command and waits for its reply; an error reply becomes [`ClientError::Command`].
+    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, ClientError> {
+        let req = Request {
+            cmd: cmd.to_owned(),
+            args,
+        };
+        let line = serde_json::to_string(&req).unwrap_or_default();
+        let reply = self.raw(&line)?;
+        let parsed: Reply =
+            serde_json::from_str(&reply).map_err(|_| ClientError::BadReply {
+                path: self.path.clone(),
+                reply: reply.clone(),
+            })?;
+        match (parsed.ok, parsed.data, parsed.error) {
+            (true, data, _) => Ok(data.unwrap_or(Value::Null)),
+            (false, _, Some(e)) => Err(ClientError::Command(e)),
+            (false, _, None) => Err(ClientError::BadReply {
+                path: self.path.clone(),
+                reply,
+            }),
+        }
+    }
+
+    /// Sends one raw line and returns the raw reply line (for tests of malformed input).
+    pub fn raw(&mut self, line: &str) -> Result<String, ClientError> {
+        let io_err = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(io_err)?;
+        let mut reply = String::new();
+        let n = self.reader.read_line(&mut reply).map_err(|source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        if n == 0 {
+            return Err(ClientError::Io {
+                path: self.path.clone(),
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the connection"),
+            });
+        }
+        Ok(reply.trim_end().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Info;
+    impl DaemonInfo for Info {
+        fn daemon_status(&self) -> Value {
+            json!({"name": "test"})
+        }
+    }
+
+    #[derive(Default)]
+    struct Dev {
+        size: Mutex<u64>,
+    }
+    impl ControlHandler for Dev {
+        fn status(&self) -> Value {
+            json!({"size": *self.size.lock().unwrap()})
+        }
+        fn stats(&self) -> Value {
+            json!({"reads": 7})
+        }
+        fn commands(&self) -> Vec<CommandInfo> {
+            vec![CommandInfo {
+                name: "resize",
+                args: "size=BYTES",
+                help: "Change the capacity.",
+            }]
+        }
+        fn handle(&self, cmd: &str, args: &Value) -> Option<Result<Value, ControlError>> {
+            (cmd == "resize").then(|| {
+                let size = args
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| ControlError::bad_argument("resize needs size=BYTES"))?;
+                *self.size.lock().unwrap() = size;
+                Ok(json!({"size": size}))
+            })
+        }
+    }
+
+    fn reply(line: &str) -> Reply {
+        serde_json::from_str(&handle_line(&Info, &Dev::default(), line)).unwrap()
+    }
+
+    #[test]
+    fn builtin_commands() {
+        let r = reply(r#"{"cmd":"status"}"#);
+        assert!(r.ok);
+        assert_eq!(r.data.unwrap(), json!({"daemon": {"name": "test"}, "device": {"size": 0}}));
+        let r = reply(r#"{"cmd":"stats"}"#);
+        assert_eq!(r.data.unwrap()["device"]["reads"], 7);
+        let r = reply(r#"{"cmd":"help"}"#);
+        let names: Vec<String> = r.data.unwrap()["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["help", "status", "stats", "resize"]);
+    }
+
+    #[test]
+    fn malformed_requests_get_error_replies() {
+        for (line, kind, says) in [
+            ("not json", ErrorKind::BadRequest, "column"),
+            ("[1,2]", ErrorKind::BadRequest, "JSON object"),
+            (r#"{"command":"status"}"#, ErrorKind::BadRequest, "cmd"),
+            (r#"{"cmd":5}"#, ErrorKind::BadRequest, "JSON object"),
+            (r#"{"cmd":"status","args":[1]}"#, ErrorKind::BadRequest, "args"),
+            (r#"{"cmd":"frobnicate"}"#, ErrorKind::UnknownCommand, "`frobnicate`"),
+            (r#"{"cmd":"resize"}"#, ErrorKind::BadArgument, "size=BYTES"),
+            (r#"{"cmd":"resize","args":{"size":"big"}}"#, ErrorKind::BadArgument, "size"),
+        ] {
+            let r = reply(line);
+            assert!(!r.ok, "{line}");
+            let e = r.error.unwrap();
+            assert_eq!(e.kind, kind, "{line}: {}", e.message);
+            assert!(e.message.contains(says), "{line}: {}", e.message);
+        }
+        // The unknown-command message lists what is known.
+        let e = reply(r#"{"cmd":"x"}"#).error.unwrap();
+        assert!(e.message.contains("help, status, stats, resize"), "{}", e.message);
+    }
+
+    #[test]
+    fn server_and_client_over_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, Arc::new(Info), Arc::new(Dev::default())).unwrap();
+
+        // A second server on the same live path is refused.
+        let e = ControlServer::start(&path, Arc::new(Info), Arc::new(Dev::default())).unwrap_err();
+        assert!(matches!(e, BindError::InUse { .. }), "{e}");
+
+        let mut c = ControlClient::connect(&path).unwrap();
+        assert_eq!(c.call("resize", json!({"size": 4096})).unwrap(), json!({"size": 4096}));
+        assert_eq!(c.call("status", Value::Null).unwrap()["device"]["size"], 4096);
+        match c.call("nope", Value::Null) {
+            Err(ClientError::Command(e)) => assert_eq!(e.kind, ErrorKind::UnknownCommand),
+            other => panic!("{other:?}"),
+        }
+        // Garbage does not kill the connection.
+        let raw = c.raw("}{").unwrap();
+        assert!(raw.contains("bad-request"), "{raw}");
+        assert!(c.call("stats", Value::Null).is_ok());
+
+        // An over-long line gets an error and the connection closes; the server lives on.
+        let long = "x".repeat(MAX_LINE + 10);
+        let raw = c.raw(&long).unwrap();
+        assert!(raw.contains("longer than"), "{raw}");
+        let mut c2 = ControlClient::connect(&path).unwrap();
+        assert!(c2.call("status", Value::Null).is_ok());
+
+        drop(server);
+        assert!(!path.exists(), "the socket file is removed on drop");
+        let e = ControlClient::connect(&path).unwrap_err();
+        assert!(e.to_string().contains("--control"), "{e}");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_regular_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&path).unwrap()); // leaves a dead socket file
+        let _s = ControlServer::start(&path, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap();
+        assert!(ControlClient::connect(&path).unwrap().call("help", Value::Null).is_ok());
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = ControlServer::start(&file, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap_err();
+        assert!(matches!(e, BindError::NotASocket { .. }), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    }
+}

@@ -1,0 +1,537 @@
+//! The daemon every backend runs: common options, where the vhost-user socket comes from,
+//! the serve loop, readiness, the control socket and clean shutdown.
+//!
+//! A backend's `main` flattens [`CommonArgs`] into its own options, builds its device, and hands
+//! both to [`Daemon::run`]. The serve loop accepts one front end at a time; when it disconnects
+//! (a VMM restarts, a guest shuts down) the daemon serves the next connection on the same
+//! socket. SIGTERM and SIGINT end the current connection, remove the socket files the daemon
+//! created, tell systemd `STOPPING=1` and return.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::{ControlHandler, ControlServer, DaemonInfo};
+use crate::notify;
+use crate::socket::{BindError, bind_unix};
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// Connections, configuration and state changes (default).
+    Info,
+    /// Protocol-level detail.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(l: LogLevel) -> Self {
+        match l {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// Options every vback daemon takes. Flatten into a backend's clap parser with
+/// `#[command(flatten)]`.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Listen for the front end on this unix socket (QEMU connects with
+    /// `-chardev socket,path=PATH`). A stale socket file is replaced; one that another process
+    /// still answers on is not. Also spelled --socket-path.
+    #[arg(long, value_name = "PATH", alias = "socket-path", help_heading = "Daemon")]
+    pub socket: Option<PathBuf>,
+
+    /// Serve on an already listening unix socket inherited as file descriptor N (for a
+    /// supervisor that binds the socket itself). Without --socket and --fd, a systemd socket
+    /// unit's socket is used (LISTEN_FDS; a second socket, or one named "control", becomes the
+    /// control socket).
+    #[arg(long, value_name = "N", conflicts_with = "socket", help_heading = "Daemon")]
+    pub fd: Option<RawFd>,
+
+    /// Print this backend's vhost-user capabilities as JSON (QEMU's vhost-user.json schema)
+    /// and exit.
+    #[arg(long, help_heading = "Daemon")]
+    pub print_capabilities: bool,
+
+    /// Answer control commands (line-delimited JSON: status, stats, ...) on this unix socket.
+    /// `vbctl` talks to it.
+    #[arg(long, value_name = "PATH", help_heading = "Daemon")]
+    pub control: Option<PathBuf>,
+
+    /// Log verbosity (logs go to stderr; under systemd they land in the journal).
+    #[arg(long, value_enum, default_value_t = LogLevel::Info, value_name = "LEVEL", help_heading = "Daemon")]
+    pub log_level: LogLevel,
+}
+
+/// What a backend tells the daemon about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInfo {
+    /// Program name, for logs and thread names (`blkback`).
+    pub name: &'static str,
+    /// The vhost-user backend type for `--print-capabilities` (`block`, `net`, `scsi`).
+    pub vhost_type: &'static str,
+    /// Capability features for `--print-capabilities`.
+    pub features: &'static [&'static str],
+}
+
+impl DeviceInfo {
+    /// The `--print-capabilities` document.
+    pub fn capabilities_json(&self) -> String {
+        let doc = json!({ "type": self.vhost_type, "features": self.features });
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    }
+}
+
+/// Sets up logging to stderr at `level` (`VBACK_LOG` overrides it with env_logger syntax).
+/// Under systemd (JOURNAL_STREAM set) lines carry no timestamp: the journal adds its own.
+pub fn init_logging(level: LogLevel) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level.into());
+    if let Ok(spec) = std::env::var("VBACK_LOG") {
+        b.parse_filters(&spec);
+    }
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format_timestamp(None);
+    }
+    let _ = b.try_init();
+}
+
+/// Why a daemon could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// No socket option and no socket activation.
+    #[error(
+        "no vhost-user socket to serve: give --socket PATH, or --fd N for an inherited listening \
+         socket, or start the daemon from a systemd socket unit"
+    )]
+    NoSocket,
+    /// The vhost-user socket could not be bound.
+    #[error("vhost-user {0}")]
+    Bind(BindError),
+    /// The control socket could not be bound.
+    #[error("control {0}")]
+    Control(BindError),
+    /// `--fd N` is not a listening unix socket.
+    #[error("--fd {fd}: {problem}")]
+    BadFd {
+        /// The descriptor number.
+        fd: RawFd,
+        /// What is wrong.
+        problem: String,
+    },
+    /// LISTEN_FDS was set but unusable.
+    #[error("systemd socket activation: {0}")]
+    Activation(String),
+    /// Signal handling or the event loop could not be set up.
+    #[error("cannot set up the daemon's event loop: {0}")]
+    Setup(io::Error),
+    /// The vhost-user library refused to create the daemon.
+    #[error("cannot create the vhost-user daemon: {0}")]
+    Vhost(String),
+}
+
+/// Where the vhost-user listening socket comes from.
+#[derive(Debug)]
+enum ListenSource {
+    Path(PathBuf),
+    Fd(RawFd),
+    Activation { fd: RawFd, control: Option<RawFd> },
+}
+
+impl CommonArgs {
+    fn listen_source(&self) -> Result<ListenSource, DaemonError> {
+        if let Some(p) = &self.socket {
+            return Ok(ListenSource::Path(p.clone()));
+        }
+        if let Some(fd) = self.fd {
+            return Ok(ListenSource::Fd(fd));
+        }
+        match systemd_listen_fds()? {
+            Some((fd, control)) => Ok(ListenSource::Activation { fd, control }),
+            None => Err(DaemonError::NoSocket),
+        }
+    }
+}
+
+/// `sd_listen_fds`: the first passed socket (fd 3) and an optional control socket.
+fn systemd_listen_fds() -> Result<Option<(RawFd, Option<RawFd>)>, DaemonError> {
+    let Ok(count) = std::env::var("LISTEN_FDS") else {
+        return Ok(None);
+    };
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !pid_ok {
+        // The variables were meant for another process (our parent): not ours to use.
+        return Ok(None);
+    }
+    let count: RawFd = count
+        .parse()
+        .map_err(|_| DaemonError::Activation(format!("LISTEN_FDS={count} is not a number")))?;
+    if count < 1 {
+        return Ok(None);
+    }
+    const FIRST: RawFd = 3;
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let named = |want: &str| {
+        names
+            .iter()
+            .position(|n| n == want)
+            .and_then(|i| RawFd::try_from(i).ok())
+            .filter(|i| *i < count)
+            .map(|i| FIRST + i)
+    };
+    let control = named("control").or((count >= 2).then_some(FIRST + 1));
+    let vhost = named("vhost-user")
+        .or_else(|| (FIRST..FIRST + count).find(|fd| Some(*fd) != control))
+        .ok_or_else(|| {
+            DaemonError::Activation("no socket is left for vhost-user after the control socket".into())
+        })?;
+    Ok(Some((vhost, control)))
+}
+
+/// Takes ownership of an inherited descriptor after checking it is an open unix socket.
+fn inherited_listener(fd: RawFd) -> Result<UnixListener, DaemonError> {
+    let bad = |problem: &str| DaemonError::BadFd {
+        fd,
+        problem: problem.to_owned(),
+    };
+    if fd < 3 {
+        return Err(bad("descriptors 0, 1 and 2 are stdin, stdout and stderr, not a socket"));
+    }
+    // SAFETY: F_GETFD only reads the descriptor flags of `fd`; it touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad("no such open file descriptor"));
+    }
+    // SAFETY: `fd` is open (checked above) and was handed to this process to serve on; nothing
+    // else in the process owns it, so the listener may take ownership and close it on drop.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    if listener.local_addr().is_err() {
+        // Do not close what we could not use: give the descriptor back.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(listener);
+        return Err(bad("not a unix domain socket"));
+    }
+    Ok(listener)
+}
+
+/// Shared, observable daemon state (the `"daemon"` part of `status`).
+#[derive(Debug)]
+struct State {
+    name: &'static str,
+    started: Instant,
+    listen: String,
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+impl DaemonInfo for State {
+    fn daemon_status(&self) -> Value {
+        json!({
+            "name": self.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "socket": self.listen,
+            "frontend_connected": self.connected.load(Ordering::Acquire),
+            "connections": self.connections.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// Stops a running [`Daemon`] from another thread (signals use it; so do tests).
+#[derive(Clone)]
+pub struct StopHandle {
+    inner: Arc<StopInner>,
+}
+
+struct StopInner {
+    stopping: AtomicBool,
+    event: EventFd,
+    current: Mutex<Option<ShutdownHandle>>,
+}
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopHandle")
+            .field("stopping", &self.inner.stopping.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl StopHandle {
+    fn new() -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            inner: Arc::new(StopInner {
+                stopping: AtomicBool::new(false),
+                event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+                current: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Ends the current connection and makes [`Daemon::run`] return.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let _ = self.inner.event.write(1);
+        if let Some(h) = self.lock_current().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::Acquire)
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.inner
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A vhost-user daemon: socket, serve loop, control socket, signals.
+pub struct Daemon {
+    info: DeviceInfo,
+    args: CommonArgs,
+    control: Arc<dyn ControlHandler>,
+    stop: StopHandle,
+    handle_signals: bool,
+    on_disconnect: Option<Box<dyn Fn() + Send>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("info", &self.info)
+            .field("args", &self.args)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// A daemon for `info` configured by `args`, answering `control` commands.
+    pub fn new(
+        info: DeviceInfo,
+        args: CommonArgs,
+        control: Arc<dyn ControlHandler>,
+    ) -> Result<Daemon, DaemonError> {
+        Ok(Daemon {
+            info,
+            args,
+            control,
+            stop: StopHandle::new().map_err(DaemonError::Setup)?,
+            handle_signals: true,
+            on_disconnect: None,
+        })
+    }
+
+    /// Do not install SIGTERM/SIGINT handlers (for tests and embedding); use
+    /// [`Daemon::stop_handle`] instead.
+    pub fn without_signal_handlers(mut self) -> Self {
+        self.handle_signals = false;
+        self
+    }
+
+    /// Runs `f` after each front end disconnects, before the next one is accepted (a backend
+    /// resets per-connection state there).
+    pub fn on_disconnect(mut self, f: impl Fn() + Send + 'static) -> Self {
+        self.on_disconnect = Some(Box::new(f));
+        self
+    }
+
+    /// A handle that stops [`Daemon::run`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Serves front ends until stopped. Returns `Ok` after a clean shutdown.
+    pub fn run<B>(self, backend: B) -> Result<(), DaemonError>
+    where
+        B: VhostUserBackend + Clone + 'static,
+        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
+            + vm_memory::mmap::NewBitmap
+            + Clone
+            + Send
+            + Sync,
+        B::Vring: Clone + Send + Sync,
+    {
+        let source = self.args.listen_source()?;
+        let (listener, created_path, control_fd) = match &source {
+            ListenSource::Path(p) => (bind_unix(p).map_err(DaemonError::Bind)?, Some(p.clone()), None),
+            ListenSource::Fd(fd) => (inherited_listener(*fd)?, None, None),
+            ListenSource::Activation { fd, control } => (inherited_listener(*fd)?, None, *control),
+        };
+        let listen_desc = match &source {
+            ListenSource::Path(p) => p.display().to_string(),
+            ListenSource::Fd(fd) => format!("fd {fd}"),
+            ListenSource::Activation { fd, .. } => format!("systemd socket (fd {fd})"),
+        };
+        let state = Arc::new(State {
+            name: self.info.name,
+            started: Instant::now(),
+            listen: listen_desc.clone(),
+            connected: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+        });
+        let _control_server = match (&self.args.control, control_fd) {
+            (Some(p), _) => Some(
+                ControlServer::start(p, state.clone(), self.control.clone())
+                    .map_err(DaemonError::Control)?,
+            ),
+            (None, Some(fd)) => Some(ControlServer::from_listener(
+                inherited_listener(fd)?,
+                state.clone(),
+                self.control.clone(),
+            )),
+            (None, None) => None,
+        };
+        if self.handle_signals {
+            install_signal_handlers(self.stop.clone())?;
+        }
+        let mut listener = Listener::from(listener);
+        let result = self.serve_loop(&mut listener, &state, backend, &listen_desc);
+        notify::notify("STOPPING=1");
+        drop(listener);
+        if let Some(p) = created_path {
+            let _ = std::fs::remove_file(p);
+        }
+        log::info!("{} stopped", self.info.name);
+        result
+    }
+
+    fn serve_loop<B>(
+        &self,
+        listener: &mut Listener,
+        state: &State,
+        backend: B,
+        listen_desc: &str,
+    ) -> Result<(), DaemonError>
+    where
+        B: VhostUserBackend + Clone + 'static,
+        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
+            + vm_memory::mmap::NewBitmap
+            + Clone
+            + Send
+            + Sync,
+        B::Vring: Clone + Send + Sync,
+    {
+        let epoll = Epoll::new().map_err(DaemonError::Setup)?;
+        const LISTENER: u64 = 0;
+        const STOP: u64 = 1;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER),
+            )
+            .map_err(DaemonError::Setup)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.stop.inner.event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP),
+            )
+            .map_err(DaemonError::Setup)?;
+
+        log::info!("{} listening on {listen_desc}", self.info.name);
+        notify::notify(&format!("READY=1\nSTATUS=waiting for a front end on {listen_desc}"));
+        let mut events = vec![EpollEvent::default(); 2];
+        loop {
+            if self.stop.is_stopping() {
+                return Ok(());
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(DaemonError::Setup(e)),
+            };
+            if events[..n].iter().any(|e| e.data() == STOP) || self.stop.is_stopping() {
+                return Ok(());
+            }
+            let mut daemon = VhostUserDaemon::new(
+                self.info.name.to_owned(),
+                backend.clone(),
+                GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new()),
+            )
+            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+            if let Err(e) = daemon.start(listener) {
+                log::warn!("accepting a front end failed: {e}");
+                continue;
+            }
+            let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
+            state.connected.store(true, Ordering::Release);
+            *self.stop.lock_current() = daemon.shutdown_handle();
+            if self.stop.is_stopping() {
+                daemon.request_shutdown();
+            }
+            log::info!("front end #{serial} connected");
+            notify::status(&format!("serving front end #{serial} on {listen_desc}"));
+
+            match daemon.wait() {
+                Ok(()) => log::info!("front end #{serial} disconnected"),
+                Err(e) => log::warn!("front end #{serial} disconnected: {e}"),
+            }
+            *self.stop.lock_current() = None;
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            // Dropping the daemon joins its worker threads.
+            drop(daemon);
+            state.connected.store(false, Ordering::Release);
+            if let Some(f) = &self.on_disconnect {
+                f();
+            }
+            notify::status(&format!("waiting for a front end on {listen_desc}"));
+        }
+    }
+}
+
+/// SIGTERM/SIGINT stop the daemon; a second one exits at once.
+fn install_signal_handlers(stop: StopHandle) -> Result<(), DaemonError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Setup)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if stop.is_stopping() {
+                    log::warn!("signal {sig} again while stopping: exiting now");
+                    std::process::exit(1);
+                }
+                log::info!("signal {sig}: stopping");
+                stop.stop();
+            }
+        })
+        .map_err(DaemonError::Setup)?;
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! vback-common: what every vback backend shares.
+//!
+//! - [`daemon`]: common options ([`CommonArgs`]), the vhost-user serve loop that serves again
+//!   after a front end disconnects, systemd socket activation and readiness, clean shutdown;
+//! - [`control`]: the line-delimited JSON control protocol, server and client;
+//! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
+//! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
+
+pub mod control;
+pub mod daemon;
+pub mod notify;
+pub mod socket;
+pub mod spec;
+
+pub use daemon::{CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging};

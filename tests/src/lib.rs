@@ -1,0 +1,39 @@
+//! vback-tests: the one guest harness every end-to-end test uses, and helpers to run backends.
+//!
+//! - [`harness`]: boot a throw-away Linux guest in QEMU with vhost-user devices, run a shell
+//!   script (a batch of named checks) inside, get its output and status back;
+//! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
+//!   stop them, read their logs.
+//!
+//! Nothing here skips silently: a missing QEMU, kernel or tool is an error that fails the test
+//! with the command that fixes it.
+
+pub mod cpio;
+pub mod harness;
+pub mod process;
+
+pub use harness::{Accel, Check, Guest, GuestRun};
+
+use thiserror::Error;
+
+/// Why the harness could not run a guest.
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    /// A tool the tests need is not installed.
+    #[error("missing tool: {0}")]
+    MissingTool(String),
+    /// Building the guest image or preparing a run failed.
+    #[error("harness setup failed: {0}")]
+    Setup(String),
+    /// QEMU ran but the guest did not report an exit status.
+    #[error("the guest did not finish: {0}")]
+    Guest(String),
+    /// The wall-clock limit passed.
+    #[error("the guest timed out after {seconds} s; console tail:\n{console_tail}")]
+    Timeout {
+        /// The limit.
+        seconds: u64,
+        /// The last lines of the kernel console.
+        console_tail: String,
+    },
+}
