@@ -79,10 +79,16 @@ install_packages() {
   log "host packages installed"
 }
 
+guest_image() {
+  local paths
+  paths=$("$ROOT/tests/guest/build.sh")
+  log "guest image: $paths"
+}
+
 case ${1:-all} in
   --packages) install_packages ;;
-  --guest) "$ROOT/tests/guest/build.sh" ;;
-  all) install_packages; "$ROOT/tests/guest/build.sh" ;;
+  --guest) guest_image ;;
+  all) install_packages; guest_image ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' ;;
   *) die "unknown option $1 (see --help)" ;;
 esac

@@ -197,7 +197,10 @@ pub fn dispatch(
             known.extend(extra.iter().map(|c| c.name));
             Err(ControlError::new(
                 ErrorKind::UnknownCommand,
-                format!("unknown command `{cmd}`; this daemon answers: {}", known.join(", ")),
+                format!(
+                    "unknown command `{cmd}`; this daemon answers: {}",
+                    known.join(", ")
+                ),
             ))
         }),
     }
@@ -236,7 +239,12 @@ impl ControlServer {
         handler: Arc<dyn ControlHandler>,
     ) -> Result<ControlServer, BindError> {
         let listener = bind_unix(path)?;
-        Ok(Self::serve(listener, Some(path.to_owned()), daemon, handler))
+        Ok(Self::serve(
+            listener,
+            Some(path.to_owned()),
+            daemon,
+            handler,
+        ))
     }
 
     /// Serves on an inherited listener (systemd socket activation); the file is not removed.
@@ -308,7 +316,11 @@ fn serve_connection(conn: UnixStream, daemon: &dyn DaemonInfo, handler: &dyn Con
                 ErrorKind::BadRequest,
                 format!("request line longer than {MAX_LINE} bytes; closing the connection"),
             )));
-            let _ = writeln!(writer, "{}", serde_json::to_string(&reply).unwrap_or_default());
+            let _ = writeln!(
+                writer,
+                "{}",
+                serde_json::to_string(&reply).unwrap_or_default()
+            );
             return;
         }
         let text = String::from_utf8_lossy(&line);
@@ -327,7 +339,9 @@ fn serve_connection(conn: UnixStream, daemon: &dyn DaemonInfo, handler: &dyn Con
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("cannot connect to control socket {path}: {source} (is the daemon running with --control {path}?)")]
+    #[error(
+        "cannot connect to control socket {path}: {source} (is the daemon running with --control {path}?)"
+    )]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -394,11 +408,10 @@ impl ControlClient {
         };
         let line = serde_json::to_string(&req).unwrap_or_default();
         let reply = self.raw(&line)?;
-        let parsed: Reply =
-            serde_json::from_str(&reply).map_err(|_| ClientError::BadReply {
-                path: self.path.clone(),
-                reply: reply.clone(),
-            })?;
+        let parsed: Reply = serde_json::from_str(&reply).map_err(|_| ClientError::BadReply {
+            path: self.path.clone(),
+            reply: reply.clone(),
+        })?;
         match (parsed.ok, parsed.data, parsed.error) {
             (true, data, _) => Ok(data.unwrap_or(Value::Null)),
             (false, _, Some(e)) => Err(ClientError::Command(e)),
@@ -419,14 +432,20 @@ impl ControlClient {
             .write_all(format!("{line}\n").as_bytes())
             .map_err(io_err)?;
         let mut reply = String::new();
-        let n = self.reader.read_line(&mut reply).map_err(|source| ClientError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        let n = self
+            .reader
+            .read_line(&mut reply)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         if n == 0 {
             return Err(ClientError::Io {
                 path: self.path.clone(),
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, "the daemon closed the connection"),
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the daemon closed the connection",
+                ),
             });
         }
         Ok(reply.trim_end().to_owned())
@@ -483,7 +502,10 @@ mod tests {
     fn builtin_commands() {
         let r = reply(r#"{"cmd":"status"}"#);
         assert!(r.ok);
-        assert_eq!(r.data.unwrap(), json!({"daemon": {"name": "test"}, "device": {"size": 0}}));
+        assert_eq!(
+            r.data.unwrap(),
+            json!({"daemon": {"name": "test"}, "device": {"size": 0}})
+        );
         let r = reply(r#"{"cmd":"stats"}"#);
         assert_eq!(r.data.unwrap()["device"]["reads"], 7);
         let r = reply(r#"{"cmd":"help"}"#);
@@ -503,10 +525,22 @@ mod tests {
             ("[1,2]", ErrorKind::BadRequest, "JSON object"),
             (r#"{"command":"status"}"#, ErrorKind::BadRequest, "cmd"),
             (r#"{"cmd":5}"#, ErrorKind::BadRequest, "JSON object"),
-            (r#"{"cmd":"status","args":[1]}"#, ErrorKind::BadRequest, "args"),
-            (r#"{"cmd":"frobnicate"}"#, ErrorKind::UnknownCommand, "`frobnicate`"),
+            (
+                r#"{"cmd":"status","args":[1]}"#,
+                ErrorKind::BadRequest,
+                "args",
+            ),
+            (
+                r#"{"cmd":"frobnicate"}"#,
+                ErrorKind::UnknownCommand,
+                "`frobnicate`",
+            ),
             (r#"{"cmd":"resize"}"#, ErrorKind::BadArgument, "size=BYTES"),
-            (r#"{"cmd":"resize","args":{"size":"big"}}"#, ErrorKind::BadArgument, "size"),
+            (
+                r#"{"cmd":"resize","args":{"size":"big"}}"#,
+                ErrorKind::BadArgument,
+                "size",
+            ),
         ] {
             let r = reply(line);
             assert!(!r.ok, "{line}");
@@ -516,7 +550,11 @@ mod tests {
         }
         // The unknown-command message lists what is known.
         let e = reply(r#"{"cmd":"x"}"#).error.unwrap();
-        assert!(e.message.contains("help, status, stats, resize"), "{}", e.message);
+        assert!(
+            e.message.contains("help, status, stats, resize"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -530,8 +568,14 @@ mod tests {
         assert!(matches!(e, BindError::InUse { .. }), "{e}");
 
         let mut c = ControlClient::connect(&path).unwrap();
-        assert_eq!(c.call("resize", json!({"size": 4096})).unwrap(), json!({"size": 4096}));
-        assert_eq!(c.call("status", Value::Null).unwrap()["device"]["size"], 4096);
+        assert_eq!(
+            c.call("resize", json!({"size": 4096})).unwrap(),
+            json!({"size": 4096})
+        );
+        assert_eq!(
+            c.call("status", Value::Null).unwrap()["device"]["size"],
+            4096
+        );
         match c.call("nope", Value::Null) {
             Err(ClientError::Command(e)) => assert_eq!(e.kind, ErrorKind::UnknownCommand),
             other => panic!("{other:?}"),
@@ -560,11 +604,17 @@ mod tests {
         let path = dir.path().join("stale.sock");
         drop(UnixListener::bind(&path).unwrap()); // leaves a dead socket file
         let _s = ControlServer::start(&path, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap();
-        assert!(ControlClient::connect(&path).unwrap().call("help", Value::Null).is_ok());
+        assert!(
+            ControlClient::connect(&path)
+                .unwrap()
+                .call("help", Value::Null)
+                .is_ok()
+        );
 
         let file = dir.path().join("file");
         std::fs::write(&file, b"precious").unwrap();
-        let e = ControlServer::start(&file, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap_err();
+        let e =
+            ControlServer::start(&file, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap_err();
         assert!(matches!(e, BindError::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }

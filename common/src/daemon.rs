@@ -62,14 +62,24 @@ pub struct CommonArgs {
     /// Listen for the front end on this unix socket (QEMU connects with
     /// `-chardev socket,path=PATH`). A stale socket file is replaced; one that another process
     /// still answers on is not. Also spelled --socket-path.
-    #[arg(long, value_name = "PATH", alias = "socket-path", help_heading = "Daemon")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        alias = "socket-path",
+        help_heading = "Daemon"
+    )]
     pub socket: Option<PathBuf>,
 
     /// Serve on an already listening unix socket inherited as file descriptor N (for a
     /// supervisor that binds the socket itself). Without --socket and --fd, a systemd socket
     /// unit's socket is used (LISTEN_FDS; a second socket, or one named "control", becomes the
     /// control socket).
-    #[arg(long, value_name = "N", conflicts_with = "socket", help_heading = "Daemon")]
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "socket",
+        help_heading = "Daemon"
+    )]
     pub fd: Option<RawFd>,
 
     /// Print this backend's vhost-user capabilities as JSON (QEMU's vhost-user.json schema)
@@ -118,6 +128,20 @@ pub fn init_logging(level: LogLevel) {
         b.format_timestamp(None);
     }
     let _ = b.try_init();
+}
+
+/// For a backend whose device is not built yet: says so on stderr, after its configuration was
+/// parsed and validated, and returns exit status 2.
+pub fn not_implemented(name: &str, what: &str, issue: Option<u32>) -> std::process::ExitCode {
+    let tracking = issue.map_or_else(
+        || "not scheduled yet".to_owned(),
+        |n| format!("see issue #{n}"),
+    );
+    eprintln!(
+        "{name}: the configuration is valid, but {what} is not implemented yet ({tracking}); \
+         nothing was served"
+    );
+    std::process::ExitCode::from(2)
 }
 
 /// Why a daemon could not start or stopped with an error.
@@ -212,7 +236,9 @@ fn systemd_listen_fds() -> Result<Option<(RawFd, Option<RawFd>)>, DaemonError> {
     let vhost = named("vhost-user")
         .or_else(|| (FIRST..FIRST + count).find(|fd| Some(*fd) != control))
         .ok_or_else(|| {
-            DaemonError::Activation("no socket is left for vhost-user after the control socket".into())
+            DaemonError::Activation(
+                "no socket is left for vhost-user after the control socket".into(),
+            )
         })?;
     Ok(Some((vhost, control)))
 }
@@ -224,7 +250,9 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, DaemonError> {
         problem: problem.to_owned(),
     };
     if fd < 3 {
-        return Err(bad("descriptors 0, 1 and 2 are stdin, stdout and stderr, not a socket"));
+        return Err(bad(
+            "descriptors 0, 1 and 2 are stdin, stdout and stderr, not a socket",
+        ));
     }
     // SAFETY: F_GETFD only reads the descriptor flags of `fd`; it touches no memory.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -386,7 +414,11 @@ impl Daemon {
     {
         let source = self.args.listen_source()?;
         let (listener, created_path, control_fd) = match &source {
-            ListenSource::Path(p) => (bind_unix(p).map_err(DaemonError::Bind)?, Some(p.clone()), None),
+            ListenSource::Path(p) => (
+                bind_unix(p).map_err(DaemonError::Bind)?,
+                Some(p.clone()),
+                None,
+            ),
             ListenSource::Fd(fd) => (inherited_listener(*fd)?, None, None),
             ListenSource::Activation { fd, control } => (inherited_listener(*fd)?, None, *control),
         };
@@ -463,7 +495,9 @@ impl Daemon {
             .map_err(DaemonError::Setup)?;
 
         log::info!("{} listening on {listen_desc}", self.info.name);
-        notify::notify(&format!("READY=1\nSTATUS=waiting for a front end on {listen_desc}"));
+        notify::notify(&format!(
+            "READY=1\nSTATUS=waiting for a front end on {listen_desc}"
+        ));
         let mut events = vec![EpollEvent::default(); 2];
         loop {
             if self.stop.is_stopping() {
@@ -534,4 +568,254 @@ fn install_signal_handlers(stop: StopHandle) -> Result<(), DaemonError> {
         })
         .map_err(DaemonError::Setup)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+    use vhost::VhostBackend;
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost_user_backend::VringRwLock;
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::event::{
+        EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+    };
+
+    type Gm = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+    /// The smallest backend: one queue, no device logic; counts feature negotiations.
+    #[derive(Clone, Default)]
+    struct Nop {
+        acked: Arc<AtomicUsize>,
+    }
+
+    impl VhostUserBackend for Nop {
+        type Bitmap = ();
+        type Vring = VringRwLock<Gm>;
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> usize {
+            256
+        }
+        fn features(&self) -> u64 {
+            1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1
+                | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        }
+        fn acked_features(&self, _f: u64) {
+            self.acked.fetch_add(1, Ordering::AcqRel);
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        }
+        fn set_event_idx(&self, _enabled: bool) {}
+        fn update_memory(&self, _mem: Gm) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn exit_event(&self, _t: usize) -> Option<(EventConsumer, EventNotifier)> {
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        }
+        fn handle_event(
+            &self,
+            _q: u16,
+            _e: EventSet,
+            _v: &[Self::Vring],
+            _t: usize,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn args(socket: &std::path::Path, control: Option<&std::path::Path>) -> CommonArgs {
+        CommonArgs {
+            socket: Some(socket.to_owned()),
+            fd: None,
+            print_capabilities: false,
+            control: control.map(Into::into),
+            log_level: LogLevel::Info,
+        }
+    }
+
+    const INFO: DeviceInfo = DeviceInfo {
+        name: "nop",
+        vhost_type: "block",
+        features: &[],
+    };
+
+    fn wait_listening(path: &std::path::Path) {
+        for _ in 0..500 {
+            if path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{} never appeared", path.display());
+    }
+
+    #[test]
+    fn serves_again_after_each_disconnect_and_stops_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vu.sock");
+        let ctl = dir.path().join("ctl.sock");
+        let backend = Nop::default();
+        let acked = backend.acked.clone();
+        let disconnects = Arc::new(AtomicUsize::new(0));
+        let d2 = disconnects.clone();
+        let daemon = Daemon::new(
+            INFO,
+            args(&sock, Some(&ctl)),
+            Arc::new(crate::control::NoDeviceCommands),
+        )
+        .unwrap()
+        .without_signal_handlers()
+        .on_disconnect(move || {
+            d2.fetch_add(1, Ordering::AcqRel);
+        });
+        let stop = daemon.stop_handle();
+        let t = std::thread::spawn(move || daemon.run(backend));
+        wait_listening(&sock);
+
+        for round in 1..=3 {
+            let mut fe = Frontend::connect(&sock, 1).expect("connect");
+            fe.set_owner().unwrap();
+            let features = fe.get_features().unwrap();
+            assert_ne!(features & (1 << 32), 0, "VERSION_1 offered");
+            fe.set_features(features).unwrap();
+            let pf = fe.get_protocol_features().unwrap();
+            assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
+            let mut c = crate::control::ControlClient::connect(&ctl).unwrap();
+            let st = c.call("status", Value::Null).unwrap();
+            assert_eq!(st["daemon"]["frontend_connected"], true, "{st}");
+            assert_eq!(st["daemon"]["connections"], round, "{st}");
+            drop(fe);
+            // The daemon notices the hang-up and is ready for the next front end.
+            for _ in 0..500 {
+                if disconnects.load(Ordering::Acquire) == round {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(disconnects.load(Ordering::Acquire), round);
+        }
+        assert_eq!(acked.load(Ordering::Acquire), 3);
+
+        // A front end that sends garbage ends only its own connection.
+        {
+            use std::io::Write;
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            s.write_all(&[0xff; 7]).unwrap();
+        }
+        for _ in 0..500 {
+            if disconnects.load(Ordering::Acquire) == 4 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(disconnects.load(Ordering::Acquire), 4);
+        let fe = Frontend::connect(&sock, 1).expect("still serving");
+        fe.set_owner().unwrap();
+        assert!(fe.get_features().is_ok());
+
+        // Stop while a front end is connected: the connection ends, run() returns, and the
+        // socket files are gone.
+        stop.stop();
+        let r = t.join().unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        assert!(!sock.exists(), "vhost-user socket removed");
+        assert!(!ctl.exists(), "control socket removed");
+        drop(fe);
+    }
+
+    #[test]
+    fn refuses_a_socket_in_use_and_bad_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("busy.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let d = Daemon::new(
+            INFO,
+            args(&sock, None),
+            Arc::new(crate::control::NoDeviceCommands),
+        )
+        .unwrap()
+        .without_signal_handlers();
+        let e = d.run(Nop::default()).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+
+        let mut a = args(&sock, None);
+        a.socket = None;
+        a.fd = Some(1);
+        let d = Daemon::new(INFO, a.clone(), Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers();
+        let e = d.run(Nop::default()).unwrap_err();
+        assert!(e.to_string().starts_with("--fd 1: "), "{e}");
+
+        a.fd = Some(9999);
+        let d = Daemon::new(INFO, a.clone(), Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers();
+        let e = d.run(Nop::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("no such open file descriptor"),
+            "{e}"
+        );
+
+        // A regular file's descriptor is not a socket (and is not closed by the refusal).
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        a.fd = Some(f.as_raw_fd());
+        let d = Daemon::new(INFO, a.clone(), Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers();
+        let e = d.run(Nop::default()).unwrap_err();
+        assert!(e.to_string().contains("not a unix domain socket"), "{e}");
+        assert!(f.metadata().is_ok());
+    }
+
+    #[test]
+    fn serves_on_an_inherited_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("inherited.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+        let mut a = args(&sock, None);
+        a.socket = None;
+        a.fd = Some(fd);
+        let d = Daemon::new(INFO, a, Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers();
+        let stop = d.stop_handle();
+        let t = std::thread::spawn(move || d.run(Nop::default()));
+        let fe = Frontend::connect(&sock, 1).unwrap();
+        fe.set_owner().unwrap();
+        assert!(fe.get_features().is_ok());
+        stop.stop();
+        assert!(t.join().unwrap().is_ok());
+        assert!(
+            sock.exists(),
+            "an inherited socket's file belongs to whoever bound it"
+        );
+    }
+
+    #[test]
+    fn capabilities_document() {
+        let info = DeviceInfo {
+            name: "blkback",
+            vhost_type: "block",
+            features: &["read-only"],
+        };
+        let v: Value = serde_json::from_str(&info.capabilities_json()).unwrap();
+        assert_eq!(v, json!({"type": "block", "features": ["read-only"]}));
+    }
+
+    #[test]
+    fn no_socket_is_a_clear_error() {
+        let mut a = args(std::path::Path::new("/x"), None);
+        a.socket = None;
+        // LISTEN_PID never matches this test process, so activation is not used.
+        let e = a.listen_source().unwrap_err();
+        assert!(e.to_string().contains("--socket PATH"), "{e}");
+    }
 }

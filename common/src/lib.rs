@@ -12,4 +12,7 @@ pub mod notify;
 pub mod socket;
 pub mod spec;
 
-pub use daemon::{CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging};
+pub use daemon::{
+    CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging,
+    not_implemented,
+};

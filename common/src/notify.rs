@@ -57,8 +57,9 @@ mod tests {
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=listening");
 
         let name = format!("vback-notify-test-{}", std::process::id());
-        let rx2 = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
-            .unwrap();
+        let rx2 =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
         // SAFETY: as above.
         unsafe { std::env::set_var("NOTIFY_SOCKET", format!("@{name}")) };
         status("serving");

@@ -45,8 +45,13 @@ impl Accel {
             Ok("tcg") => return Accel::Tcg,
             _ => {}
         }
-        let hw = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
-        let dev = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+        let hw = Path::new("/sys/module/kvm_intel").exists()
+            || Path::new("/sys/module/kvm_amd").exists();
+        let dev = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
         if hw && dev { Accel::Kvm } else { Accel::Tcg }
     }
 }
@@ -94,7 +99,10 @@ impl GuestImage {
                         kernel: k.into(),
                         initramfs: i.into(),
                     }),
-                    _ => Err(format!("{} printed no image paths: {text}", script.display())),
+                    _ => Err(format!(
+                        "{} printed no image paths: {text}",
+                        script.display()
+                    )),
                 }
             })
             .clone()
@@ -197,7 +205,8 @@ impl Guest {
 
     /// Copies a host file into the guest at `guest_path` (absolute).
     pub fn file(mut self, host: impl AsRef<Path>, guest_path: &str) -> Guest {
-        self.files.push((host.as_ref().to_owned(), guest_path.to_owned()));
+        self.files
+            .push((host.as_ref().to_owned(), guest_path.to_owned()));
         self
     }
 
@@ -233,18 +242,32 @@ impl Guest {
         for (i, d) in self.devices.iter().enumerate() {
             match d {
                 Device::VhostBlk { socket, props } => {
-                    let q = if props.contains("num-queues=") { "" } else { ",num-queues=1" };
+                    let q = if props.contains("num-queues=") {
+                        ""
+                    } else {
+                        ",num-queues=1"
+                    };
                     a.push("-chardev".into());
                     a.push(format!("socket,id=vub{i},path={}", socket.display()));
                     a.push("-device".into());
-                    a.push(format!("vhost-user-blk-pci,chardev=vub{i}{q}{}", with_comma(props)));
+                    a.push(format!(
+                        "vhost-user-blk-pci,chardev=vub{i}{q}{}",
+                        with_comma(props)
+                    ));
                 }
                 Device::VhostScsi { socket, props } => {
-                    let q = if props.contains("num_queues=") { "" } else { ",num_queues=1" };
+                    let q = if props.contains("num_queues=") {
+                        ""
+                    } else {
+                        ",num_queues=1"
+                    };
                     a.push("-chardev".into());
                     a.push(format!("socket,id=vus{i},path={}", socket.display()));
                     a.push("-device".into());
-                    a.push(format!("vhost-user-scsi-pci,chardev=vus{i}{q}{}", with_comma(props)));
+                    a.push(format!(
+                        "vhost-user-scsi-pci,chardev=vus{i}{q}{}",
+                        with_comma(props)
+                    ));
                 }
                 Device::VhostNet { socket, props } => {
                     a.push("-chardev".into());
@@ -289,7 +312,11 @@ impl Guest {
         let w = work.path();
         let initrd = w.join("initrd");
         self.write_initrd(&image.initramfs, &initrd, script)?;
-        let (console, out, status) = (w.join("console.log"), w.join("out.log"), w.join("status.log"));
+        let (console, out, status) = (
+            w.join("console.log"),
+            w.join("out.log"),
+            w.join("status.log"),
+        );
 
         let mut cmd = Command::new(qemu);
         match self.accel {
@@ -298,12 +325,26 @@ impl Guest {
         };
         cmd.args(["-smp", &self.smp.to_string(), "-m", &self.mem]);
         cmd.args(["-machine", "q35,memory-backend=mem", "-object"]);
-        cmd.arg(format!("memory-backend-memfd,id=mem,size={},share=on", self.mem));
-        cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-monitor", "none"]);
+        cmd.arg(format!(
+            "memory-backend-memfd,id=mem,size={},share=on",
+            self.mem
+        ));
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ]);
         for f in [&console, &out, &status] {
             cmd.arg("-serial").arg(format!("file:{}", f.display()));
         }
-        cmd.arg("-kernel").arg(&image.kernel).arg("-initrd").arg(&initrd);
+        cmd.arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&initrd);
         cmd.arg("-append").arg(
             "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off scsi_mod.scan=sync rdinit=/init",
         );
@@ -318,7 +359,10 @@ impl Guest {
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start QEMU: {e}")))?;
         let exit = loop {
-            if let Some(st) = child.try_wait().map_err(|e| HarnessError::Setup(e.to_string()))? {
+            if let Some(st) = child
+                .try_wait()
+                .map_err(|e| HarnessError::Setup(e.to_string()))?
+            {
                 break st;
             }
             if t0.elapsed() > self.timeout {
@@ -332,7 +376,8 @@ impl Guest {
             sleep(Duration::from_millis(50));
         };
         let wall = t0.elapsed();
-        let console_text = String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
+        let console_text =
+            String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
         let output = String::from_utf8_lossy(&fs::read(&out).unwrap_or_default()).into_owned();
         let status_text = fs::read_to_string(&status).unwrap_or_default();
         let code = status_text
@@ -370,12 +415,21 @@ impl Guest {
         let mut dirs: Vec<String> = vec!["harness".into()];
         for (_, g) in &self.files {
             if !g.starts_with('/') {
-                return Err(HarnessError::Setup(format!("guest path {g} must be absolute")));
+                return Err(HarnessError::Setup(format!(
+                    "guest path {g} must be absolute"
+                )));
             }
             let mut acc = String::new();
-            let parent = Path::new(g).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let parent = Path::new(g)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
             for part in parent.split('/').filter(|p| !p.is_empty()) {
-                acc = if acc.is_empty() { part.to_owned() } else { format!("{acc}/{part}") };
+                acc = if acc.is_empty() {
+                    part.to_owned()
+                } else {
+                    format!("{acc}/{part}")
+                };
                 if !dirs.contains(&acc) {
                     dirs.push(acc.clone());
                 }
@@ -386,17 +440,25 @@ impl Guest {
         }
         w.file("harness/cmd.sh", 0o755, script.as_bytes());
         for (h, g) in &self.files {
-            let data = fs::read(h).map_err(|e| HarnessError::Setup(format!("{}: {e}", h.display())))?;
+            let data =
+                fs::read(h).map_err(|e| HarnessError::Setup(format!("{}: {e}", h.display())))?;
             w.file(g, 0o755, &data);
         }
-        let mut f = fs::OpenOptions::new().append(true).open(dest).map_err(err)?;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(dest)
+            .map_err(err)?;
         w.finish(&mut f).map_err(err)?;
         f.flush().map_err(err)
     }
 }
 
 fn with_comma(props: &str) -> String {
-    if props.is_empty() { String::new() } else { format!(",{props}") }
+    if props.is_empty() {
+        String::new()
+    } else {
+        format!(",{props}")
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -460,9 +522,15 @@ impl GuestRun {
     /// The check called `name`; panics (failing the test) with the guest output if it did not
     /// run.
     pub fn check(&self, name: &str) -> &Check {
-        self.checks.iter().find(|c| c.name == name).unwrap_or_else(|| {
-            panic!("check `{name}` did not run in the guest; output:\n{}", self.output)
-        })
+        self.checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "check `{name}` did not run in the guest; output:\n{}",
+                    self.output
+                )
+            })
     }
 
     /// Panics unless every expected check ran and passed, listing the failures with their output.
@@ -471,9 +539,10 @@ impl GuestRun {
         for name in expected {
             match self.checks.iter().find(|c| c.name == *name) {
                 None => failures.push(format!("`{name}` did not run")),
-                Some(c) if c.status != 0 => {
-                    failures.push(format!("`{name}` failed (status {}):\n{}", c.status, c.output))
-                }
+                Some(c) if c.status != 0 => failures.push(format!(
+                    "`{name}` failed (status {}):\n{}",
+                    c.status, c.output
+                )),
                 Some(_) => {}
             }
         }
@@ -491,7 +560,8 @@ impl GuestRun {
         format!(
             "accel={:?} boot={} wall={:.1}s status={}",
             self.accel,
-            self.boot_uptime_s.map_or("?".into(), |b| format!("{b:.2}s")),
+            self.boot_uptime_s
+                .map_or("?".into(), |b| format!("{b:.2}s")),
             self.wall.as_secs_f64(),
             self.status
         )
@@ -508,7 +578,14 @@ mod tests {
                    @@VBACK-CHECK-BEGIN b c\n@@VBACK-CHECK-END b c rc=3\n";
         let c = parse_checks(out);
         assert_eq!(c.len(), 2);
-        assert_eq!(c[0], Check { name: "a".into(), status: 0, output: "line1\nline2\n".into() });
+        assert_eq!(
+            c[0],
+            Check {
+                name: "a".into(),
+                status: 0,
+                output: "line1\nline2\n".into()
+            }
+        );
         assert_eq!(c[1].name, "b c");
         assert_eq!(c[1].status, 3);
     }
@@ -521,10 +598,22 @@ mod tests {
             .vhost_scsi("/s/scsi", "")
             .vhost_net("/s/net", "mac=00:16:3e:00:00:01");
         let a = g.device_args().join(" ");
-        assert!(a.contains("vhost-user-blk-pci,chardev=vub0,num-queues=1"), "{a}");
-        assert!(a.contains("vhost-user-blk-pci,chardev=vub1,num-queues=2,serial=x"), "{a}");
-        assert!(a.contains("vhost-user-scsi-pci,chardev=vus2,num_queues=1"), "{a}");
+        assert!(
+            a.contains("vhost-user-blk-pci,chardev=vub0,num-queues=1"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-blk-pci,chardev=vub1,num-queues=2,serial=x"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-scsi-pci,chardev=vus2,num_queues=1"),
+            "{a}"
+        );
         assert!(a.contains("-netdev vhost-user,id=net3,chardev=vun3"), "{a}");
-        assert!(a.contains("virtio-net-pci,netdev=net3,mac=00:16:3e:00:00:01"), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,netdev=net3,mac=00:16:3e:00:00:01"),
+            "{a}"
+        );
     }
 }

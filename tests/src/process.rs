@@ -64,8 +64,11 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns `cmd` with its output sent to `log_path`.
     pub fn spawn(name: &str, mut cmd: Command, log_path: &Path) -> Result<Daemon, HarnessError> {
-        let log = File::create(log_path).map_err(|e| HarnessError::Setup(format!("{}: {e}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(|e| HarnessError::Setup(e.to_string()))?;
+        let log = File::create(log_path)
+            .map_err(|e| HarnessError::Setup(format!("{}: {e}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| HarnessError::Setup(e.to_string()))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -81,13 +84,21 @@ impl Daemon {
 
     /// Waits until `socket` accepts connections (the daemon is ready), or fails with the
     /// daemon's log if it exits or does not listen within `timeout`.
-    pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> Result<(), HarnessError> {
+    pub fn wait_for_socket(
+        &mut self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
             if is_listening(socket) {
                 return Ok(());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 return Err(HarnessError::Setup(format!(
                     "{} exited ({status}) before listening on {}:\n{}",
                     self.name,
@@ -163,7 +174,9 @@ pub fn qemu_storage_daemon(
     log: &Path,
 ) -> Result<Daemon, HarnessError> {
     let qsd = which("qemu-storage-daemon").ok_or_else(|| {
-        HarnessError::MissingTool("qemu-storage-daemon not found (qemu-utils; run scripts/setup.sh)".into())
+        HarnessError::MissingTool(
+            "qemu-storage-daemon not found (qemu-utils; run scripts/setup.sh)".into(),
+        )
     })?;
     let mut cmd = Command::new(qsd);
     cmd.arg("--blockdev").arg(format!(

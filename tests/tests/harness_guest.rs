@@ -24,14 +24,29 @@ exit 42
         )
         .expect("the guest runs");
     eprintln!("{}", run.summary());
-    assert_eq!(run.status, 42, "the script's exit status comes back:\n{}", run.output);
+    assert_eq!(
+        run.status, 42,
+        "the script's exit status comes back:\n{}",
+        run.output
+    );
     run.assert_checks(&["kernel", "file", "fio", "iperf3", "virtio-modules"]);
     assert_eq!(run.check("file").output, "payload from the host\n");
-    assert!(run.check("fio").output.starts_with("fio-"), "{}", run.output);
-    assert!(run.check("iperf3").output.contains("iperf 3"), "{}", run.output);
+    assert!(
+        run.check("fio").output.starts_with("fio-"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.check("iperf3").output.contains("iperf 3"),
+        "{}",
+        run.output
+    );
     assert_eq!(run.check("virtio-modules").output.trim(), "4");
     let failed = run.check("must-fail");
     assert_eq!(failed.status, 7);
     assert_eq!(failed.output, "going to fail\n");
-    assert!(run.boot_uptime_s.is_some(), "the guest reports its boot time");
+    assert!(
+        run.boot_uptime_s.is_some(),
+        "the guest reports its boot time"
+    );
 }

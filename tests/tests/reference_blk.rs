@@ -15,7 +15,10 @@ const SIZE: u64 = 64 << 20;
 fn guest_fio_verify_on_qemu_storage_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
-    std::fs::File::create(&image).unwrap().set_len(SIZE).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
     let sock = dir.path().join("blk.sock");
     let mut qsd = qemu_storage_daemon(&image, &sock, true, &dir.path().join("qsd.log"))
         .expect("qemu-storage-daemon starts");
@@ -37,14 +40,25 @@ check marker 'printf "vback-marker-%s" 0123456789 | dd of=/dev/vda bs=512 seek=6
     run.assert_checks(&["present", "fio-verify", "marker"]);
     let present = run.check("present").output.clone();
     let mut lines = present.lines();
-    assert_eq!(lines.next(), Some((SIZE / 512).to_string().as_str()), "{present}");
+    assert_eq!(
+        lines.next(),
+        Some((SIZE / 512).to_string().as_str()),
+        "{present}"
+    );
     assert!(run.check("fio-verify").output.contains("fio-ok"));
 
-    assert!(qsd.is_running(), "qemu-storage-daemon survived the guest:\n{}", qsd.log());
+    assert!(
+        qsd.is_running(),
+        "qemu-storage-daemon survived the guest:\n{}",
+        qsd.log()
+    );
     drop(qsd);
     let mut f = std::fs::File::open(&image).unwrap();
     f.seek(SeekFrom::Start(65536 * 512)).unwrap();
     let mut buf = [0u8; 22];
     f.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"vback-marker-012345678", "the guest's write reached the host image");
+    assert_eq!(
+        &buf, b"vback-marker-012345678",
+        "the guest's write reached the host image"
+    );
 }

@@ -1,1 +1,262 @@
-fn main(){}
+//! vbctl: the operator's command-line tool for vback.
+//!
+//! Today it talks to a backend's control socket (`status`, `stats`, `call`) and checks Xen
+//! configuration strings (`check-disk`, `check-vif`, `check-rate`). The xm-style verbs
+//! (`block-attach`, `usb-attach`, ...) arrive with the backends that implement them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Map, Value};
+use vback_common::control::{ClientError, ControlClient};
+use vback_common::spec::{DiskEntry, DiskUname, Rate, VifSpec};
+
+/// Manage vback backends: query and command them over their control sockets, and check Xen
+/// configuration strings before you use them.
+#[derive(Debug, Parser)]
+#[command(version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show a backend's state (daemon and device) from its control socket.
+    Status {
+        /// The backend's --control socket.
+        control: PathBuf,
+    },
+    /// Show a backend's counters from its control socket.
+    Stats {
+        /// The backend's --control socket.
+        control: PathBuf,
+    },
+    /// List the control commands a backend answers.
+    Commands {
+        /// The backend's --control socket.
+        control: PathBuf,
+    },
+    /// Send any control command: `vbctl call SOCK resize size=20G`. Values that parse as JSON
+    /// (numbers, true/false) are sent as such, anything else as a string.
+    Call {
+        /// The backend's --control socket.
+        control: PathBuf,
+        /// The command name.
+        command: String,
+        /// Arguments as KEY=VALUE.
+        args: Vec<String>,
+    },
+    /// Check a disk uname (`tap:qcow:/path`) or a full entry (`UNAME,VDEV,MODE` or SXP) and
+    /// print what it means.
+    CheckDisk {
+        /// The spec.
+        spec: String,
+    },
+    /// Check a vif spec (`bridge=br0,mac=...,rate=...`) and print what it means.
+    CheckVif {
+        /// The spec.
+        spec: String,
+    },
+    /// Check a rate (`100Mb/s@20ms`) and print the credit per window.
+    CheckRate {
+        /// The rate.
+        rate: String,
+    },
+    /// xm verbs that are not available yet (block-attach, network-attach, usb-attach, ...).
+    #[command(external_subcommand)]
+    Other(Vec<String>),
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  vbctl status /run/vback/alice-xvda.ctl
+  vbctl call /run/vback/alice-xvda.ctl resize size=20G
+  vbctl check-disk 'tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w'
+  vbctl check-vif 'bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms'
+
+xm-style verbs planned: block-attach, block-detach, block-list, block-configure, network-attach,
+network-detach, network-list, usb-hc-create, usb-hc-destroy, usb-list-assignable-devices,
+usb-attach, usb-detach, usb-list.";
+
+const XM_VERBS: &[&str] = &[
+    "block-attach",
+    "block-detach",
+    "block-list",
+    "block-configure",
+    "network-attach",
+    "network-detach",
+    "network-list",
+    "usb-hc-create",
+    "usb-hc-destroy",
+    "usb-list-assignable-devices",
+    "usb-attach",
+    "usb-detach",
+    "usb-list",
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("vbctl: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn call(control: &PathBuf, cmd: &str, args: Value) -> Result<Value, String> {
+    let mut c = ControlClient::connect(control).map_err(|e| e.to_string())?;
+    c.call(cmd, args).map_err(|e| match e {
+        ClientError::Command(e) => format!("{cmd}: {e}"),
+        other => other.to_string(),
+    })
+}
+
+fn run(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Status { control } => print_json(&call(&control, "status", Value::Null)?),
+        Cmd::Stats { control } => print_json(&call(&control, "stats", Value::Null)?),
+        Cmd::Commands { control } => {
+            let v = call(&control, "help", Value::Null)?;
+            for c in v["commands"].as_array().into_iter().flatten() {
+                let (name, args, help) = (
+                    c["name"].as_str().unwrap_or_default(),
+                    c["args"].as_str().unwrap_or_default(),
+                    c["help"].as_str().unwrap_or_default(),
+                );
+                println!("{:<28} {help}", format!("{name} {args}"));
+            }
+        }
+        Cmd::Call {
+            control,
+            command,
+            args,
+        } => {
+            let mut map = Map::new();
+            for a in &args {
+                let Some((k, v)) = a.split_once('=') else {
+                    return Err(format!("argument `{a}` is not KEY=VALUE"));
+                };
+                let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+                map.insert(k.to_owned(), value);
+            }
+            print_json(&call(&control, &command, Value::Object(map))?);
+        }
+        Cmd::CheckDisk { spec } => {
+            // Two or more commas (or SXP) make a full entry, UNAME,VDEV,MODE; otherwise a uname
+            // (which may itself hold one comma: iscsi:IQN,LUN).
+            let entry = DiskEntry::parse(&spec);
+            let looks_like_entry =
+                spec.matches(',').count() >= 2 || spec.trim_start().starts_with('(');
+            match entry {
+                Ok(e) => {
+                    println!("uname:  {}", e.uname);
+                    describe_uname(&e.uname);
+                    println!(
+                        "vdev:   {}{}",
+                        e.vdev.name,
+                        if e.vdev.cdrom { " (CD-ROM)" } else { "" }
+                    );
+                    println!(
+                        "mode:   {} ({})",
+                        e.mode,
+                        if e.mode.writable() {
+                            "writable"
+                        } else {
+                            "read-only"
+                        }
+                    );
+                }
+                Err(e) if looks_like_entry => {
+                    return Err(e.to_string());
+                }
+                Err(_) => {
+                    let u = DiskUname::parse(&spec).map_err(|e| e.to_string())?;
+                    println!("uname:  {u}");
+                    describe_uname(&u);
+                }
+            }
+        }
+        Cmd::CheckVif { spec } => {
+            let v = VifSpec::parse(&spec).map_err(|e| e.to_string())?;
+            let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+            println!("bridge:   {}", opt(&v.bridge));
+            println!(
+                "mac:      {}",
+                v.mac
+                    .map_or_else(|| "random 00:16:3e:xx:xx:xx".into(), |m| m.to_string())
+            );
+            let ips: Vec<String> = v.ip.iter().map(ToString::to_string).collect();
+            println!(
+                "ip:       {}",
+                if ips.is_empty() {
+                    "-".into()
+                } else {
+                    ips.join(" ")
+                }
+            );
+            println!("script:   {}", opt(&v.script));
+            println!(
+                "vifname:  {}",
+                v.vifname
+                    .clone()
+                    .unwrap_or_else(|| "vif<domid>.<devid>".into())
+            );
+            println!(
+                "rate:     {}",
+                v.rate.map_or_else(|| "unlimited".into(), describe_rate)
+            );
+            println!(
+                "rate_rx:  {}",
+                v.rate_rx.map_or_else(|| "unlimited".into(), describe_rate)
+            );
+            if let Some(m) = v.mtu {
+                println!("mtu:      {m}");
+            }
+        }
+        Cmd::CheckRate { rate } => {
+            println!(
+                "{}",
+                describe_rate(Rate::parse(&rate).map_err(|e| e.to_string())?)
+            );
+        }
+        Cmd::Other(words) => {
+            let verb = words.first().map(String::as_str).unwrap_or_default();
+            return Err(if XM_VERBS.contains(&verb) {
+                format!("`{verb}` is not implemented yet; it arrives with the backend it drives")
+            } else {
+                format!("unknown command `{verb}`; see `vbctl --help`")
+            });
+        }
+    }
+    Ok(())
+}
+
+fn describe_uname(u: &DiskUname) {
+    let what = match u {
+        DiskUname::Phy(_) => "host block device".to_owned(),
+        DiskUname::Image { format, .. } => format!("{format} image"),
+        DiskUname::Cdrom(_) => "CD-ROM (drive or ISO image)".into(),
+        DiskUname::Iscsi { .. } => "iSCSI LUN".into(),
+        DiskUname::Nbd(_) => "NBD export".into(),
+        DiskUname::Npiv { .. } => "Fibre Channel NPIV LUN (needs FC hardware)".into(),
+        DiskUname::Null { size } => format!("null device of {size} bytes"),
+    };
+    println!("kind:   {what}");
+}
+
+fn describe_rate(r: Rate) -> String {
+    format!(
+        "{} bytes/s: {} bytes of credit every {} us",
+        r.bytes_per_second,
+        r.credit_bytes,
+        r.window_us()
+    )
+}

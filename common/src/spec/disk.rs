@@ -499,9 +499,15 @@ impl DiskEntry {
         Self::from_parts(input, uname.trim(), vdev.trim(), mode.trim())
     }
 
-    fn from_parts(input: &str, uname: &str, vdev: &str, mode: &str) -> Result<DiskEntry, SpecError> {
+    fn from_parts(
+        input: &str,
+        uname: &str,
+        vdev: &str,
+        mode: &str,
+    ) -> Result<DiskEntry, SpecError> {
         let what = "disk entry";
-        let uname = DiskUname::parse(uname).map_err(|e| SpecError::new(what, input, &e.part, e.problem))?;
+        let uname =
+            DiskUname::parse(uname).map_err(|e| SpecError::new(what, input, &e.part, e.problem))?;
         let vdev_parsed = Vdev::parse(vdev).ok_or_else(|| {
             SpecError::new(
                 what,
@@ -576,11 +582,21 @@ fn parse_sxp(input: &str) -> Result<DiskEntry, SpecError> {
             "uname" => uname = Some(value),
             "mode" => mode = Some(value),
             "type" | "backend" | "bootable" | "driver" => {}
-            _ => return Err(bad(key, &format!("unknown vbd key `{key}`; known keys: dev, uname, mode, type, backend, bootable"))),
+            _ => {
+                return Err(bad(
+                    key,
+                    &format!(
+                        "unknown vbd key `{key}`; known keys: dev, uname, mode, type, backend, bootable"
+                    ),
+                ));
+            }
         }
     }
     let (Some(dev), Some(uname)) = (dev, uname) else {
-        return Err(bad(input, "an SXP disk entry needs (dev ...) and (uname ...)"));
+        return Err(bad(
+            input,
+            "an SXP disk entry needs (dev ...) and (uname ...)",
+        ));
     };
     DiskEntry::from_parts(input, uname, dev, mode.unwrap_or("w"))
 }
@@ -604,13 +620,28 @@ mod tests {
             ("raw:/img/a.raw", image(ImageFormat::Raw, "/img/a.raw")),
             ("tap:aio:/img/a.raw", image(ImageFormat::Raw, "/img/a.raw")),
             ("tap2:aio:/img/a.raw", image(ImageFormat::Raw, "/img/a.raw")),
-            ("tap:qcow:/img/a.qcow2", image(ImageFormat::Qcow2, "/img/a.qcow2")),
-            ("tap:qcow2:/img/a.qcow2", image(ImageFormat::Qcow2, "/img/a.qcow2")),
-            ("qcow2:/img/a.qcow2", image(ImageFormat::Qcow2, "/img/a.qcow2")),
-            ("tap:vmdk:/img/a.vmdk", image(ImageFormat::Vmdk, "/img/a.vmdk")),
+            (
+                "tap:qcow:/img/a.qcow2",
+                image(ImageFormat::Qcow2, "/img/a.qcow2"),
+            ),
+            (
+                "tap:qcow2:/img/a.qcow2",
+                image(ImageFormat::Qcow2, "/img/a.qcow2"),
+            ),
+            (
+                "qcow2:/img/a.qcow2",
+                image(ImageFormat::Qcow2, "/img/a.qcow2"),
+            ),
+            (
+                "tap:vmdk:/img/a.vmdk",
+                image(ImageFormat::Vmdk, "/img/a.vmdk"),
+            ),
             ("vmdk:/img/a.vmdk", image(ImageFormat::Vmdk, "/img/a.vmdk")),
             ("tap:cdrom:/dev/sr0", DiskUname::Cdrom("/dev/sr0".into())),
-            ("tap:cdrom:/isos/x.iso", DiskUname::Cdrom("/isos/x.iso".into())),
+            (
+                "tap:cdrom:/isos/x.iso",
+                DiskUname::Cdrom("/isos/x.iso".into()),
+            ),
             (
                 "iscsi:iqn.2001-04.com.example:disk1,3",
                 DiskUname::Iscsi {
@@ -639,7 +670,10 @@ mod tests {
                     port: 10809,
                 }),
             ),
-            ("nbd:unix:/run/nbd.sock", DiskUname::Nbd(NbdAddress::Unix("/run/nbd.sock".into()))),
+            (
+                "nbd:unix:/run/nbd.sock",
+                DiskUname::Nbd(NbdAddress::Unix("/run/nbd.sock".into())),
+            ),
             (
                 "npiv:210400e08b80c40f,2",
                 DiskUname::Npiv {
@@ -669,7 +703,11 @@ mod tests {
             ("tap:qcow:", "tap:qcow:", "must be followed by a path"),
             ("tap:/x", "/x", "needs a driver"),
             ("tap:qed:/x", "qed", "unknown tap driver `qed`"),
-            ("iscsi:iqn.2001-04.com.example:d", "iqn.2001-04.com.example:d", "comma"),
+            (
+                "iscsi:iqn.2001-04.com.example:d",
+                "iqn.2001-04.com.example:d",
+                "comma",
+            ),
             ("iscsi:iqn.x,abc", "abc", "LUN `abc`"),
             ("iscsi:target,0", "target", "iqn."),
             ("iscsi://host/iqn.x", "//host/iqn.x", "iscsi://HOST"),
@@ -688,14 +726,20 @@ mod tests {
             let e = DiskUname::parse(input).unwrap_err();
             assert_eq!(e.part, part, "{input}: {e}");
             assert!(e.to_string().contains(says), "{input}: {e}");
-            assert!(e.to_string().starts_with(&format!("disk spec `{input}`")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("disk spec `{input}`")),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn entries() {
         let e = DiskEntry::parse("tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w").unwrap();
-        assert_eq!(e.uname, image(ImageFormat::Qcow2, "/var/lib/xen/images/alice/disk0"));
+        assert_eq!(
+            e.uname,
+            image(ImageFormat::Qcow2, "/var/lib/xen/images/alice/disk0")
+        );
         assert_eq!(e.vdev.name, "xvda");
         assert!(!e.vdev.cdrom);
         assert_eq!(e.mode, DiskMode::ReadWrite);
@@ -727,7 +771,10 @@ mod tests {
             "(vbd (dev xvda:disk) (uname file:/var/lib/xen/images/sles11/disk0) (mode w) (type disk) (backend 0))",
         )
         .unwrap();
-        assert_eq!(e.uname, image(ImageFormat::Raw, "/var/lib/xen/images/sles11/disk0"));
+        assert_eq!(
+            e.uname,
+            image(ImageFormat::Raw, "/var/lib/xen/images/sles11/disk0")
+        );
         assert_eq!(e.vdev.name, "xvda");
         assert_eq!(e.mode, DiskMode::ReadWrite);
 
@@ -735,7 +782,10 @@ mod tests {
             ("(vbd (dev xvda)", "(dev xvda"),
             ("(vif (dev xvda))", "vif (dev xvda)"),
             ("(vbd (dev xvda) (colour red))", "colour"),
-            ("(vbd (uname file:/x) (mode w))", "(vbd (uname file:/x) (mode w))"),
+            (
+                "(vbd (uname file:/x) (mode w))",
+                "(vbd (uname file:/x) (mode w))",
+            ),
             ("(vbd (dev xvda) (uname file:/x) (mode x))", "x"),
             ("(vbd (dev xvda) (uname file:/x) junk)", "junk"),
         ] {
@@ -752,7 +802,11 @@ mod tests {
             ("file:/img,xvda,x", "x", "mode `x`"),
             ("file:/img,eth0,w", "eth0", "`eth0` is not a virtual device"),
             ("file:/img,xvd,w", "xvd", "not a virtual device"),
-            ("file:/img,xvda:floppy,w", "xvda:floppy", "not a virtual device"),
+            (
+                "file:/img,xvda:floppy,w",
+                "xvda:floppy",
+                "not a virtual device",
+            ),
             ("tap:cdrom:/x.iso,xvdc:cdrom,w", "w", "read-only"),
             ("bogus:/img,xvda,w", "bogus", "unknown prefix"),
             ("/img,xvda,w", "/img", "never guesses"),
@@ -760,7 +814,10 @@ mod tests {
             let e = DiskEntry::parse(input).unwrap_err();
             assert_eq!(e.part, part, "{input}: {e}");
             assert!(e.to_string().contains(says), "{input}: {e}");
-            assert!(e.to_string().starts_with(&format!("disk entry `{input}`")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("disk entry `{input}`")),
+                "{e}"
+            );
         }
     }
 }

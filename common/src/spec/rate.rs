@@ -43,7 +43,12 @@ impl Rate {
         let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
         let credit = u128::from(bytes_per_second) * u128::from(window_us) / 1_000_000;
         let credit_bytes = u64::try_from(credit).map_err(|_| {
-            SpecError::new("rate", input, input, "the credit per window does not fit in 64 bits")
+            SpecError::new(
+                "rate",
+                input,
+                input,
+                "the credit per window does not fit in 64 bits",
+            )
         })?;
         if credit_bytes == 0 {
             return Err(SpecError::new(

@@ -127,11 +127,16 @@ impl VifSpec {
                     what,
                     input,
                     item,
-                    format!("`{item}` is not key=value (known keys: {})", VIF_KEYS.join(", ")),
+                    format!(
+                        "`{item}` is not key=value (known keys: {})",
+                        VIF_KEYS.join(", ")
+                    ),
                 ));
             };
             let (key, value) = (key.trim(), value.trim());
-            let bad = |problem: String| SpecError::new(what, input, key, format!("{key}={value}: {problem}"));
+            let bad = |problem: String| {
+                SpecError::new(what, input, key, format!("{key}={value}: {problem}"))
+            };
             if seen.contains(&key) {
                 return Err(bad("the key is given twice".into()));
             }
@@ -140,7 +145,8 @@ impl VifSpec {
             }
             match key {
                 "bridge" => {
-                    check_ifname(value).map_err(|p| bad(format!("not a valid bridge name: {p}")))?;
+                    check_ifname(value)
+                        .map_err(|p| bad(format!("not a valid bridge name: {p}")))?;
                     spec.bridge = Some(value.to_owned());
                 }
                 "mac" => {
@@ -148,14 +154,18 @@ impl VifSpec {
                         bad("expected six hex bytes separated by colons, for example 00:16:3e:4f:94:a9".into())
                     })?;
                     if mac.is_multicast() {
-                        return Err(bad("a multicast address (first byte odd) cannot be a NIC's".into()));
+                        return Err(bad(
+                            "a multicast address (first byte odd) cannot be a NIC's".into(),
+                        ));
                     }
                     spec.mac = Some(mac);
                 }
                 "ip" => {
                     for a in value.split_whitespace() {
                         let ip = a.parse().map_err(|_| {
-                            bad(format!("`{a}` is not an IP address (several are separated by spaces)"))
+                            bad(format!(
+                                "`{a}` is not an IP address (several are separated by spaces)"
+                            ))
                         })?;
                         spec.ip.push(ip);
                     }
@@ -167,11 +177,13 @@ impl VifSpec {
                     spec.script = Some(value.to_owned());
                 }
                 "vifname" => {
-                    check_ifname(value).map_err(|p| bad(format!("not a valid interface name: {p}")))?;
+                    check_ifname(value)
+                        .map_err(|p| bad(format!("not a valid interface name: {p}")))?;
                     spec.vifname = Some(value.to_owned());
                 }
                 "rate" | "rate_rx" => {
-                    let r = Rate::parse(value).map_err(|e| bad(format!("{} (in `{}`)", e.problem, e.part)))?;
+                    let r = Rate::parse(value)
+                        .map_err(|e| bad(format!("{} (in `{}`)", e.problem, e.part)))?;
                     if key == "rate" {
                         spec.rate = Some(r);
                     } else {
@@ -251,7 +263,10 @@ mod tests {
         let v = VifSpec::parse("").unwrap();
         assert_eq!(v, VifSpec::default());
         assert_eq!(v.host_ifname(7, 1), "vif7.1");
-        let v = VifSpec::parse(" ip=10.0.0.2 10.0.0.3 , rate_rx=1MB/s , mtu=9000,model=virtio,type=vif,backend=0").unwrap();
+        let v = VifSpec::parse(
+            " ip=10.0.0.2 10.0.0.3 , rate_rx=1MB/s , mtu=9000,model=virtio,type=vif,backend=0",
+        )
+        .unwrap();
         assert_eq!(v.ip.len(), 2);
         assert_eq!(v.rate_rx.unwrap().credit_bytes, 50_000);
         assert_eq!(v.mtu, Some(9000));
@@ -291,7 +306,10 @@ mod tests {
             let e = VifSpec::parse(input).unwrap_err();
             assert_eq!(e.part, part, "{input}: {e}");
             assert!(e.to_string().contains(says), "{input}: {e}");
-            assert!(e.to_string().starts_with(&format!("vif spec `{input}`")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("vif spec `{input}`")),
+                "{e}"
+            );
         }
     }
 }

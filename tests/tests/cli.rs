@@ -1,0 +1,238 @@
+//! The binaries as an operator meets them: `--help` teaches, bad configuration strings are
+//! refused with the bad part named, skeleton backends say clearly that they do not serve yet,
+//! and vbctl talks to a real control socket.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use vback_common::control::{CommandInfo, ControlError, ControlHandler, ControlServer, DaemonInfo};
+use vback_tests::process::workspace_bin;
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(workspace_bin(bin).unwrap())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e}"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn every_binary_has_a_complete_help() {
+    for (bin, must) in [
+        (
+            "blkback",
+            &[
+                "--disk",
+                "--socket",
+                "--fd",
+                "--control",
+                "--print-capabilities",
+                "tap:qcow:",
+            ][..],
+        ),
+        (
+            "netback",
+            &[
+                "--vif", "--domain", "--devid", "--queues", "--host", "--socket",
+            ][..],
+        ),
+        (
+            "cdrom",
+            &["--disk", "--empty", "--shared", "--socket", "tap:cdrom:"][..],
+        ),
+        ("usbback", &["--usb-version", "--ports", "--socket"][..]),
+        ("bridge", &["--port", "--uplink"][..]),
+        (
+            "vmm-min",
+            &["--kernel", "--initrd", "--blk", "--net", "--scsi", "--api"][..],
+        ),
+        (
+            "vbctl",
+            &["status", "call", "check-disk", "check-vif", "block-attach"][..],
+        ),
+    ] {
+        let o = run(bin, &["--help"]);
+        assert!(o.status.success(), "{bin} --help: {}", stderr(&o));
+        let text = stdout(&o);
+        for m in must {
+            assert!(text.contains(m), "{bin} --help lacks {m}:\n{text}");
+        }
+        assert!(
+            text.contains("Example"),
+            "{bin} --help has no example:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn capabilities_follow_qemus_schema() {
+    for (bin, ty) in [("blkback", "block"), ("netback", "net"), ("cdrom", "scsi")] {
+        let o = run(bin, &["--print-capabilities"]);
+        assert!(o.status.success(), "{bin}: {}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["type"], ty, "{bin}");
+        assert!(v["features"].is_array(), "{bin}");
+    }
+}
+
+#[test]
+fn bad_configuration_strings_are_refused_with_the_part_named() {
+    for (bin, args, says) in [
+        (
+            "blkback",
+            &["--socket", "/tmp/x", "--disk", "/var/lib/img"][..],
+            "never guesses",
+        ),
+        (
+            "blkback",
+            &["--socket", "/tmp/x", "--disk", "tap:qed:/x"][..],
+            "unknown tap driver `qed`",
+        ),
+        (
+            "blkback",
+            &["--socket", "/tmp/x", "--disk", "file:/x", "--mode", "x"][..],
+            "mode `x`",
+        ),
+        (
+            "netback",
+            &["--socket", "/tmp/x", "--vif", "bridge=br0,colour=red"][..],
+            "unknown key `colour`",
+        ),
+        (
+            "netback",
+            &["--socket", "/tmp/x", "--vif", "rate=100Mbit/s"][..],
+            "b/s",
+        ),
+        (
+            "cdrom",
+            &["--socket", "/tmp/x", "--disk", "file:/x.iso"][..],
+            "is not a CD",
+        ),
+        (
+            "vmm-min",
+            &["--kernel", "k", "--mem", "1M"][..],
+            "16M minimum",
+        ),
+    ] {
+        let o = run(bin, args);
+        assert_eq!(o.status.code(), Some(2), "{bin} {args:?}");
+        assert!(stderr(&o).contains(says), "{bin} {args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn skeletons_say_they_do_not_serve_yet() {
+    for (bin, args) in [
+        (
+            "netback",
+            &["--socket", "/tmp/x", "--vif", "bridge=br0"][..],
+        ),
+        ("cdrom", &["--socket", "/tmp/x", "--empty"][..]),
+        ("usbback", &["--socket", "/tmp/x"][..]),
+        ("bridge", &["--port", "/tmp/x"][..]),
+        ("vmm-min", &["--kernel", "/boot/vmlinuz"][..]),
+    ] {
+        let o = run(bin, args);
+        assert_eq!(o.status.code(), Some(2), "{bin}");
+        assert!(
+            stderr(&o).contains("not implemented yet"),
+            "{bin}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn vbctl_checks_specs() {
+    let o = run(
+        "vbctl",
+        &[
+            "check-disk",
+            "tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("qcow2 image"));
+    assert!(stdout(&o).contains("vdev:   xvda"));
+
+    let o = run("vbctl", &["check-vif", "bridge=br0,rate=100Mb/s@20ms"]);
+    assert!(
+        stdout(&o).contains("250000 bytes of credit every 20000 us"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = run("vbctl", &["check-disk", "file:/img,xvda,q"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("mode `q`"), "{}", stderr(&o));
+
+    let o = run("vbctl", &["block-attach", "alice", "file:/x", "xvdb", "w"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not implemented yet"));
+}
+
+struct Info;
+impl DaemonInfo for Info {
+    fn daemon_status(&self) -> Value {
+        json!({"name": "fake"})
+    }
+}
+struct Dev;
+impl ControlHandler for Dev {
+    fn commands(&self) -> Vec<CommandInfo> {
+        vec![CommandInfo {
+            name: "echo",
+            args: "KEY=VALUE...",
+            help: "Return the arguments.",
+        }]
+    }
+    fn handle(&self, cmd: &str, args: &Value) -> Option<Result<Value, ControlError>> {
+        (cmd == "echo").then(|| Ok(args.clone()))
+    }
+}
+
+#[test]
+fn vbctl_talks_to_a_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let _server = ControlServer::start(&ctl, Arc::new(Info), Arc::new(Dev)).unwrap();
+    let c = ctl.to_str().unwrap();
+
+    let o = run("vbctl", &["status", c]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["daemon"]["name"], "fake");
+
+    let o = run(
+        "vbctl",
+        &["call", c, "echo", "size=20G", "n=5", "force=true"],
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v, json!({"size": "20G", "n": 5, "force": true}));
+
+    let o = run("vbctl", &["commands", c]);
+    assert!(stdout(&o).contains("echo KEY=VALUE..."), "{}", stdout(&o));
+
+    let o = run("vbctl", &["call", c, "frobnicate"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unknown command `frobnicate`"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = run(
+        "vbctl",
+        &["status", dir.path().join("none").to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cannot connect"), "{}", stderr(&o));
+}
