@@ -368,6 +368,15 @@ fn parse_nbd(input: &str, rest: &str) -> Result<NbdAddress, SpecError> {
     if host.is_empty() {
         return Err(bad(rest, "the NBD host is empty"));
     }
+    if host.contains(['[', ']']) || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad(host, "the NBD host contains brackets or white space"));
+    }
+    if host.contains(':') && !rest.starts_with('[') {
+        return Err(bad(
+            host,
+            "write an IPv6 address in brackets, for example nbd:[::1]:10809",
+        ));
+    }
     let port: u16 = port
         .parse()
         .ok()
@@ -717,6 +726,8 @@ mod tests {
             ("nbd::10809", ":10809", "host is empty"),
             ("nbd:unix:", "unix:", "socket path"),
             ("nbd:[::1:10809", "[::1:10809", "IPV6"),
+            ("nbd:::1:10809", "::1", "in brackets"),
+            ("nbd:::1]:1080nbd:9", "::1]:1080nbd", "brackets"),
             ("npiv:,1", ",1", "WWPN is empty"),
             ("null:", "", "needs a size"),
             ("null:1000", "1000", "multiple of 512"),
