@@ -1,80 +1,125 @@
-//! blkback: a vhost-user-blk backend (Xen's blkback for KVM guests).
-//!
-//! This is the skeleton: it parses and validates its configuration, answers
-//! `--print-capabilities`, and says that serving is not implemented yet.
+//! blkback: serve a disk to a guest over vhost-user-blk.
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use vback_common::engine::EngineChoice;
 use vback_common::spec::{DiskMode, DiskUname};
-use vback_common::{CommonArgs, DeviceInfo, not_implemented};
-
-const INFO: DeviceInfo = DeviceInfo {
-    name: "blkback",
-    vhost_type: "block",
-    features: &[],
-};
+use vback_common::{CommonArgs, init_logging};
 
 /// Serve a disk image or host block device to a guest over vhost-user-blk.
 ///
 /// QEMU attaches it with:
+///   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
 ///   -chardev socket,id=d0,path=SOCK -device vhost-user-blk-pci,chardev=d0,num-queues=N
-/// (guest memory must be shared: -object memory-backend-memfd,share=on).
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment, after_help = AFTER_HELP)]
 struct Args {
-    /// What backs the disk, in Xen's uname syntax: phy:/dev/DEVICE, file:/PATH, tap:aio:/PATH,
-    /// tap:qcow:/PATH, tap:vmdk:/PATH, iscsi:IQN,LUN, nbd:HOST:PORT or null:SIZE. The format
-    /// always comes from the prefix; a bare path is refused.
+    /// What backs the disk, in Xen's uname syntax: phy:/dev/DEVICE (a host block device),
+    /// file:/PATH or tap:aio:/PATH (a raw image), or null:SIZE (no storage: requests complete
+    /// without I/O, for measuring the backend). The format always comes from the prefix; a bare
+    /// path is refused. (tap:qcow:, tap:vmdk:, iscsi:, nbd: are parsed but not served yet.)
     #[arg(long, value_name = "UNAME", value_parser = DiskUname::parse, required_unless_present = "print_capabilities")]
     disk: Option<DiskUname>,
 
-    /// Access mode: r (read-only) or w (writable).
+    /// Access mode: r (read-only: the guest sees a read-only disk, other readers may share the
+    /// image), w (writable, exclusive: a second writer, blkback or QEMU, is refused), or w!
+    /// (writable without locking: only if you know the image is not used elsewhere).
     #[arg(long, default_value = "w", value_parser = parse_mode)]
     mode: DiskMode,
 
-    /// Number of virtqueues (the guest's hardware queues).
+    /// Number of request queues (QEMU: num-queues=N must not exceed it). One worker thread and
+    /// one io_uring per queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
 
-    /// Maximum virtqueue size.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(2..=32768))]
+    /// Maximum virtqueue size (a power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
 
-    /// Serial number the guest reads (GET_ID; up to 20 bytes).
+    /// Serial number the guest reads (/sys/block/vdX/serial; up to 20 bytes). Default: "vback-"
+    /// and a hash of the image path, stable across restarts.
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
+
+    /// Go through the host page cache instead of O_DIRECT (default: O_DIRECT for images and
+    /// devices, which avoids double caching).
+    #[arg(long)]
+    page_cache: bool,
+
+    /// I/O engine: auto (io_uring, falling back to a thread pool if io_uring is unavailable),
+    /// io-uring, or thread-pool.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
 
     #[command(flatten)]
     common: CommonArgs,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Engine {
+    Auto,
+    IoUring,
+    ThreadPool,
+}
+
 const AFTER_HELP: &str = "\
+Control commands (--control PATH, or `vbctl`): status, stats, resize [size=SIZE].
+
 Examples:
-  blkback --socket /run/vback/alice-xvda.sock --disk tap:aio:/var/lib/xen/images/alice/disk0
-  blkback --socket /run/vback/bench.sock --disk null:1G --queues 2";
+  blkback --socket /run/vback/alice-xvda.sock --control /run/vback/alice-xvda.ctl \\
+          --disk tap:aio:/var/lib/xen/images/alice/disk0
+  blkback --socket /run/vback/bench.sock --disk null:1G --queues 2
+  # grow the image online; the guest sees the new size at once:
+  vbctl call /run/vback/alice-xvda.ctl resize size=20G";
 
 fn parse_mode(s: &str) -> Result<DiskMode, String> {
-    DiskMode::parse(s).ok_or_else(|| format!("mode `{s}` is not r (read-only) or w (writable)"))
+    DiskMode::parse(s).ok_or_else(|| {
+        format!("mode `{s}` is not r (read-only), w (writable) or w! (writable, unlocked)")
+    })
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(8..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!(
+            "queue size {n} must be a power of two from 8 to 32768"
+        ));
+    }
+    Ok(n)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.common.print_capabilities {
-        println!("{}", INFO.capabilities_json());
+        println!("{}", blkback::INFO.capabilities_json());
         return ExitCode::SUCCESS;
     }
-    if let Some(s) = &args.serial
-        && s.len() > 20
-    {
-        eprintln!("blkback: --serial `{s}` is longer than 20 bytes (virtio-blk's limit)");
+    init_logging(args.common.log_level);
+    let Some(disk) = args.disk else {
+        eprintln!("blkback: --disk is required");
         return ExitCode::from(2);
+    };
+    let config = blkback::Config {
+        disk,
+        mode: args.mode,
+        queues: args.queues,
+        queue_size: args.queue_size,
+        serial: args.serial,
+        page_cache: args.page_cache,
+        engine: match args.engine {
+            Engine::Auto => EngineChoice::Auto,
+            Engine::IoUring => EngineChoice::IoUring,
+            Engine::ThreadPool => EngineChoice::ThreadPool,
+        },
+        common: args.common,
+    };
+    match blkback::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("blkback: {e}");
+            ExitCode::FAILURE
+        }
     }
-    if let Some(disk) = &args.disk {
-        eprintln!(
-            "blkback: disk {disk} mode {} queues {}x{}",
-            args.mode, args.queues, args.queue_size
-        );
-    }
-    not_implemented("blkback", "serving vhost-user-blk", Some(3))
 }

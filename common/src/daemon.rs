@@ -19,7 +19,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -412,6 +412,23 @@ impl Daemon {
             + Sync,
         B::Vring: Clone + Send + Sync,
     {
+        self.run_with(backend, |_| Ok(()))
+    }
+
+    /// Like [`Daemon::run`], calling `on_connection` with the worker threads' epoll handlers of
+    /// each new connection (a backend registers its own event sources there, such as an I/O
+    /// engine's completion eventfd). If it fails, that connection is closed.
+    pub fn run_with<B, F>(self, backend: B, on_connection: F) -> Result<(), DaemonError>
+    where
+        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
+        B: VhostUserBackend + Clone + 'static,
+        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
+            + vm_memory::mmap::NewBitmap
+            + Clone
+            + Send
+            + Sync,
+        B::Vring: Clone + Send + Sync,
+    {
         let source = self.args.listen_source()?;
         let (listener, created_path, control_fd) = match &source {
             ListenSource::Path(p) => (
@@ -450,7 +467,7 @@ impl Daemon {
             install_signal_handlers(self.stop.clone())?;
         }
         let mut listener = Listener::from(listener);
-        let result = self.serve_loop(&mut listener, &state, backend, &listen_desc);
+        let result = self.serve_loop(&mut listener, &state, backend, &listen_desc, &on_connection);
         notify::notify("STOPPING=1");
         drop(listener);
         if let Some(p) = created_path {
@@ -460,14 +477,16 @@ impl Daemon {
         result
     }
 
-    fn serve_loop<B>(
+    fn serve_loop<B, F>(
         &self,
         listener: &mut Listener,
         state: &State,
         backend: B,
         listen_desc: &str,
+        on_connection: &F,
     ) -> Result<(), DaemonError>
     where
+        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
         B: VhostUserBackend + Clone + 'static,
         B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
             + vm_memory::mmap::NewBitmap
@@ -517,6 +536,9 @@ impl Daemon {
                 GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new()),
             )
             .map_err(|e| DaemonError::Vhost(e.to_string()))?;
+            if let Err(e) = on_connection(&daemon.get_epoll_handlers()) {
+                return Err(DaemonError::Setup(e));
+            }
             if let Err(e) = daemon.start(listener) {
                 log::warn!("accepting a front end failed: {e}");
                 continue;
@@ -532,7 +554,12 @@ impl Daemon {
 
             match daemon.wait() {
                 Ok(()) => log::info!("front end #{serial} disconnected"),
-                Err(e) => log::warn!("front end #{serial} disconnected: {e}"),
+                // A hang-up (even mid-message) is how a front end ends a session.
+                Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => log::info!("front end #{serial} disconnected"),
+                Err(e) => log::warn!("front end #{serial} disconnected after an error: {e}"),
             }
             *self.stop.lock_current() = None;
             for h in daemon.get_epoll_handlers() {

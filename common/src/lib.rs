@@ -8,6 +8,8 @@
 
 pub mod control;
 pub mod daemon;
+pub mod engine;
+pub mod lock;
 pub mod notify;
 pub mod socket;
 pub mod spec;

@@ -1,0 +1,535 @@
+//! What backs the virtual disk: a raw image file, a host block device, or the null device.
+//!
+//! Opening is where policy lives: the format always comes from the spec (never probed), the
+//! image is locked the way QEMU locks it (see `vback_common::lock`), images are opened with
+//! O_DIRECT unless the operator asks for the page cache, and a second, buffered descriptor is
+//! kept for the rare request whose buffers O_DIRECT cannot take.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+use vback_common::engine::EngineFiles;
+use vback_common::lock::{LockError, LockMode, lock_image};
+use vback_common::spec::{DiskUname, ImageFormat};
+
+use crate::virtio::SECTOR;
+
+/// Why a disk could not be opened or changed.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    /// The uname names something blkback cannot serve (yet).
+    #[error("{uname}: {reason}")]
+    Unsupported {
+        /// The uname as given.
+        uname: String,
+        /// Why, as a sentence.
+        reason: String,
+    },
+    /// Opening or inspecting the file failed.
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        /// What was being done ("open", "read the size of").
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `phy:` names something that is not a block device (or `file:` a device).
+    #[error("{path} {problem}")]
+    WrongKind {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong, as a phrase.
+        problem: String,
+    },
+    /// Another process has the image.
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    /// A resize that cannot be done.
+    #[error("resize refused: {0}")]
+    Resize(String),
+}
+
+/// The kind of storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A regular file holding raw bytes.
+    File,
+    /// A host block device.
+    Block,
+    /// No storage: every request succeeds without I/O.
+    Null,
+}
+
+impl DiskKind {
+    /// A word for `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskKind::File => "file",
+            DiskKind::Block => "block-device",
+            DiskKind::Null => "null",
+        }
+    }
+}
+
+/// How to open the disk.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskOptions {
+    /// The guest may not write.
+    pub read_only: bool,
+    /// Use O_DIRECT (default) rather than the page cache.
+    pub direct: bool,
+    /// Locking mode.
+    pub lock: LockMode,
+}
+
+/// An open disk.
+#[derive(Debug)]
+pub struct Disk {
+    /// What it is.
+    pub kind: DiskKind,
+    /// The uname it was opened from.
+    pub uname: DiskUname,
+    /// The file for regular files and devices.
+    pub files: Option<EngineFiles>,
+    /// Whether O_DIRECT is in use.
+    pub direct: bool,
+    /// Read-only.
+    pub read_only: bool,
+    /// Physical block size in bytes (for the topology hint).
+    pub physical_block: u32,
+    /// Whether discard does anything (punch holes, BLKDISCARD).
+    pub discard: bool,
+    capacity: AtomicU64,
+}
+
+// Block-device ioctls (linux/fs.h).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+fn ioctl_u64(file: &File, req: libc::c_ulong) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: `req` is a read-only block ioctl that writes one integer of at most 64 bits into
+    // the pointed-to value, which lives on our stack for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), req, &mut v) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn block_range_ioctl(
+    file: &File,
+    req: libc::c_ulong,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD and BLKZEROOUT read a `uint64_t[2]` range from the pointer, which is
+    // valid for the duration of the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), req, range.as_ptr()) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn open_file(path: &Path, read_only: bool, direct: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!read_only);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+impl Disk {
+    /// Opens what `uname` names.
+    pub fn open(uname: &DiskUname, opts: DiskOptions) -> Result<Disk, DiskError> {
+        let unsupported = |reason: &str| DiskError::Unsupported {
+            uname: uname.to_string(),
+            reason: reason.to_owned(),
+        };
+        let (path, want_block) = match uname {
+            DiskUname::Null { size } => {
+                return Ok(Disk {
+                    kind: DiskKind::Null,
+                    uname: uname.clone(),
+                    files: None,
+                    direct: false,
+                    read_only: opts.read_only,
+                    physical_block: 512,
+                    discard: true,
+                    capacity: AtomicU64::new(*size),
+                });
+            }
+            DiskUname::Image {
+                format: ImageFormat::Raw,
+                path,
+            } => (path.clone(), false),
+            DiskUname::Phy(path) => (path.clone(), true),
+            DiskUname::Image {
+                format: ImageFormat::Qcow2,
+                ..
+            } => {
+                return Err(unsupported(
+                    "qcow2 images are not supported yet (issue #4); convert with `qemu-img convert -O raw` and use file:",
+                ));
+            }
+            DiskUname::Image {
+                format: ImageFormat::Vmdk,
+                ..
+            } => {
+                return Err(unsupported(
+                    "VMDK images are not supported yet; convert with `qemu-img convert -O raw` and use file:",
+                ));
+            }
+            DiskUname::Cdrom(_) => {
+                return Err(unsupported(
+                    "a CD-ROM is served by the cdrom backend (vhost-user-scsi), not by blkback",
+                ));
+            }
+            DiskUname::Iscsi { .. } => {
+                return Err(unsupported("iSCSI disks are not supported yet"));
+            }
+            DiskUname::Nbd(_) => return Err(unsupported("NBD disks are not supported yet")),
+            DiskUname::Npiv { .. } => {
+                return Err(unsupported(
+                    "NPIV needs Fibre Channel hardware, which this host does not have",
+                ));
+            }
+        };
+        let io = |op, source| DiskError::Io {
+            op,
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&path).map_err(|e| io("open", e))?;
+        let is_block = meta.file_type().is_block_device();
+        if want_block && !is_block {
+            return Err(DiskError::WrongKind {
+                path,
+                problem:
+                    "is not a block device: phy: is for host devices; use file: for an image file"
+                        .into(),
+            });
+        }
+        if !want_block && !meta.is_file() {
+            return Err(DiskError::WrongKind {
+                path,
+                problem: if is_block {
+                    "is a block device: use phy: for host devices".into()
+                } else {
+                    "is not a regular file".into()
+                },
+            });
+        }
+        let main = match open_file(&path, opts.read_only, opts.direct) {
+            Ok(f) => f,
+            // Some file systems (tmpfs) refuse O_DIRECT: say so and use the page cache.
+            Err(e) if opts.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "{}: the file system does not support O_DIRECT; using the page cache",
+                    path.display()
+                );
+                return Self::open(
+                    uname,
+                    DiskOptions {
+                        direct: false,
+                        ..opts
+                    },
+                );
+            }
+            Err(e) => return Err(io("open", e)),
+        };
+        lock_image(&main, &path, opts.lock)?;
+        let buffered = if opts.direct {
+            Some(Arc::new(
+                open_file(&path, opts.read_only, false).map_err(|e| io("open", e))?,
+            ))
+        } else {
+            None
+        };
+        let (size, physical_block, discard) = if is_block {
+            let size = ioctl_u64(&main, BLKGETSIZE64).map_err(|e| io("read the size of", e))?;
+            let pbs = ioctl_u64(&main, BLKPBSZGET).unwrap_or(512) as u32;
+            (size, pbs, block_discard_supported(&meta))
+        } else {
+            (meta.len(), (meta.blksize() as u32).clamp(512, 65536), true)
+        };
+        if size % SECTOR != 0 {
+            log::warn!(
+                "{}: size {size} is not a multiple of 512; the last {} bytes are not visible to the guest",
+                path.display(),
+                size % SECTOR
+            );
+        }
+        Ok(Disk {
+            kind: if is_block {
+                DiskKind::Block
+            } else {
+                DiskKind::File
+            },
+            uname: uname.clone(),
+            files: Some(EngineFiles {
+                main: Arc::new(main),
+                buffered,
+            }),
+            direct: opts.direct,
+            read_only: opts.read_only,
+            physical_block: if physical_block.is_power_of_two() {
+                physical_block
+            } else {
+                512
+            },
+            discard,
+            capacity: AtomicU64::new(size - size % SECTOR),
+        })
+    }
+
+    /// Capacity in bytes (a multiple of 512).
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.capacity() / SECTOR
+    }
+
+    /// The path, if the disk has one.
+    pub fn path(&self) -> Option<&Path> {
+        self.uname.path()
+    }
+
+    /// Grows the disk to `size` bytes (a file is extended, sparsely), or with `None` re-reads
+    /// the size of the file or device (after `dd ... seek=` or a device resize). Shrinking is
+    /// refused: it would cut data from under a running guest. Returns the new capacity.
+    pub fn resize(&self, size: Option<u64>) -> Result<u64, DiskError> {
+        let old = self.capacity();
+        if let Some(s) = size {
+            if s % SECTOR != 0 {
+                return Err(DiskError::Resize(format!(
+                    "{s} is not a multiple of 512 bytes"
+                )));
+            }
+            if s < old {
+                return Err(DiskError::Resize(format!(
+                    "{s} bytes is smaller than the current {old}: shrinking a disk under a running guest loses data"
+                )));
+            }
+        }
+        let new = match (self.kind, &self.files) {
+            (DiskKind::Null, _) => size.unwrap_or(old),
+            (DiskKind::File, Some(f)) => {
+                let path = self.path().map(Path::to_path_buf).unwrap_or_default();
+                let io = |op, source| DiskError::Io {
+                    op,
+                    path: path.clone(),
+                    source,
+                };
+                if let Some(s) = size {
+                    if self.read_only {
+                        return Err(DiskError::Resize("the disk is read-only".into()));
+                    }
+                    let len = f
+                        .main
+                        .metadata()
+                        .map_err(|e| io("read the size of", e))?
+                        .len();
+                    if s > len {
+                        f.main.set_len(s).map_err(|e| io("extend", e))?;
+                    }
+                }
+                let len = f
+                    .main
+                    .metadata()
+                    .map_err(|e| io("read the size of", e))?
+                    .len();
+                len - len % SECTOR
+            }
+            (DiskKind::Block, Some(f)) => {
+                if size.is_some() {
+                    return Err(DiskError::Resize(
+                        "a block device's size is set by the host; resize the device, then call resize without a size".into(),
+                    ));
+                }
+                let path = self.path().map(Path::to_path_buf).unwrap_or_default();
+                ioctl_u64(&f.main, BLKGETSIZE64).map_err(|source| DiskError::Io {
+                    op: "read the size of",
+                    path,
+                    source,
+                })?
+            }
+            _ => old,
+        };
+        if new < old {
+            return Err(DiskError::Resize(format!(
+                "the backing now holds {new} bytes, less than the {old} the guest sees; keeping {old}"
+            )));
+        }
+        self.capacity.store(new, Ordering::Release);
+        Ok(new)
+    }
+
+    /// BLKDISCARD on a block device.
+    pub fn block_discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.files {
+            Some(f) => block_range_ioctl(&f.main, BLKDISCARD, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// BLKZEROOUT on a block device.
+    pub fn block_zeroout(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match &self.files {
+            Some(f) => block_range_ioctl(&f.main, BLKZEROOUT, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// The default serial: `vback-` and 14 hex digits of a hash of the canonical path (stable
+    /// across restarts, distinct for every image), 20 bytes like virtio-blk's ID field.
+    pub fn default_serial(&self) -> String {
+        let key = match self.path() {
+            Some(p) => std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.to_owned())
+                .display()
+                .to_string(),
+            None => self.uname.to_string(),
+        };
+        // FNV-1a, 64 bits.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("vback-{:014x}", h & 0x00ff_ffff_ffff_ffff)
+    }
+}
+
+/// Whether the kernel discards on this device (discard_max_bytes > 0 in sysfs).
+fn block_discard_supported(meta: &std::fs::Metadata) -> bool {
+    let rdev = meta.rdev();
+    let p = format!(
+        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(read_only: bool) -> DiskOptions {
+        DiskOptions {
+            read_only,
+            direct: true,
+            lock: if read_only {
+                LockMode::Shared
+            } else {
+                LockMode::Exclusive
+            },
+        }
+    }
+
+    #[test]
+    fn open_resize_and_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.raw");
+        File::create(&p).unwrap().set_len(1 << 20).unwrap();
+        let uname = DiskUname::parse(&format!("file:{}", p.display())).unwrap();
+        let d = Disk::open(&uname, opts(false)).unwrap();
+        assert_eq!(d.kind, DiskKind::File);
+        assert_eq!(d.capacity(), 1 << 20);
+        assert_eq!(d.sectors(), 2048);
+        assert!(d.default_serial().starts_with("vback-"));
+        assert_eq!(d.default_serial().len(), 20);
+
+        // A second writable open is refused, naming the image.
+        let e = Disk::open(&uname, opts(false)).unwrap_err();
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+
+        // Grow to 2 MiB; shrinking is refused; re-read after an outside grow.
+        assert_eq!(d.resize(Some(2 << 20)).unwrap(), 2 << 20);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
+        assert!(
+            d.resize(Some(1 << 20))
+                .unwrap_err()
+                .to_string()
+                .contains("shrinking")
+        );
+        assert!(d.resize(Some(1000)).is_err());
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        assert_eq!(d.resize(None).unwrap(), 3 << 20);
+        drop(d);
+        // Released on close.
+        Disk::open(&uname, opts(true)).unwrap();
+    }
+
+    #[test]
+    fn wrong_kinds_and_formats_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        File::create(&p).unwrap().set_len(4096).unwrap();
+        for (u, says) in [
+            (format!("phy:{}", p.display()), "is not a block device"),
+            (
+                format!("file:{}", dir.path().display()),
+                "not a regular file",
+            ),
+            (
+                format!("file:{}/missing", dir.path().display()),
+                "cannot open",
+            ),
+            (
+                format!("tap:qcow:{}", p.display()),
+                "qcow2 images are not supported yet",
+            ),
+            ("tap:cdrom:/x.iso".to_string(), "cdrom backend"),
+            ("npiv:1,1".to_string(), "Fibre Channel"),
+        ] {
+            let e = Disk::open(&DiskUname::parse(&u).unwrap(), opts(false)).unwrap_err();
+            assert!(e.to_string().contains(says), "{u}: {e}");
+        }
+    }
+
+    #[test]
+    fn odd_sizes_round_down_and_null_resizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd");
+        File::create(&p).unwrap().set_len(4096 + 100).unwrap();
+        let d = Disk::open(
+            &DiskUname::parse(&format!("file:{}", p.display())).unwrap(),
+            opts(true),
+        )
+        .unwrap();
+        assert_eq!(d.capacity(), 4096);
+        assert!(d.resize(Some(8192)).is_err(), "read-only disks do not grow");
+
+        let n = Disk::open(&DiskUname::parse("null:1M").unwrap(), opts(false)).unwrap();
+        assert_eq!(n.kind, DiskKind::Null);
+        assert_eq!(n.resize(Some(2 << 20)).unwrap(), 2 << 20);
+    }
+}

@@ -1,0 +1,167 @@
+//! blkback: a vhost-user-blk backend on io_uring, Xen's blkback for KVM guests.
+//!
+//! - [`virtio`]: the virtio-blk request model and configuration space (transport-free);
+//! - [`disk`]: opening what backs the disk (raw files, block devices, the null device), locks,
+//!   resize;
+//! - [`worker`]: one worker per queue, turning requests into io_uring operations;
+//! - [`vhost`]: the only module that knows vhost-user;
+//! - [`control`]: `status`, `stats` and `resize` on the control socket.
+//!
+//! [`run`] wires them to the shared daemon ([`vback_common::Daemon`]).
+
+pub mod control;
+pub mod disk;
+pub mod stats;
+pub mod vhost;
+pub mod virtio;
+pub mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use thiserror::Error;
+use vback_common::engine::{EngineChoice, open_engine};
+use vback_common::lock::LockMode;
+use vback_common::spec::{DiskMode, DiskUname};
+use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
+
+use crate::control::BlkControl;
+use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::stats::QueueStats;
+use crate::vhost::BlkBackend;
+use crate::virtio::Limits;
+use crate::worker::{Device, Worker};
+
+/// What `--print-capabilities` reports.
+pub const INFO: DeviceInfo = DeviceInfo {
+    name: "blkback",
+    vhost_type: "block",
+    features: &[],
+};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What backs the disk.
+    pub disk: DiskUname,
+    /// Access mode.
+    pub mode: DiskMode,
+    /// Number of queues.
+    pub queues: u16,
+    /// Maximum queue size.
+    pub queue_size: u16,
+    /// GET_ID serial (default: derived from the image path).
+    pub serial: Option<String>,
+    /// Use the page cache instead of O_DIRECT.
+    pub page_cache: bool,
+    /// Which I/O engine.
+    pub engine: EngineChoice,
+    /// Daemon options.
+    pub common: CommonArgs,
+}
+
+/// Why blkback could not run.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The I/O engine could not be created.
+    #[error("cannot set up the I/O engine: {0}")]
+    Engine(std::io::Error),
+    /// A bad option.
+    #[error("{0}")]
+    Config(String),
+    /// The daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// Opens the disk and builds the backend (without serving it).
+pub fn build(config: &Config) -> Result<BlkBackend, Error> {
+    let read_only = !config.mode.writable();
+    let lock = match config.mode {
+        DiskMode::ReadOnly => LockMode::Shared,
+        DiskMode::ReadWrite => LockMode::Exclusive,
+        DiskMode::ReadWriteShared => LockMode::None,
+    };
+    let disk = Disk::open(
+        &config.disk,
+        DiskOptions {
+            read_only,
+            direct: !config.page_cache,
+            lock,
+        },
+    )?;
+    let serial_text = config
+        .serial
+        .clone()
+        .unwrap_or_else(|| disk.default_serial());
+    if serial_text.len() > 20 {
+        return Err(Error::Config(format!(
+            "--serial `{serial_text}` is longer than 20 bytes"
+        )));
+    }
+    let mut serial = [0u8; 20];
+    serial[..serial_text.len()].copy_from_slice(serial_text.as_bytes());
+    let queue_size = config.queue_size;
+    let max_iov = usize::from(queue_size).max(8);
+    let dev = Arc::new(Device {
+        disk,
+        writeback: AtomicBool::new(true),
+        serial,
+        stats: (0..config.queues).map(|_| QueueStats::default()).collect(),
+        limits: Limits {
+            max_iov,
+            max_segments: 1,
+        },
+        max_discard_sectors: (1 << 30) / 512,
+    });
+    let mut workers = Vec::new();
+    for q in 0..usize::from(config.queues) {
+        let engine = match &dev.disk.files {
+            Some(files) => Some(
+                open_engine(files, u32::from(queue_size) * 2, config.engine)
+                    .map_err(Error::Engine)?,
+            ),
+            None => None,
+        };
+        workers.push(Worker::new(q, dev.clone(), engine, usize::from(queue_size)));
+    }
+    let backend = BlkBackend::new(dev.clone(), workers, queue_size);
+    log::info!(
+        "disk {} ({}, {} bytes, {}{}), {} queue(s) of {}, engine {}, serial {}",
+        dev.disk.uname,
+        dev.disk.kind.name(),
+        dev.disk.capacity(),
+        if read_only { "read-only" } else { "writable" },
+        if dev.disk.files.is_some() {
+            if dev.disk.direct {
+                ", O_DIRECT"
+            } else {
+                ", page cache"
+            }
+        } else {
+            ""
+        },
+        config.queues,
+        queue_size,
+        backend.engine_name(),
+        serial_text
+    );
+    Ok(backend)
+}
+
+/// Opens the disk and serves it until SIGTERM/SIGINT.
+pub fn run(config: Config) -> Result<(), Error> {
+    let backend = build(&config)?;
+    let control = Arc::new(BlkControl::new(backend.clone()));
+    let b2 = backend.clone();
+    let daemon =
+        Daemon::new(INFO, config.common.clone(), control)?.on_disconnect(move || b2.disconnected());
+    let b3 = backend.clone();
+    daemon.run_with(backend, move |handlers| {
+        b3.register_completion_fds(handlers)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,1123 @@
+//! A queue worker: turns the requests of one virtqueue into engine operations and completes
+//! them. One worker per queue, each on its own thread with its own io_uring.
+//!
+//! On a kick the worker pops every available chain, parses it into a preallocated slot (the
+//! slot's iovecs point straight into guest memory: no copies, no allocation), queues the
+//! operation, and hands the whole batch to the kernel in one submit. Completions arrive on the
+//! engine's eventfd; the worker writes each status byte, returns the chains on the used ring and
+//! interrupts the guest once per batch (or not at all, when EVENT_IDX says the guest is still
+//! busy). A slot keeps a reference to the guest memory map it points into, so a memory-table
+//! change while I/O is in flight cannot unmap buffers under the kernel.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vback_common::engine::{Completion, Engine, Op, Submit};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::disk::{Disk, DiskKind};
+use crate::stats::QueueStats;
+use crate::virtio::{self, Limits, Parsed, Request, SECTOR, Status};
+
+/// Guest memory as the vhost-user framework hands it to us.
+pub type Mem = GuestMemoryMmap<()>;
+/// The vring type the workers drive.
+pub type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+
+/// Device-wide state every worker reads.
+#[derive(Debug)]
+pub struct Device {
+    /// The backing storage.
+    pub disk: Disk,
+    /// Write-back cache on (the guest may turn it off through the config space's WCE byte;
+    /// writes are then durable on completion).
+    pub writeback: AtomicBool,
+    /// The 20-byte ID GET_ID returns (NUL padded).
+    pub serial: [u8; 20],
+    /// Per-queue counters.
+    pub stats: Vec<QueueStats>,
+    /// Parser limits.
+    pub limits: Limits,
+    /// Largest discard / write-zeroes, in sectors.
+    pub max_discard_sectors: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One request in flight.
+struct Slot {
+    head: u16,
+    status: GuestAddress,
+    kind: Kind,
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet transferred (partial transfers are resubmitted).
+    iov_start: usize,
+    offset: u64,
+    remaining: u64,
+    total: u64,
+    buffered: bool,
+    fallocate: Option<(u64, u64, i32)>,
+    mem: Option<Arc<Mem>>,
+}
+
+/// A queue's worker.
+pub struct Worker {
+    queue: usize,
+    dev: Arc<Device>,
+    engine: Option<Box<dyn Engine>>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    done: Vec<Completion>,
+    mem: Option<Arc<Mem>>,
+    /// Chains were left on the avail ring because every slot was busy.
+    starved: bool,
+    /// The vring of the current connection (for completing in-flight requests when the front
+    /// end stops the ring).
+    vring: Option<Vring>,
+    needs_signal: bool,
+}
+
+// SAFETY: the raw pointers inside a Worker (the slots' iovecs) point into guest memory that the
+// slot keeps mapped through its `mem` reference; they are only dereferenced by the kernel (or the
+// engine's pool threads) while the slot's operation is in flight. A Worker is used by one thread
+// at a time (it lives behind a Mutex).
+unsafe impl Send for Worker {}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue)
+            .field("free_slots", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker for queue `queue` with room for `slots` requests in flight.
+    pub fn new(
+        queue: usize,
+        dev: Arc<Device>,
+        engine: Option<Box<dyn Engine>>,
+        slots: usize,
+    ) -> Worker {
+        let max_iov = dev.limits.max_iov;
+        Worker {
+            queue,
+            dev,
+            engine,
+            slots: (0..slots)
+                .map(|_| Slot {
+                    head: 0,
+                    status: GuestAddress(0),
+                    kind: Kind::Flush,
+                    iov: Vec::with_capacity(max_iov),
+                    iov_start: 0,
+                    offset: 0,
+                    remaining: 0,
+                    total: 0,
+                    buffered: false,
+                    fallocate: None,
+                    mem: None,
+                })
+                .collect(),
+            free: (0..slots as u32).rev().collect(),
+            done: Vec::with_capacity(slots),
+            mem: None,
+            starved: false,
+            vring: None,
+            needs_signal: false,
+        }
+    }
+
+    /// The engine's completion eventfd, to register with the worker thread's epoll.
+    pub fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.engine.as_ref().map(|e| e.notify_fd())
+    }
+
+    /// The engine's name.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine
+            .as_ref()
+            .map_or("none (null device)", |e| e.name())
+    }
+
+    /// Uses a new guest memory map for requests popped from now on.
+    pub fn set_memory(&mut self, mem: Arc<Mem>) {
+        self.mem = Some(mem);
+    }
+
+    fn stats(&self) -> &QueueStats {
+        &self.dev.stats[self.queue]
+    }
+
+    /// Handles a kick: pops and starts every available request, submits them in one batch.
+    pub fn process_queue(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        let Some(mem) = self.mem.clone() else {
+            log::warn!(
+                "queue {}: kicked before the memory table was set",
+                self.queue
+            );
+            return;
+        };
+        self.starved = false;
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                log::warn!(
+                    "queue {}: cannot update the used ring flags: {e}",
+                    self.queue
+                );
+                return;
+            }
+            let mut popped = 0usize;
+            loop {
+                if self.free.is_empty() {
+                    self.starved = true;
+                    break;
+                }
+                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let Some(chain) = chain else { break };
+                popped += 1;
+                self.start(chain, &mem, vring);
+            }
+            if self.starved {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) if popped > 0 => continue,
+                Ok(true) => {
+                    // The avail index says there is more, but nothing could be popped: the
+                    // driver published an index beyond the ring or an unreadable entry. Wait
+                    // for the next kick rather than spin.
+                    log::warn!(
+                        "queue {}: the avail ring is inconsistent; waiting for the next kick",
+                        self.queue
+                    );
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("queue {}: cannot read the avail ring: {e}", self.queue);
+                    break;
+                }
+            }
+        }
+        self.submit();
+        self.reap(vring);
+        self.signal(vring);
+    }
+
+    /// Handles the engine's completion eventfd.
+    pub fn handle_completions(&mut self, vring: &Vring) {
+        if let Some(e) = &self.engine {
+            e.clear_notify();
+        }
+        self.reap(vring);
+        if self.starved && !self.free.is_empty() {
+            self.process_queue(vring);
+        } else {
+            self.signal(vring);
+        }
+    }
+
+    fn submit(&mut self) {
+        if let Some(e) = self.engine.as_mut()
+            && let Err(err) = e.submit()
+        {
+            log::error!("queue {}: submitting I/O failed: {err}", self.queue);
+        }
+    }
+
+    fn reap(&mut self, vring: &Vring) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        let mut done = std::mem::take(&mut self.done);
+        engine.reap(&mut |c| done.push(c));
+        let resubmit = !done.is_empty();
+        for c in done.drain(..) {
+            self.complete_io(c, Some(vring));
+        }
+        self.done = done;
+        if resubmit {
+            self.submit();
+        }
+    }
+
+    fn signal(&mut self, vring: &Vring) {
+        if !self.needs_signal {
+            return;
+        }
+        self.needs_signal = false;
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    log::warn!("queue {}: cannot interrupt the guest: {e}", self.queue);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("queue {}: cannot read the used event: {e}", self.queue),
+        }
+    }
+
+    fn start(&mut self, chain: DescriptorChain<&Mem>, mem: &Arc<Mem>, vring: &Vring) {
+        let head = chain.head_index();
+        let Some(idx) = self.free.pop() else { return };
+        let limits = self.dev.limits;
+        let slot = &mut self.slots[idx as usize];
+        let parsed: Parsed = virtio::parse_chain(&**mem, chain.clone(), &mut slot.iov, limits);
+        let Some(status) = parsed.status else {
+            // Nowhere to put a status: return the chain untouched so the ring keeps moving.
+            log::warn!(
+                "queue {}: request {head} has no status byte; returned it unanswered",
+                self.queue
+            );
+            self.free.push(idx);
+            QueueStats::add(&self.dev.stats[self.queue].errors, 1);
+            self.add_used(vring, head, 0);
+            return;
+        };
+        slot.head = head;
+        slot.status = status;
+        let request = match parsed.request {
+            Ok(r) => r,
+            Err(st) => return self.finish_now(idx, st, 0, vring),
+        };
+        let dev = self.dev.clone();
+        let capacity = dev.disk.sectors();
+        let null = dev.disk.kind == DiskKind::Null;
+        match request {
+            Request::Read { sector, len } | Request::Write { sector, len } => {
+                let write = matches!(request, Request::Write { .. });
+                if write && dev.disk.read_only {
+                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                }
+                if len % SECTOR != 0 || !virtio::range_ok(sector, len, capacity) {
+                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                }
+                let data = if write { 0 } else { len };
+                if null || len == 0 {
+                    self.count_rw(write, len);
+                    return self.finish_now(idx, Status::Ok, data, vring);
+                }
+                let slot = &mut self.slots[idx as usize];
+                slot.kind = if write { Kind::Write } else { Kind::Read };
+                slot.offset = sector * SECTOR;
+                slot.remaining = len;
+                slot.total = len;
+                slot.iov_start = 0;
+                slot.buffered = !dev.disk.direct;
+                slot.fallocate = None;
+                slot.mem = Some(mem.clone());
+                self.queue_io(idx, vring);
+            }
+            Request::Flush => {
+                if null {
+                    QueueStats::add(&self.stats().flushes, 1);
+                    return self.finish_now(idx, Status::Ok, 0, vring);
+                }
+                let slot = &mut self.slots[idx as usize];
+                slot.kind = Kind::Flush;
+                slot.fallocate = None;
+                slot.mem = None;
+                self.queue_io(idx, vring);
+            }
+            Request::GetId { len } => {
+                let n = len.min(20) as usize;
+                let ok = virtio::write_stream(&**mem, chain, 0, &dev.serial[..n]);
+                let st = if ok { Status::Ok } else { Status::IoErr };
+                self.finish_now(idx, st, if ok { n as u64 } else { 0 }, vring);
+            }
+            Request::Discard(seg) | Request::WriteZeroes(seg) => {
+                let zero = matches!(request, Request::WriteZeroes(_));
+                let allowed = if zero {
+                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+                } else {
+                    0
+                };
+                if seg.flags & !allowed != 0 {
+                    return self.finish_now(idx, Status::Unsupp, 0, vring);
+                }
+                let len = u64::from(seg.num_sectors) * SECTOR;
+                if dev.disk.read_only
+                    || seg.num_sectors > dev.max_discard_sectors
+                    || !virtio::range_ok(seg.sector, len, capacity)
+                {
+                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                }
+                let offset = seg.sector * SECTOR;
+                let unmap = !zero || seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                match dev.disk.kind {
+                    DiskKind::Null => {
+                        self.count_discard(zero);
+                        self.finish_now(idx, Status::Ok, 0, vring);
+                    }
+                    DiskKind::Block => {
+                        // Block-device ioctls are synchronous; they run on the queue's thread.
+                        let r = if zero {
+                            dev.disk.block_zeroout(offset, len)
+                        } else {
+                            dev.disk.block_discard(offset, len)
+                        };
+                        let st = match r {
+                            Ok(()) => {
+                                self.count_discard(zero);
+                                Status::Ok
+                            }
+                            // A device that cannot discard may ignore a discard.
+                            Err(e) if !zero && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                                Status::Ok
+                            }
+                            Err(e) => {
+                                log::warn!(
+                                    "queue {}: {} at {offset}+{len} failed: {e}",
+                                    self.queue,
+                                    if zero { "BLKZEROOUT" } else { "BLKDISCARD" }
+                                );
+                                Status::IoErr
+                            }
+                        };
+                        self.finish_now(idx, st, 0, vring);
+                    }
+                    DiskKind::File => {
+                        let mode = libc::FALLOC_FL_KEEP_SIZE
+                            | if unmap {
+                                libc::FALLOC_FL_PUNCH_HOLE
+                            } else {
+                                libc::FALLOC_FL_ZERO_RANGE
+                            };
+                        let slot = &mut self.slots[idx as usize];
+                        slot.kind = if zero {
+                            Kind::WriteZeroes
+                        } else {
+                            Kind::Discard
+                        };
+                        slot.fallocate = Some((offset, len, mode));
+                        slot.mem = None;
+                        self.queue_io(idx, vring);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_rw(&self, write: bool, len: u64) {
+        let s = self.stats();
+        if write {
+            QueueStats::add(&s.writes, 1);
+            QueueStats::add(&s.write_bytes, len);
+        } else {
+            QueueStats::add(&s.reads, 1);
+            QueueStats::add(&s.read_bytes, len);
+        }
+    }
+
+    fn count_discard(&self, zero: bool) {
+        let s = self.stats();
+        QueueStats::add(if zero { &s.write_zeroes } else { &s.discards }, 1);
+    }
+
+    /// Queues the slot's (remaining) operation on the engine.
+    fn queue_io(&mut self, idx: u32, vring: &Vring) {
+        let writeback = self.dev.writeback.load(Ordering::Relaxed);
+        let slot = &self.slots[idx as usize];
+        let op = match slot.kind {
+            Kind::Read => Op::Read {
+                offset: slot.offset,
+            },
+            Kind::Write => Op::Write {
+                offset: slot.offset,
+                dsync: !writeback,
+            },
+            Kind::Flush => Op::Flush,
+            Kind::Discard | Kind::WriteZeroes => {
+                let (offset, len, mode) = slot.fallocate.unwrap_or((0, 0, 0));
+                Op::Fallocate { offset, len, mode }
+            }
+        };
+        let iov = &slot.iov[slot.iov_start.min(slot.iov.len())..];
+        let how = Submit {
+            buffered: slot.buffered,
+        };
+        let Some(engine) = self.engine.as_mut() else {
+            return self.finish_now(idx, Status::IoErr, 0, vring);
+        };
+        let iovcnt = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+        // SAFETY: the iovecs live in the slot, which is not touched again until this operation
+        // completes; they point into guest memory that the slot's `mem` keeps mapped.
+        let mut r = unsafe { engine.queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how) };
+        if r.is_err() {
+            // The ring is full: push what is queued and try once more.
+            let _ = engine.submit();
+            // SAFETY: as above.
+            r = unsafe { engine.queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how) };
+        }
+        match r {
+            Ok(()) => QueueStats::add(&self.stats().in_flight, 1),
+            Err(_) => {
+                log::error!(
+                    "queue {}: the I/O engine is full; failing request",
+                    self.queue
+                );
+                self.finish_now(idx, Status::IoErr, 0, vring);
+            }
+        }
+    }
+
+    /// Handles one engine completion.
+    fn complete_io(&mut self, c: Completion, vring: Option<&Vring>) {
+        let Ok(idx) = u32::try_from(c.tag) else {
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(idx as usize) else {
+            return;
+        };
+        self.dev.stats[self.queue]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        let res = c.result;
+        let kind = slot.kind;
+        let status = match kind {
+            Kind::Read | Kind::Write => {
+                if res == -libc::EINVAL && !slot.buffered && self.dev.disk.direct {
+                    // The buffers do not meet O_DIRECT's alignment: go through the page cache.
+                    slot.buffered = true;
+                    if let Some(v) = vring {
+                        self.queue_io(idx, v);
+                    }
+                    return;
+                }
+                if res < 0 || (res == 0 && slot.remaining > 0) {
+                    log::warn!(
+                        "queue {}: {} of {} bytes at offset {} failed: {}",
+                        self.queue,
+                        if kind == Kind::Read { "read" } else { "write" },
+                        slot.total,
+                        slot.offset,
+                        if res < 0 {
+                            std::io::Error::from_raw_os_error(-res).to_string()
+                        } else {
+                            "end of file".into()
+                        }
+                    );
+                    Status::IoErr
+                } else if (res as u64) < slot.remaining {
+                    // Short transfer: skip what was done and resubmit the rest.
+                    let mut n = res as usize;
+                    slot.offset += n as u64;
+                    slot.remaining -= n as u64;
+                    while n > 0 && slot.iov_start < slot.iov.len() {
+                        let v = &mut slot.iov[slot.iov_start];
+                        if n >= v.iov_len {
+                            n -= v.iov_len;
+                            slot.iov_start += 1;
+                        } else {
+                            // SAFETY: advancing within the same guest buffer by less than its
+                            // length keeps the pointer inside the mapped region.
+                            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                            v.iov_len -= n;
+                            n = 0;
+                        }
+                    }
+                    if let Some(v) = vring {
+                        self.queue_io(idx, v);
+                    }
+                    return;
+                } else {
+                    let total = slot.total;
+                    self.count_rw(kind == Kind::Write, total);
+                    Status::Ok
+                }
+            }
+            Kind::Flush => {
+                if res < 0 {
+                    log::error!(
+                        "queue {}: flush failed: {}",
+                        self.queue,
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                    Status::IoErr
+                } else {
+                    QueueStats::add(&self.stats().flushes, 1);
+                    Status::Ok
+                }
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                let zero = kind == Kind::WriteZeroes;
+                if res == -libc::EOPNOTSUPP && zero {
+                    // No ZERO_RANGE on this file system: punching a hole also reads back zeroes.
+                    if let Some((o, l, mode)) = slot.fallocate
+                        && mode & libc::FALLOC_FL_ZERO_RANGE != 0
+                    {
+                        slot.fallocate =
+                            Some((o, l, libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE));
+                        if let Some(v) = vring {
+                            self.queue_io(idx, v);
+                        }
+                        return;
+                    }
+                }
+                // A discard the file system cannot do is simply not done (discard is a hint).
+                if res < 0 && (zero || res != -libc::EOPNOTSUPP) {
+                    log::warn!(
+                        "queue {}: fallocate failed: {}",
+                        self.queue,
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                    Status::IoErr
+                } else {
+                    self.count_discard(zero);
+                    Status::Ok
+                }
+            }
+        };
+        let data = if kind == Kind::Read && status == Status::Ok {
+            self.slots[idx as usize].total
+        } else {
+            0
+        };
+        match vring {
+            Some(v) => self.finish_now(idx, status, data, v),
+            None => self.release(idx),
+        }
+    }
+
+    /// Writes the status, returns the chain on the used ring and frees the slot.
+    fn finish_now(&mut self, idx: u32, status: Status, data_len: u64, vring: &Vring) {
+        let slot = &self.slots[idx as usize];
+        let (head, addr) = (slot.head, slot.status);
+        let written = match slot.mem.as_ref().or(self.mem.as_ref()) {
+            Some(mem) => mem.write_obj(status as u8, addr).is_ok(),
+            None => false,
+        };
+        let s = self.stats();
+        QueueStats::add(&s.requests, 1);
+        match status {
+            Status::Ok => {}
+            Status::IoErr => QueueStats::add(&s.errors, 1),
+            Status::Unsupp => QueueStats::add(&s.unsupported, 1),
+        }
+        let used = if written {
+            u32::try_from(data_len + 1).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        self.release(idx);
+        self.add_used(vring, head, used);
+    }
+
+    fn release(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        slot.mem = None;
+        slot.iov.clear();
+        self.free.push(idx);
+    }
+
+    fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            log::warn!(
+                "queue {}: cannot return request {head} on the used ring: {e}",
+                self.queue
+            );
+        }
+        self.needs_signal = true;
+    }
+
+    /// Waits for every request in flight. With `complete`, they are returned to the guest on the
+    /// current vring (the front end is stopping the ring); without, they are dropped (the front
+    /// end is gone).
+    pub fn drain(&mut self, complete: bool) {
+        let vring = if complete { self.vring.clone() } else { None };
+        while let Some(engine) = self.engine.as_mut() {
+            if engine.in_flight() == 0 {
+                break;
+            }
+            let mut done = std::mem::take(&mut self.done);
+            engine.drain(&mut |c| done.push(c));
+            // Completing may resubmit (short transfers, O_DIRECT fallback): loop until idle.
+            for c in done.drain(..) {
+                self.complete_io(c, vring.as_ref());
+            }
+            self.done = done;
+            self.submit();
+        }
+        if let Some(v) = vring.as_ref() {
+            self.signal(v);
+        }
+        if !complete {
+            // Slots of requests that had not reached the engine (none normally) are freed too.
+            for idx in 0..self.slots.len() as u32 {
+                if self.slots[idx as usize].mem.is_some() {
+                    self.release(idx);
+                }
+            }
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
+            self.free.dedup();
+            self.vring = None;
+            self.starved = false;
+            self.dev.stats[self.queue]
+                .in_flight
+                .store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{Disk, DiskOptions};
+    use crate::virtio::Limits;
+    use std::os::unix::fs::FileExt;
+    use vback_common::engine::{EngineChoice, open_engine};
+    use vback_common::lock::LockMode;
+    use vback_common::spec::DiskUname;
+    use virtio_bindings::virtio_blk::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::GuestAddressSpace;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const QSIZE: u16 = 16;
+    const STATUS: u64 = 0x3000;
+
+    struct Rig {
+        mem: GuestMemoryAtomic<Mem>,
+        vring: Vring,
+        worker: Worker,
+        next_desc: u16,
+        rings: (u64, u64, u64),
+        _dir: tempfile::TempDir,
+        image: std::path::PathBuf,
+    }
+
+    fn rig(uname: Option<&str>, read_only: bool) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let u = uname.map_or_else(|| format!("file:{}", image.display()), str::to_owned);
+        let disk = Disk::open(
+            &DiskUname::parse(&u).unwrap(),
+            DiskOptions {
+                read_only,
+                direct: true,
+                lock: LockMode::None,
+            },
+        )
+        .unwrap();
+        let engine = disk
+            .files
+            .as_ref()
+            .map(|f| open_engine(f, 32, EngineChoice::IoUring).unwrap());
+        let dev = Arc::new(Device {
+            disk,
+            writeback: AtomicBool::new(true),
+            serial: *b"vback-test-serial\0\0\0",
+            stats: vec![QueueStats::default()],
+            limits: Limits {
+                max_iov: 8,
+                max_segments: 1,
+            },
+            max_discard_sectors: 64,
+        });
+        let mem =
+            GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        // Rings well away from the buffers the tests use (fresh memory reads as zero).
+        let rings = (0x10_0000, 0x10_1000, 0x10_2000);
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
+        vring.set_queue_size(QSIZE);
+        vring.set_queue_info(rings.0, rings.1, rings.2).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let mut worker = Worker::new(0, dev, engine, usize::from(QSIZE));
+        worker.set_memory(mem.memory().into_inner());
+        Rig {
+            mem,
+            vring,
+            worker,
+            next_desc: 0,
+            rings,
+            _dir: dir,
+            image,
+        }
+    }
+
+    impl Rig {
+        fn m(&self) -> Arc<Mem> {
+            self.mem.memory().into_inner()
+        }
+
+        fn header(&self, at: u64, kind: u32, sector: u64) {
+            let m = self.m();
+            m.write_obj(kind, GuestAddress(at)).unwrap();
+            m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+            m.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        }
+
+        /// Writes a chain into the descriptor table and publishes its head on the avail ring,
+        /// as a driver would.
+        fn publish(&mut self, descs: &[(u64, u32, u16)]) {
+            let m = self.m();
+            let n = descs.len() as u16;
+            let (desc_table, avail, _) = self.rings;
+            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+                let i = i as u16;
+                let idx = (self.next_desc + i) % QSIZE;
+                let flags = if i < n - 1 { flags | 1 } else { flags };
+                let d = RawDescriptor::from(Descriptor::new(addr, len, flags, (idx + 1) % QSIZE));
+                m.write_obj(d, GuestAddress(desc_table + 16 * u64::from(idx)))
+                    .unwrap();
+            }
+            let avail_idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap();
+            m.write_obj(
+                self.next_desc,
+                GuestAddress(avail + 4 + 2 * u64::from(avail_idx % QSIZE)),
+            )
+            .unwrap();
+            m.write_obj(avail_idx.wrapping_add(1), GuestAddress(avail + 2))
+                .unwrap();
+            self.next_desc = (self.next_desc + n) % QSIZE;
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.m().read_obj(GuestAddress(self.rings.2 + 2)).unwrap()
+        }
+
+        /// Kicks the worker and runs it until the used index reaches `target`.
+        fn run_until(&mut self, target: u16) {
+            self.worker.process_queue(&self.vring);
+            for _ in 0..2000 {
+                if self.used_idx() == target {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                self.worker.handle_completions(&self.vring);
+            }
+            panic!(
+                "requests never completed (used index {} of {target})",
+                self.used_idx()
+            );
+        }
+
+        /// Puts a chain on the avail ring, runs the worker until it is used, and returns the
+        /// status byte and the used length.
+        fn submit(&mut self, descs: &[(u64, u32, u16)]) -> (u8, u32) {
+            let m = self.m();
+            m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            let before = self.used_idx();
+            self.publish(descs);
+            self.run_until(before.wrapping_add(1));
+            let slot = u64::from(before % QSIZE);
+            let len: u32 = m
+                .read_obj(GuestAddress(self.rings.2 + 4 + 8 * slot + 4))
+                .unwrap();
+            (m.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+    }
+
+    #[test]
+    fn writes_and_reads_reach_the_image() {
+        let mut r = rig(None, false);
+        let m = r.m();
+        m.write_slice(&[0xab; 4096], GuestAddress(0x10000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
+        let (st, len) = r.submit(&[(0x1000, 16, 0), (0x10000, 4096, 0), (STATUS, 1, W)]);
+        assert_eq!((st, len), (0, 1));
+        let mut back = vec![0u8; 4096];
+        std::fs::File::open(&r.image)
+            .unwrap()
+            .read_exact_at(&mut back, 8 * 512)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0xab));
+
+        r.header(0x1000, VIRTIO_BLK_T_IN, 8);
+        let (st, len) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x20000, 2048, W),
+            (0x21000, 2048, W),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!((st, len), (0, 4097));
+        let mut got = vec![0u8; 2048];
+        m.read_slice(&mut got, GuestAddress(0x21000)).unwrap();
+        assert!(got.iter().all(|&b| b == 0xab));
+
+        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(r.submit(&[(0x1000, 16, 0), (STATUS, 1, W)]).0, 0);
+
+        r.header(0x1000, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x30000, 20, W), (STATUS, 1, W)]),
+            (0, 21)
+        );
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(0x30000)).unwrap();
+        assert_eq!(&id[..17], b"vback-test-serial");
+
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.writes.load(Ordering::Relaxed), 1);
+        assert_eq!(s.read_bytes.load(Ordering::Relaxed), 4096);
+        assert_eq!(s.flushes.load(Ordering::Relaxed), 1);
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn misaligned_buffers_fall_back_to_the_page_cache() {
+        let mut r = rig(None, false);
+        let m = r.m();
+        m.write_slice(&[0x5a; 512], GuestAddress(0x10001)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 0);
+        // A buffer at an odd address: O_DIRECT refuses it with EINVAL.
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x10001, 512, 0), (STATUS, 1, W)])
+                .0,
+            0
+        );
+        let mut back = vec![0u8; 512];
+        std::fs::File::open(&r.image)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_punch_the_file() {
+        let mut r = rig(None, false);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.image)
+            .unwrap()
+            .write_all_at(&[1u8; 65536], 0)
+            .unwrap();
+        let m = r.m();
+        let seg = |sector: u64, n: u32, flags: u32| {
+            m.write_obj(sector, GuestAddress(0x1010)).unwrap();
+            m.write_obj(n, GuestAddress(0x1018)).unwrap();
+            m.write_obj(flags, GuestAddress(0x101c)).unwrap();
+        };
+        r.header(0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        seg(0, 16, 0);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
+        r.header(0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        seg(16, 16, 0);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
+        seg(32, 16, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
+        let mut back = vec![9u8; 65536];
+        std::fs::File::open(&r.image)
+            .unwrap()
+            .read_exact_at(&mut back, 0)
+            .unwrap();
+        assert!(
+            back[..24576].iter().all(|&b| b == 0),
+            "zeroed and discarded ranges read as zero"
+        );
+        assert!(
+            back[24576..].iter().all(|&b| b == 1),
+            "nothing past the ranges changed"
+        );
+
+        // Oversize (more than max_discard_sectors = 64), past the end, unknown flags.
+        r.header(0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        seg(0, 65, 0);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 1);
+        seg(2047, 2, 0);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 1);
+        seg(0, 1, 0x2);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 2);
+        r.header(0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        seg(0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(
+            r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0,
+            2,
+            "UNMAP is not a discard flag"
+        );
+    }
+
+    #[test]
+    fn hostile_requests_get_errors_and_never_touch_the_image_outside_range() {
+        let mut r = rig(None, false);
+        type Case = (&'static str, u32, u64, Vec<(u64, u32, u16)>, u8);
+        let cases: Vec<Case> = vec![
+            (
+                "read past the end",
+                VIRTIO_BLK_T_IN,
+                2048,
+                vec![(0x1000, 16, 0), (0x20000, 512, W), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "read straddling the end",
+                VIRTIO_BLK_T_IN,
+                2047,
+                vec![(0x1000, 16, 0), (0x20000, 1024, W), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "write at an overflowing sector",
+                VIRTIO_BLK_T_OUT,
+                u64::MAX / 256,
+                vec![(0x1000, 16, 0), (0x20000, 512, 0), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "partial sector",
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![(0x1000, 16, 0), (0x20000, 100, 0), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "data outside guest memory",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(0x1000, 16, 0), (0x1000_0000, 512, W), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "wrong direction",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(0x1000, 16, 0), (0x20000, 512, 0), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "short header",
+                VIRTIO_BLK_T_IN,
+                0,
+                vec![(0x1000, 8, 0), (STATUS, 1, W)],
+                1,
+            ),
+            (
+                "unknown type",
+                0x77,
+                0,
+                vec![(0x1000, 16, 0), (STATUS, 1, W)],
+                2,
+            ),
+            (
+                "SCSI passthrough",
+                VIRTIO_BLK_T_SCSI_CMD,
+                0,
+                vec![(0x1000, 16, 0), (STATUS, 1, W)],
+                2,
+            ),
+        ];
+        for (what, kind, sector, descs, want) in cases {
+            r.header(0x1000, kind, sector);
+            let nd = r.next_desc;
+            let (st, _) = r.submit(&descs);
+            assert_eq!(st, want, "{what} (descriptors from {nd})");
+        }
+        // A chain with no writable byte is returned with length 0.
+        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
+        let m = r.m();
+        m.write_obj(0x42u8, GuestAddress(STATUS)).unwrap();
+        let (_, len) = r.submit(&[(0x1000, 16, 0), (0x20000, 512, 0)]);
+        assert_eq!(len, 0);
+        assert_eq!(
+            std::fs::metadata(&r.image).unwrap().len(),
+            1 << 20,
+            "the image did not grow"
+        );
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.errors.load(Ordering::Relaxed), 8);
+        assert_eq!(s.unsupported.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes() {
+        let mut r = rig(None, true);
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 512, 0), (STATUS, 1, W)])
+                .0,
+            1
+        );
+        r.header(0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 1);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 512, W), (STATUS, 1, W)])
+                .0,
+            0
+        );
+    }
+
+    #[test]
+    fn null_device_completes_without_io() {
+        let mut r = rig(Some("null:1M"), false);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 4096, W), (STATUS, 1, W)]),
+            (0, 4097)
+        );
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 2047);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 1024, 0), (STATUS, 1, W)])
+                .0,
+            1,
+            "range still checked"
+        );
+    }
+
+    #[test]
+    fn a_full_ring_of_requests_and_then_some() {
+        // More requests than free slots in one kick: the worker leaves the rest on the ring and
+        // resumes as slots free up.
+        let mut r = rig(None, false);
+        r.worker.free.truncate(3);
+        let m = r.m();
+        for i in 0..QSIZE / 2 {
+            let hdr = 0x1000 + u64::from(i) * 0x100;
+            m.write_obj(VIRTIO_BLK_T_IN, GuestAddress(hdr)).unwrap();
+            m.write_obj(u64::from(i), GuestAddress(hdr + 8)).unwrap();
+            r.publish(&[(hdr, 16, 0), (0x40000 + u64::from(i) * 0x1000, 513, W)]);
+        }
+        r.run_until(QSIZE / 2);
+        assert_eq!(
+            r.worker.dev.stats[0].reads.load(Ordering::Relaxed),
+            u64::from(QSIZE / 2)
+        );
+    }
+
+    #[test]
+    fn bogus_avail_rings_do_not_hang_the_worker() {
+        let mut r = rig(None, false);
+        let m = r.m();
+        // An avail index far beyond the ring: nothing can be popped; the worker returns.
+        m.write_obj(200u16, GuestAddress(r.rings.1 + 2)).unwrap();
+        r.worker.process_queue(&r.vring);
+        assert_eq!(r.used_idx(), 0);
+
+        // A head index beyond the queue: the chain is empty, returned unanswered.
+        let mut r = rig(None, false);
+        let m = r.m();
+        m.write_obj(999u16, GuestAddress(r.rings.1 + 4)).unwrap();
+        m.write_obj(1u16, GuestAddress(r.rings.1 + 2)).unwrap();
+        r.worker.process_queue(&r.vring);
+        assert_eq!(r.worker.free.len(), usize::from(QSIZE), "no slot leaked");
+        // The queue still works afterwards.
+        r.next_desc = 0;
+        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        let before = r.used_idx();
+        r.publish(&[(0x1000, 16, 0), (STATUS, 1, W)]);
+        r.run_until(before.wrapping_add(1));
+    }
+}

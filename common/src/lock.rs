@@ -1,0 +1,252 @@
+//! Image locking, compatible with QEMU's.
+//!
+//! QEMU (raw-posix) takes open-file-description (OFD) byte-range locks on every image it opens:
+//! a shared lock on byte `100 + i` for each permission `i` it holds (consistent read, write,
+//! write-unchanged, resize) and on byte `200 + i` for each permission it refuses to share. Before
+//! locking it tests the opposite bytes for conflicts. vback uses the same bytes, so a vback
+//! daemon and QEMU (or `qemu-img`, `qemu-storage-daemon`, another vback daemon) exclude each
+//! other exactly as two QEMU processes would:
+//!
+//! - writable: holds read, write and resize; shares only reading. A second writer, or anything
+//!   that needs writers excluded, is refused.
+//! - read-only: holds read; refuses to share write and resize, so nobody writes under a
+//!   read-only guest, while other readers are welcome.
+//!
+//! Locks belong to the open file description: they go when the last descriptor of that open
+//! closes, so a crashed daemon never leaves a stale lock behind.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+const PERM_BASE: i64 = 100;
+const SHARED_BASE: i64 = 200;
+
+/// QEMU's permission bits (`BLK_PERM_*`), by bit index.
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+const CONSISTENT_READ: u32 = 1 << 0;
+const WRITE: u32 = 1 << 1;
+const WRITE_UNCHANGED: u32 = 1 << 2;
+const RESIZE: u32 = 1 << 3;
+const ALL: u32 = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE;
+
+/// How an image is being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// The guest may write: exclusive against other writers.
+    Exclusive,
+    /// Read-only: shared with other readers, excludes writers.
+    Shared,
+    /// No locking (`w!`, or the operator's explicit choice): other processes are not checked.
+    None,
+}
+
+/// Why an image could not be locked.
+#[derive(Debug, Error)]
+pub enum LockError {
+    /// Another process holds a conflicting lock.
+    #[error(
+        "{path} is in use{holder}: it {conflict}; stop that user first (or, if sharing is really intended, use mode w!)"
+    )]
+    InUse {
+        /// The image.
+        path: PathBuf,
+        /// " by pid N (name)" when the holder could be found, else empty.
+        holder: String,
+        /// What conflicts, as a phrase.
+        conflict: String,
+    },
+    /// The lock system call failed for another reason.
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn flock(kind: i16, start: i64) -> libc::flock {
+    // SAFETY: `flock` is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = 1;
+    fl
+}
+
+/// Whether someone else holds a lock on byte `start` that would conflict with an exclusive one.
+fn byte_taken(file: &File, start: i64) -> std::io::Result<bool> {
+    let mut fl = flock(libc::F_WRLCK as i16, start);
+    // SAFETY: F_OFD_GETLK reads and writes the `flock` struct we pass, which lives on our stack
+    // for the duration of the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as i16)
+}
+
+fn lock_byte(file: &File, start: i64) -> std::io::Result<bool> {
+    let fl = flock(libc::F_RDLCK as i16, start);
+    // SAFETY: F_OFD_SETLK only reads the `flock` struct we pass, valid for the call.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(true)
+}
+
+fn perms(mode: LockMode) -> (u32, u32) {
+    match mode {
+        // (held, not shared)
+        LockMode::Exclusive => (
+            CONSISTENT_READ | WRITE | RESIZE,
+            ALL & !(CONSISTENT_READ | WRITE_UNCHANGED),
+        ),
+        LockMode::Shared => (CONSISTENT_READ, WRITE | RESIZE),
+        LockMode::None => (0, 0),
+    }
+}
+
+/// Locks `file` (opened from `path`) for `mode`, or explains who is in the way.
+pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), LockError> {
+    let (held, unshared) = perms(mode);
+    let io = |source| LockError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let conflict = |text: String| LockError::InUse {
+        path: path.to_owned(),
+        holder: holders(path),
+        conflict: text,
+    };
+    for (i, name) in PERM_NAMES.iter().enumerate() {
+        let bit = 1u32 << i;
+        if held & bit != 0 && byte_taken(file, SHARED_BASE + i as i64).map_err(io)? {
+            return Err(conflict(format!(
+                "is opened by a process that does not allow others to {name}"
+            )));
+        }
+        if unshared & bit != 0 && byte_taken(file, PERM_BASE + i as i64).map_err(io)? {
+            return Err(conflict(format!("is opened for {name} by another process")));
+        }
+    }
+    for (i, name) in PERM_NAMES.iter().enumerate() {
+        let bit = 1u32 << i;
+        if held & bit != 0 && !lock_byte(file, PERM_BASE + i as i64).map_err(io)? {
+            return Err(conflict(format!(
+                "is locked against {name} by another process"
+            )));
+        }
+        if unshared & bit != 0 && !lock_byte(file, SHARED_BASE + i as i64).map_err(io)? {
+            return Err(conflict(format!("is opened for {name} by another process")));
+        }
+    }
+    Ok(())
+}
+
+/// " by pid 1234 (qemu-system-x86)" for the processes that hold OFD locks on the file, found
+/// through /proc/PID/fdinfo (OFD locks show no pid in /proc/locks). Empty if none is visible.
+pub fn holders(path: &Path) -> String {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return String::new();
+    };
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let needle = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let me = std::process::id();
+    let mut found: Vec<String> = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return String::new();
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path())
+                .map(|t| {
+                    t.lines()
+                        .any(|l| l.starts_with("lock:") && l.contains(&needle))
+                })
+                .unwrap_or(false)
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            found.push(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    if found.is_empty() {
+        String::new()
+    } else {
+        format!(" by {}", found.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(p: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap()
+    }
+
+    #[test]
+    fn writers_exclude_each_other_and_readers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+
+        let w1 = open(&p);
+        lock_image(&w1, &p, LockMode::Exclusive).unwrap();
+        let w2 = open(&p);
+        let e = lock_image(&w2, &p, LockMode::Exclusive).unwrap_err();
+        assert!(e.to_string().contains("is in use"), "{e}");
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        // Readers are refused while a writer is in (they forbid writing).
+        let r = open(&p);
+        assert!(lock_image(&r, &p, LockMode::Shared).is_err());
+        // Closing the writer releases everything.
+        drop(w1);
+        drop(w2);
+        lock_image(&r, &p, LockMode::Shared).unwrap();
+        let r2 = open(&p);
+        lock_image(&r2, &p, LockMode::Shared).unwrap();
+        let w3 = open(&p);
+        let e = lock_image(&w3, &p, LockMode::Exclusive).unwrap_err();
+        assert!(
+            e.to_string().contains("does not allow others to write"),
+            "{e}"
+        );
+        // No locking at all is always allowed.
+        lock_image(&w3, &p, LockMode::None).unwrap();
+    }
+
+    #[test]
+    fn holders_are_named_when_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        // A lock held by this process is not reported (we skip ourselves), and no lock → "".
+        assert_eq!(holders(&p), "");
+        assert_eq!(holders(&dir.path().join("missing")), "");
+    }
+}
