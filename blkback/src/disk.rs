@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 use vback_common::engine::EngineFiles;
-use vback_common::lock::{LockError, LockMode, lock_image};
+use vback_common::lock::{LockError, LockMode, lock_image_patiently};
 use vback_common::spec::{DiskUname, ImageFormat};
 
 use crate::virtio::SECTOR;
@@ -252,7 +252,8 @@ impl Disk {
             }
             Err(e) => return Err(io("open", e)),
         };
-        lock_image(&main, &path, opts.lock)?;
+        // A previous daemon on this image that just died may still hold its lock for a moment.
+        lock_image_patiently(&main, &path, opts.lock, std::time::Duration::from_secs(3))?;
         let buffered = if opts.direct {
             Some(Arc::new(
                 open_file(&path, opts.read_only, false).map_err(|e| io("open", e))?,

@@ -154,6 +154,28 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<(), LockEr
     Ok(())
 }
 
+/// Like [`lock_image`], but when the conflicting lock has no visible holder (a process that
+/// just died: the kernel releases an io_uring's registered files asynchronously, after the
+/// process is gone) it retries for up to `patience` before giving up.
+pub fn lock_image_patiently(
+    file: &File,
+    path: &Path,
+    mode: LockMode,
+    patience: std::time::Duration,
+) -> Result<(), LockError> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match lock_image(file, path, mode) {
+            Err(LockError::InUse { holder, .. })
+                if holder.is_empty() && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// " by pid 1234 (qemu-system-x86)" for the processes that hold OFD locks on the file, found
 /// through /proc/PID/fdinfo (OFD locks show no pid in /proc/locks). Empty if none is visible.
 pub fn holders(path: &Path) -> String {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/guest/build.sh: build (or find cached) the test guest: a Debian kernel and an initramfs
-# with busybox, a static fio, iperf3, the virtio modules and vback's guest init.
+# with busybox, a static fio, iperf3, mkfs.ext4, the virtio modules and vback's guest init.
 #
 #   tests/guest/build.sh [--rebuild]
 #
@@ -117,7 +117,7 @@ build_initramfs() {
   local kdir=$CACHE/kernel-$FLAVOR kver
   kver=$(ls "$kdir/x/lib/modules")
   local key
-  key=$(cat "$HERE/init" "$HERE/vbcheck" "$CACHE/bin/fio" /usr/bin/iperf3 /bin/busybox \
+  key=$(cat "$HERE/init" "$HERE/vbcheck" "$CACHE/bin/fio" /usr/bin/iperf3 /sbin/mke2fs /bin/busybox \
           <(echo "$kver $MODULES") | sha1sum | cut -c1-12)
   INITRAMFS=$CACHE/initramfs-$FLAVOR-$key.cpio
   [ -f "$INITRAMFS" ] && [ -z "$REBUILD" ] && return 0
@@ -137,6 +137,9 @@ build_initramfs() {
     mkdir -p "$r$(dirname "$lib")"; cp -L "$lib" "$r$lib"
   done
   copy_with_libs "$r" /usr/bin/iperf3 /usr/bin/iperf3
+  # mkfs.ext4 (e2fsprogs; busybox only makes ext2), with its configuration.
+  copy_with_libs "$r" /sbin/mke2fs /sbin/mkfs.ext4
+  cp /etc/mke2fs.conf "$r/etc/mke2fs.conf"
   : > "$r/lib/modules/load.order"
   local p
   for p in $(resolve_modules "$kdir/x/lib/modules/$kver" $MODULES); do
@@ -150,7 +153,7 @@ build_initramfs() {
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"; flock 9     # concurrent test binaries build once
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || die "/bin/busybox must be busybox-static (scripts/setup.sh)"
-for t in lz4 /usr/bin/iperf3 gcc make; do command -v $t >/dev/null || die "$t is missing (run scripts/setup.sh)"; done
+for t in lz4 /usr/bin/iperf3 /sbin/mke2fs gcc make; do command -v $t >/dev/null || die "$t is missing (run scripts/setup.sh)"; done
 fetch_kernel
 build_fio
 build_initramfs

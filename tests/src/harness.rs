@@ -120,8 +120,10 @@ enum Device {
     QemuDrive { file: PathBuf, props: String },
 }
 
+/// A host action the guest can trigger by printing `VBACK-HOST:<name>` on a line of its own.
+type HostAction = Box<dyn FnMut() + Send>;
+
 /// A guest to boot: devices, files, resources, and a time limit.
-#[derive(Debug, Clone)]
 pub struct Guest {
     devices: Vec<Device>,
     files: Vec<(PathBuf, String)>,
@@ -131,6 +133,19 @@ pub struct Guest {
     accel: Accel,
     extra: Vec<String>,
     usb: bool,
+    actions: Vec<(String, HostAction)>,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("devices", &self.devices)
+            .field("files", &self.files)
+            .field("mem", &self.mem)
+            .field("smp", &self.smp)
+            .field("accel", &self.accel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Guest {
@@ -151,7 +166,17 @@ impl Guest {
             accel: Accel::detect(),
             extra: Vec::new(),
             usb: false,
+            actions: Vec::new(),
         }
+    }
+
+    /// Runs `action` on the host when the guest prints the line `VBACK-HOST:<name>` (for
+    /// example, resizing a disk while the guest watches its size). Each action runs at most
+    /// once, while the guest keeps running.
+    pub fn on_host(mut self, name: &str, action: impl FnMut() + Send + 'static) -> Guest {
+        self.actions
+            .push((format!("VBACK-HOST:{name}"), Box::new(action)));
+        self
     }
 
     /// A vhost-user-blk disk on `socket` (QEMU connects as the client). `props` go to
@@ -300,7 +325,7 @@ impl Guest {
     /// Boots the guest, runs `script` (POSIX sh, busybox) inside and returns the result.
     /// A guest that boots and runs the script returns `Ok` whatever the script's status;
     /// errors are reserved for a guest that could not run it.
-    pub fn run(&self, script: &str) -> Result<GuestRun, HarnessError> {
+    pub fn run(&mut self, script: &str) -> Result<GuestRun, HarnessError> {
         let qemu = which("qemu-system-x86_64").ok_or_else(|| {
             HarnessError::MissingTool("qemu-system-x86_64 not found; run scripts/setup.sh".into())
         })?;
@@ -358,12 +383,26 @@ impl Guest {
         let mut child = cmd
             .spawn()
             .map_err(|e| HarnessError::Setup(format!("cannot start QEMU: {e}")))?;
+        let mut pending: Vec<(String, HostAction)> = std::mem::take(&mut self.actions);
         let exit = loop {
             if let Some(st) = child
                 .try_wait()
                 .map_err(|e| HarnessError::Setup(e.to_string()))?
             {
                 break st;
+            }
+            if !pending.is_empty() {
+                let so_far =
+                    String::from_utf8_lossy(&fs::read(&out).unwrap_or_default()).into_owned();
+                let mut i = 0;
+                while i < pending.len() {
+                    if so_far.lines().any(|l| l.trim() == pending[i].0) {
+                        let (_, mut action) = pending.remove(i);
+                        action();
+                    } else {
+                        i += 1;
+                    }
+                }
             }
             if t0.elapsed() > self.timeout {
                 let _ = child.kill();

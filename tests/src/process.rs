@@ -192,3 +192,23 @@ pub fn qemu_storage_daemon(
     d.wait_for_socket(socket, Duration::from_secs(20))?;
     Ok(d)
 }
+
+/// Starts `blkback` from this workspace with `args` (the socket is added), and waits until it
+/// listens.
+pub fn blkback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
+    let mut cmd = Command::new(workspace_bin("blkback")?);
+    cmd.arg("--socket").arg(socket).args(args);
+    let mut d = Daemon::spawn("blkback", cmd, log)?;
+    d.wait_for_socket(socket, Duration::from_secs(10))?;
+    Ok(d)
+}
+
+impl Daemon {
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
