@@ -56,6 +56,8 @@ pub struct Config {
     pub page_cache: bool,
     /// Which I/O engine.
     pub engine: EngineChoice,
+    /// Busy-poll window after activity (zero: never poll).
+    pub poll: std::time::Duration,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -126,7 +128,9 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
             ),
             None => None,
         };
-        workers.push(Worker::new(q, dev.clone(), engine, usize::from(queue_size)));
+        let mut w = Worker::new(q, dev.clone(), engine, usize::from(queue_size));
+        w.set_poll(config.poll);
+        workers.push(w);
     }
     let backend = BlkBackend::new(dev.clone(), workers, queue_size);
     log::info!(

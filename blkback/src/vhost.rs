@@ -130,6 +130,16 @@ impl BlkBackend {
         self.inner.acked.store(0, Ordering::Release);
     }
 
+    /// At exit: finishes in-flight I/O and closes the I/O engines, so the image's files (and
+    /// its lock) are released before the process ends.
+    pub fn shutdown(&self) {
+        for w in &self.inner.workers {
+            let mut w = lock(w);
+            w.drain(false);
+            w.close_engine();
+        }
+    }
+
     /// Tells the front end that the configuration changed (after a resize), so it re-reads it
     /// and interrupts the guest. Returns false if no front end offered a back-end channel.
     pub fn notify_config_change(&self) -> bool {

@@ -69,6 +69,15 @@ impl IoUringEngine {
     }
 }
 
+impl Drop for IoUringEngine {
+    fn drop(&mut self) {
+        // Closing a ring releases its registered files asynchronously, some time after the
+        // process or the ring is gone; an image lock held through them would outlive us.
+        // Unregistering is synchronous. (Callers drain in-flight I/O before dropping.)
+        let _ = self.ring.submitter().unregister_files();
+    }
+}
+
 impl Engine for IoUringEngine {
     fn name(&self) -> &'static str {
         "io_uring"
