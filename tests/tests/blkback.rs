@@ -1,11 +1,12 @@
 //! blkback end to end: a real guest (QEMU, Debian kernel) uses disks served by blkback.
 //!
-//! One test, two boots, because a boot costs ~5 s under TCG:
+//! One test, three boots (a boot costs ~5 s under TCG):
 //! 1. two queues; fio with crc32c verification on both; mkfs.ext4, files, sync; fstrim
 //!    punches holes in the image; a read-only second disk refuses writes (also after the guest
 //!    forces the block device writable); an online resize is seen by the guest at once;
-//! 2. after blkback is killed (-9) and restarted on the same socket, a new QEMU attaches and
-//!    the files are intact.
+//! 2. a QEMU killed in the middle of fio (requests in flight) does not hurt blkback;
+//! 3. after blkback is killed (-9) and restarted on the same socket, a new QEMU attaches and
+//!    the files are intact; a host block device (a loop device, `phy:`) takes fio and discard.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -173,6 +174,31 @@ check umount 'umount /mnt && echo unmounted'
     );
     let sums = run.check("mkfs").output.clone();
 
+    // A front end that dies with requests in flight (QEMU killed in the middle of fio):
+    // blkback finishes or drops them and serves the next front end.
+    let killed = Guest::new()
+        .vhost_blk(&sock, "num-queues=2")
+        .timeout(Duration::from_secs(12))
+        // (fio stays in the 64 MiB the resize added: the file system ends at 256 MiB)
+        .run("wait_dev /dev/vda; fio --name=busy --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 --rw=randrw --bs=4k --offset=256M --size=64M --time_based --runtime=60 >/dev/null");
+    assert!(
+        matches!(killed, Err(vback_tests::HarnessError::Timeout { .. })),
+        "the guest should have been killed: {killed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        a.is_running(),
+        "blkback survived a front end dying mid-I/O:\n{}",
+        a.log()
+    );
+    let s = stats(&ctl);
+    for q in s["device"]["queues"].as_array().unwrap() {
+        assert_eq!(
+            q["in_flight"], 0,
+            "nothing left in flight after the disconnect: {s}"
+        );
+    }
+
     // Crash blkback, start it again on the same socket; a new QEMU attaches; files intact.
     a.kill();
     let mut a2 = blkback(
@@ -190,18 +216,39 @@ check umount 'umount /mnt && echo unmounted'
     .unwrap();
     let sums_file = d.join("sums");
     std::fs::write(&sums_file, &sums).unwrap();
+
+    // A host block device (phy:): a loop device over a file.
+    let loop_file = d.join("loop.raw");
+    std::fs::File::create(&loop_file)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let loopdev = LoopDevice::attach(&loop_file);
+    let phy = format!("phy:{}", loopdev.path);
+    let phy_sock = d.join("vdc.sock");
+    let _p = blkback(&phy_sock, &["--disk", &phy], &d.join("p.log")).unwrap();
+
     let run2 = Guest::new()
         .vhost_blk(&sock, "num-queues=2")
+        .vhost_blk(&phy_sock, "")
         .file(&sums_file, "/harness/sums")
         .run(
             r#"
 check size 'wait_dev /dev/vda && cat /sys/block/vda/size'
 check files 'mkdir -p /mnt && mount /dev/vda /mnt && cd /mnt && sha256sum -c /harness/sums'
+check phy 'wait_dev /dev/vdb && cat /sys/block/vdb/size && fio --name=p --filename=/dev/vdb --direct=1 --ioengine=libaio --iodepth=8 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 --randrepeat=0 >/dev/null && echo fio-ok && blkdiscard -o 0 -l 4194304 /dev/vdb && echo discard-ok'
 "#,
         )
         .expect("the guest runs");
     eprintln!("boot 2: {}", run2.summary());
-    run2.assert_checks(&["size", "files"]);
+    run2.assert_checks(&["size", "files", "phy"]);
+    assert!(
+        run2.check("phy")
+            .output
+            .starts_with(&(32 * MIB / 512).to_string()),
+        "{}",
+        run2.output
+    );
     assert_eq!(
         run2.check("size").output.trim(),
         (320 * MIB / 512).to_string()
@@ -215,4 +262,34 @@ check files 'mkdir -p /mnt && mount /dev/vda /mnt && cd /mnt && sha256sum -c /ha
         a2.log()
     );
     assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+/// A loop device over a file (root only), detached on drop.
+struct LoopDevice {
+    path: String,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .expect("losetup (util-linux) runs");
+        assert!(
+            out.status.success(),
+            "losetup failed (the test needs root and /dev/loop-control): {out:?}"
+        );
+        LoopDevice {
+            path: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.path])
+            .status();
+    }
 }
