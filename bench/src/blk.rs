@@ -405,48 +405,28 @@ pub fn run(args: &Args) -> Result<(), String> {
     let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|");
     for w in selected {
         eprintln!("== {} ({}s each)", w.name, args.seconds);
-        let (bb, qs, fio);
-        if w.null {
-            let mut d = start_blkback(dir, &null_disk, &args.blkback_args)?;
-            bb = drive(
-                &dir.join("blkback.sock"),
-                w,
-                args.size,
-                args.seconds,
-                !args.client_irq,
-            );
+        let client_poll = !args.client_irq;
+        // The same workload against each backend in turn, each started fresh.
+        let measure = |daemon: Result<Daemon, String>, sock: &str| {
+            let mut d = daemon?;
+            let r = drive(&dir.join(sock), w, args.size, args.seconds, client_poll);
             d.terminate(Duration::from_secs(5));
-            let mut d = start_qsd(dir, None, args.size)?;
-            qs = drive(
-                &dir.join("qsd.sock"),
-                w,
-                args.size,
-                args.seconds,
-                !args.client_irq,
-            );
-            d.terminate(Duration::from_secs(5));
-            fio = Err("-".to_string());
+            r
+        };
+        let (bb_disk, qsd_file) = if w.null {
+            (&null_disk, None)
         } else {
-            let mut d = start_blkback(dir, &file_disk, &args.blkback_args)?;
-            bb = drive(
-                &dir.join("blkback.sock"),
-                w,
-                args.size,
-                args.seconds,
-                !args.client_irq,
-            );
-            d.terminate(Duration::from_secs(5));
-            let mut d = start_qsd(dir, Some(&file), args.size)?;
-            qs = drive(
-                &dir.join("qsd.sock"),
-                w,
-                args.size,
-                args.seconds,
-                !args.client_irq,
-            );
-            d.terminate(Duration::from_secs(5));
-            fio = host_fio(&file, w, args.seconds);
-        }
+            (&file_disk, Some(file.as_path()))
+        };
+        let bb = measure(
+            start_blkback(dir, bb_disk, &args.blkback_args),
+            "blkback.sock",
+        );
+        let qs = measure(start_qsd(dir, qsd_file, args.size), "qsd.sock");
+        let fio = match qsd_file {
+            Some(f) => host_fio(f, w, args.seconds),
+            None => Err("-".to_string()),
+        };
         let show = |r: &Result<Result1, String>| match r {
             Ok(r) if r.errors > 0 => format!("{:.0} ({} errors)", r.iops, r.errors),
             Ok(r) => format!("{:.0}", r.iops),

@@ -799,6 +799,10 @@ mod tests {
     }
 
     fn rig(uname: Option<&str>, read_only: bool) -> Rig {
+        rig_with(uname, read_only, EngineChoice::IoUring)
+    }
+
+    fn rig_with(uname: Option<&str>, read_only: bool, engine: EngineChoice) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.raw");
         std::fs::File::create(&image)
@@ -818,7 +822,7 @@ mod tests {
         let engine = disk
             .files
             .as_ref()
-            .map(|f| open_engine(f, 32, EngineChoice::IoUring).unwrap());
+            .map(|f| open_engine(f, 32, engine).unwrap());
         let dev = Arc::new(Device {
             disk,
             writeback: AtomicBool::new(true),
@@ -927,7 +931,15 @@ mod tests {
 
     #[test]
     fn writes_and_reads_reach_the_image() {
-        let mut r = rig(None, false);
+        writes_and_reads(rig(None, false));
+    }
+
+    #[test]
+    fn the_thread_pool_engine_serves_the_same_requests() {
+        writes_and_reads(rig_with(None, false, EngineChoice::ThreadPool));
+    }
+
+    fn writes_and_reads(mut r: Rig) {
         let m = r.m();
         m.write_slice(&[0xab; 4096], GuestAddress(0x10000)).unwrap();
         r.header(0x1000, VIRTIO_BLK_T_OUT, 8);

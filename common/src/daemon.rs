@@ -346,6 +346,33 @@ impl StopHandle {
     }
 }
 
+/// A backend the daemon can serve: what `vhost_user_backend::VhostUserDaemon` needs of it.
+pub trait Servable:
+    VhostUserBackend<
+        Bitmap: vhost_user_backend::bitmap::BitmapReplace
+                    + vm_memory::mmap::NewBitmap
+                    + Clone
+                    + Send
+                    + Sync,
+        Vring: Clone + Send + Sync,
+    > + Clone
+    + 'static
+{
+}
+
+impl<T> Servable for T where
+    T: VhostUserBackend<
+            Bitmap: vhost_user_backend::bitmap::BitmapReplace
+                        + vm_memory::mmap::NewBitmap
+                        + Clone
+                        + Send
+                        + Sync,
+            Vring: Clone + Send + Sync,
+        > + Clone
+        + 'static
+{
+}
+
 /// A vhost-user daemon: socket, serve loop, control socket, signals.
 pub struct Daemon {
     info: DeviceInfo,
@@ -402,16 +429,7 @@ impl Daemon {
     }
 
     /// Serves front ends until stopped. Returns `Ok` after a clean shutdown.
-    pub fn run<B>(self, backend: B) -> Result<(), DaemonError>
-    where
-        B: VhostUserBackend + Clone + 'static,
-        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
-            + vm_memory::mmap::NewBitmap
-            + Clone
-            + Send
-            + Sync,
-        B::Vring: Clone + Send + Sync,
-    {
+    pub fn run<B: Servable>(self, backend: B) -> Result<(), DaemonError> {
         self.run_with(backend, |_| Ok(()))
     }
 
@@ -420,14 +438,8 @@ impl Daemon {
     /// engine's completion eventfd). If it fails, that connection is closed.
     pub fn run_with<B, F>(self, backend: B, on_connection: F) -> Result<(), DaemonError>
     where
+        B: Servable,
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
-        B: VhostUserBackend + Clone + 'static,
-        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
-            + vm_memory::mmap::NewBitmap
-            + Clone
-            + Send
-            + Sync,
-        B::Vring: Clone + Send + Sync,
     {
         let source = self.args.listen_source()?;
         let (listener, created_path, control_fd) = match &source {
@@ -486,14 +498,8 @@ impl Daemon {
         on_connection: &F,
     ) -> Result<(), DaemonError>
     where
+        B: Servable,
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
-        B: VhostUserBackend + Clone + 'static,
-        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
-            + vm_memory::mmap::NewBitmap
-            + Clone
-            + Send
-            + Sync,
-        B::Vring: Clone + Send + Sync,
     {
         let epoll = Epoll::new().map_err(DaemonError::Setup)?;
         const LISTENER: u64 = 0;
