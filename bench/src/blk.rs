@@ -42,6 +42,11 @@ pub struct Args {
     /// Let the client sleep on its completion eventfd instead of polling its queue.
     #[arg(long)]
     client_irq: bool,
+
+    /// Measure each workload this many times, alternating blkback, qsd and fio, and report
+    /// the median of each (this machine's numbers drift; alternating spreads the drift).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -359,6 +364,22 @@ fn fill(file: &Path, size: u64) -> Result<(), String> {
     f.sync_all().map_err(|e| e.to_string())
 }
 
+/// The run with the median IOPS (the first error if any run failed).
+fn median(mut runs: Vec<Result<Result1, String>>) -> Result<Result1, String> {
+    if let Some(e) = runs.iter().find_map(|r| r.as_ref().err()) {
+        return Err(e.clone());
+    }
+    runs.sort_by(|a, b| {
+        let (a, b) = (
+            a.as_ref().map_or(0.0, |r| r.iops),
+            b.as_ref().map_or(0.0, |r| r.iops),
+        );
+        a.total_cmp(&b)
+    });
+    let mid = runs.len() / 2;
+    runs.swap_remove(mid)
+}
+
 /// Runs the benchmark and prints the table.
 pub fn run(args: &Args) -> Result<(), String> {
     pin_self(1);
@@ -404,7 +425,10 @@ pub fn run(args: &Args) -> Result<(), String> {
     );
     let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|");
     for w in selected {
-        eprintln!("== {} ({}s each)", w.name, args.seconds);
+        eprintln!(
+            "== {} ({}s each, {} time(s))",
+            w.name, args.seconds, args.repeat
+        );
         let client_poll = !args.client_irq;
         // The same workload against each backend in turn, each started fresh.
         let measure = |daemon: Result<Daemon, String>, sock: &str| {
@@ -418,15 +442,19 @@ pub fn run(args: &Args) -> Result<(), String> {
         } else {
             (&file_disk, Some(file.as_path()))
         };
-        let bb = measure(
-            start_blkback(dir, bb_disk, &args.blkback_args),
-            "blkback.sock",
-        );
-        let qs = measure(start_qsd(dir, qsd_file, args.size), "qsd.sock");
-        let fio = match qsd_file {
-            Some(f) => host_fio(f, w, args.seconds),
-            None => Err("-".to_string()),
-        };
+        let (mut bbs, mut qss, mut fios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            bbs.push(measure(
+                start_blkback(dir, bb_disk, &args.blkback_args),
+                "blkback.sock",
+            ));
+            qss.push(measure(start_qsd(dir, qsd_file, args.size), "qsd.sock"));
+            fios.push(match qsd_file {
+                Some(f) => host_fio(f, w, args.seconds),
+                None => Err("-".to_string()),
+            });
+        }
+        let (bb, qs, fio) = (median(bbs), median(qss), median(fios));
         let show = |r: &Result<Result1, String>| match r {
             Ok(r) if r.errors > 0 => format!("{:.0} ({} errors)", r.iops, r.errors),
             Ok(r) => format!("{:.0}", r.iops),
@@ -469,7 +497,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         None => println!("blkback idle RSS: unknown"),
     }
     if let Some(p) = &args.json {
-        let doc = json!({"seconds": args.seconds, "size": args.size, "results": rows, "blkback_idle_rss_kib": idle_rss});
+        let doc = json!({"seconds": args.seconds, "size": args.size, "repeat": args.repeat, "results": rows, "blkback_idle_rss_kib": idle_rss});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", p.display()))?;
     }

@@ -30,6 +30,7 @@ enum Cmd {
 const AFTER_HELP: &str = "\
 Examples:
   vback-bench blk                       # the full table (about 3 minutes)
+  vback-bench blk --repeat 3 --seconds 3  # medians of 3 alternating runs (about 6 minutes)
   vback-bench blk --seconds 3 --only null-randread-qd32,file-randread-qd32
   vback-bench blk --json results.json   # also write the measurements as JSON";
 

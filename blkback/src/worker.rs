@@ -26,6 +26,9 @@ use crate::virtio::{self, Limits, Parsed, Request, SECTOR, Status};
 /// the completion eventfd, where completions arrive in batches.
 const POLL_MAX_IN_FLIGHT: usize = 2;
 
+/// With deeper queues, how long to wait for the driver's next requests to batch them.
+const DEEP_POLL: std::time::Duration = std::time::Duration::from_micros(4);
+
 /// Guest memory as the vhost-user framework hands it to us.
 pub type Mem = GuestMemoryMmap<()>;
 /// The vring type the workers drive.
@@ -285,7 +288,12 @@ impl Worker {
         }
         loop {
             let mut progress = false;
-            if self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
+            let in_flight = self.engine.as_ref().map_or(0, |e| e.in_flight());
+            // Deep queues: completions batch better on the eventfd, so only linger a moment
+            // for the driver's next requests (it refills as soon as it sees completions), to
+            // submit them together.
+            let deep = in_flight > POLL_MAX_IN_FLIGHT;
+            if in_flight > 0 && !deep {
                 let before = self.free.len();
                 // Entering the kernel runs the ring's pending completion work (a task spinning
                 // in user space would otherwise only see its completions after an interrupt).
@@ -302,12 +310,9 @@ impl Worker {
             if progress {
                 last = now;
             }
-            let in_flight = self.engine.as_ref().map_or(0, |e| e.in_flight());
-            if in_flight > POLL_MAX_IN_FLIGHT {
-                // Deep queues batch better on the completion eventfd than by spinning.
-                break;
-            }
-            let window = if in_flight > 0 {
+            let window = if deep {
+                self.poll.min(DEEP_POLL)
+            } else if in_flight > 0 {
                 self.poll * 4
             } else {
                 self.poll
