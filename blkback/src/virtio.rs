@@ -10,9 +10,11 @@
 
 use std::mem::size_of;
 
+use vback_common::chain::read_stream;
+pub use vback_common::chain::write_stream;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
 /// Bytes per virtio-blk sector (fixed by the spec, whatever the logical block size).
 pub const SECTOR: u64 = 512;
@@ -165,69 +167,6 @@ fn fail(status: Status, status_addr: Option<GuestAddress>) -> Parsed {
         status: status_addr,
         writable_data: 0,
     }
-}
-
-/// Copies `buf.len()` bytes starting `offset` bytes into the chain's readable stream.
-fn read_stream<M: GuestMemoryBackend>(
-    mem: &M,
-    descs: impl Iterator<Item = Descriptor>,
-    mut offset: u64,
-    buf: &mut [u8],
-) -> bool {
-    let mut filled = 0usize;
-    for d in descs.filter(|d| !d.is_write_only()) {
-        let len = u64::from(d.len());
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let take = usize::try_from((len - offset).min((buf.len() - filled) as u64)).unwrap_or(0);
-        let Some(addr) = d.addr().checked_add(offset) else {
-            return false;
-        };
-        if mem
-            .read_slice(&mut buf[filled..filled + take], addr)
-            .is_err()
-        {
-            return false;
-        }
-        filled += take;
-        offset = 0;
-        if filled == buf.len() {
-            return true;
-        }
-    }
-    filled == buf.len()
-}
-
-/// Copies `data` into the chain's writable stream starting at byte `offset`.
-pub fn write_stream<M: GuestMemoryBackend>(
-    mem: &M,
-    descs: impl Iterator<Item = Descriptor>,
-    mut offset: u64,
-    data: &[u8],
-) -> bool {
-    let mut done = 0usize;
-    for d in descs.filter(Descriptor::is_write_only) {
-        let len = u64::from(d.len());
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let take = usize::try_from((len - offset).min((data.len() - done) as u64)).unwrap_or(0);
-        let Some(addr) = d.addr().checked_add(offset) else {
-            return false;
-        };
-        if mem.write_slice(&data[done..done + take], addr).is_err() {
-            return false;
-        }
-        done += take;
-        offset = 0;
-        if done == data.len() {
-            return true;
-        }
-    }
-    done == data.len()
 }
 
 /// Appends iovecs for bytes `[start, start + len)` of the readable (`writable == false`) or
@@ -417,7 +356,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
     const LIMITS: Limits = Limits {

@@ -1,38 +1,32 @@
-//! cdrom: a virtual CD/DVD drive with media change and guest eject, over vhost-user-scsi.
-//!
-//! This is the skeleton: it parses and validates its configuration, answers
-//! `--print-capabilities`, and says that serving is not implemented yet.
+//! cdrom: serve a CD/DVD drive to a guest over vhost-user-scsi.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vback_common::spec::{DiskEntry, DiskUname};
-use vback_common::{CommonArgs, DeviceInfo, not_implemented};
+use vback_common::{CommonArgs, init_logging};
 
-const INFO: DeviceInfo = DeviceInfo {
-    name: "cdrom",
-    vhost_type: "scsi",
-    features: &[],
-};
-
-/// Serve a CD-ROM drive (an ISO image or a host drive) to a guest over vhost-user-scsi.
+/// Serve a CD-ROM drive (an ISO image or a host drive) to a guest over vhost-user-scsi, with
+/// media change, guest eject and tray lock.
 ///
 /// QEMU attaches it with:
 ///   -chardev socket,id=c0,path=SOCK -device vhost-user-scsi-pci,chardev=c0,num_queues=1
+/// The guest sees /dev/sr0 (a removable MMC device).
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment, after_help = AFTER_HELP)]
 struct Args {
     /// The medium: tap:cdrom:/path/to.iso, tap:cdrom:/dev/sr0, or a Xen entry such as
     /// tap:cdrom:/dev/sr0,xvdc:cdrom,r.
     #[arg(long, value_name = "SPEC", value_parser = parse_cd, conflicts_with = "empty", required_unless_present_any = ["empty", "print_capabilities"])]
-    disk: Option<DiskUname>,
+    disk: Option<PathBuf>,
 
-    /// Start with an empty drive (tray closed, no medium).
+    /// Start with an empty drive (tray closed, no medium); insert one later with media-insert.
     #[arg(long)]
     empty: bool,
 
-    /// Let other cdrom daemons that also pass --shared use the same medium (read-only media
-    /// can be shared safely).
+    /// Share media with other cdrom daemons that also pass --shared (read-only media can be
+    /// shared safely). Without it, an image or drive serves one guest at a time.
     #[arg(long)]
     shared: bool,
 
@@ -41,17 +35,24 @@ struct Args {
 }
 
 const AFTER_HELP: &str = "\
-Example:
-  cdrom --socket /run/vback/alice-cd.sock --disk tap:cdrom:/var/lib/isos/install.iso";
+Control commands (--control PATH, or `vbctl`):
+  status                      tray, guest lock, medium
+  media-insert path=PATH      put a disc in (the guest sees a media change)
+  media-eject [force=true]    take it out; refused while the guest locks the tray unless forced
 
-fn parse_cd(s: &str) -> Result<DiskUname, String> {
+Example:
+  cdrom --socket /run/vback/alice-cd.sock --control /run/vback/alice-cd.ctl \\
+        --disk tap:cdrom:/var/lib/isos/install.iso
+  vbctl call /run/vback/alice-cd.ctl media-insert path=/var/lib/isos/disc2.iso";
+
+fn parse_cd(s: &str) -> Result<PathBuf, String> {
     let uname = if s.contains(',') {
         DiskEntry::parse(s).map_err(|e| e.to_string())?.uname
     } else {
         DiskUname::parse(s).map_err(|e| e.to_string())?
     };
     match uname {
-        DiskUname::Cdrom(_) => Ok(uname),
+        DiskUname::Cdrom(p) => Ok(p),
         other => Err(format!(
             "`{other}` is not a CD: use tap:cdrom:/path/to.iso or tap:cdrom:/dev/sr0"
         )),
@@ -61,19 +62,21 @@ fn parse_cd(s: &str) -> Result<DiskUname, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.common.print_capabilities {
-        println!("{}", INFO.capabilities_json());
+        println!("{}", cdrom::INFO.capabilities_json());
         return ExitCode::SUCCESS;
     }
-    match &args.disk {
-        Some(d) => eprintln!(
-            "cdrom: medium {d}{}",
-            if args.shared { " (shared)" } else { "" }
-        ),
-        None => eprintln!("cdrom: empty drive"),
+    init_logging(args.common.log_level);
+    let config = cdrom::Config {
+        medium: args.disk,
+        shared: args.shared,
+        common: args.common,
+    };
+    match cdrom::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("cdrom: {e}");
+            ExitCode::FAILURE
+        }
     }
-    not_implemented(
-        "cdrom",
-        "serving vhost-user-scsi with an MMC device",
-        Some(6),
-    )
 }

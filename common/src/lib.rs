@@ -6,6 +6,7 @@
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
 
+pub mod chain;
 pub mod control;
 pub mod daemon;
 pub mod engine;

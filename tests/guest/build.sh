@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/guest/build.sh: build (or find cached) the test guest: a Debian kernel and an initramfs
-# with busybox, a static fio, iperf3, mkfs.ext4, the virtio modules and vback's guest init.
+# with busybox, a static fio, iperf3, mkfs.ext4, cdctl (CD ioctls), the virtio modules and vback's guest init.
 #
 #   tests/guest/build.sh [--rebuild]
 #
@@ -117,7 +117,7 @@ build_initramfs() {
   local kdir=$CACHE/kernel-$FLAVOR kver
   kver=$(ls "$kdir/x/lib/modules")
   local key
-  key=$(cat "$HERE/init" "$HERE/vbcheck" "$CACHE/bin/fio" /usr/bin/iperf3 /sbin/mke2fs /bin/busybox \
+  key=$(cat "$HERE/init" "$HERE/vbcheck" "$HERE/cdctl.c" "$CACHE/bin/fio" /usr/bin/iperf3 /sbin/mke2fs /bin/busybox \
           <(echo "$kver $MODULES") | sha1sum | cut -c1-12)
   INITRAMFS=$CACHE/initramfs-$FLAVOR-$key.cpio
   [ -f "$INITRAMFS" ] && [ -z "$REBUILD" ] && return 0
@@ -128,6 +128,8 @@ build_initramfs() {
   local a
   for a in $(/bin/busybox --list); do [ -e "$r/bin/$a" ] || ln -s busybox "$r/bin/$a"; done
   cp "$CACHE/bin/fio" "$r/usr/bin/fio"
+  # cdctl: the CD-ROM ioctls (eject, lock, status) the CD tests drive; busybox has no eject.
+  gcc -static -O2 -o "$r/usr/bin/cdctl" "$HERE/cdctl.c" || die "building cdctl failed"
   cp "$HERE/init" "$r/init"; cp "$HERE/vbcheck" "$r/bin/vbcheck"; chmod +x "$r/init" "$r/bin/vbcheck"
   # The glibc runtime, so a dynamically linked test program (a Rust -gnu binary) runs in the guest.
   local lib

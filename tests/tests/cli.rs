@@ -135,7 +135,6 @@ fn skeletons_say_they_do_not_serve_yet() {
             "netback",
             &["--socket", "/tmp/x", "--vif", "bridge=br0"][..],
         ),
-        ("cdrom", &["--socket", "/tmp/x", "--empty"][..]),
         ("usbback", &["--socket", "/tmp/x"][..]),
         ("bridge", &["--port", "/tmp/x"][..]),
         ("vmm-min", &["--kernel", "/boot/vmlinuz"][..]),

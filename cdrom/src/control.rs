@@ -1,0 +1,94 @@
+//! cdrom's control commands: `media-insert`, `media-eject`, and the drive's `status`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use vback_common::control::{CommandInfo, ControlError, ControlHandler, ErrorKind};
+
+use crate::mmc::Cdrom;
+use crate::open_medium;
+
+/// The control handler.
+#[derive(Debug)]
+pub struct CdControl {
+    cd: Arc<Mutex<Cdrom>>,
+    shared: bool,
+}
+
+impl CdControl {
+    /// Control over `cd`; new media are locked shared when `shared`.
+    pub fn new(cd: Arc<Mutex<Cdrom>>, shared: bool) -> CdControl {
+        CdControl { cd, shared }
+    }
+
+    fn cd(&self) -> std::sync::MutexGuard<'_, Cdrom> {
+        self.cd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ControlHandler for CdControl {
+    fn status(&self) -> Value {
+        let cd = self.cd();
+        let (tray_open, locked, path) = cd.state();
+        json!({
+            "tray": if tray_open { "open" } else { "closed" },
+            "locked_by_guest": locked,
+            "medium": path.map(|p| p.display().to_string()),
+            "shared": self.shared,
+        })
+    }
+
+    fn commands(&self) -> Vec<CommandInfo> {
+        vec![
+            CommandInfo {
+                name: "media-insert",
+                args: "path=PATH",
+                help: "Put a disc (ISO image or host drive) in; the guest sees a media change.",
+            },
+            CommandInfo {
+                name: "media-eject",
+                args: "[force=true]",
+                help: "Take the disc out; refused while the guest locks the tray, unless forced.",
+            },
+        ]
+    }
+
+    fn handle(&self, cmd: &str, args: &Value) -> Option<Result<Value, ControlError>> {
+        match cmd {
+            "media-insert" => Some((|| {
+                let path = args.get("path").and_then(Value::as_str).ok_or_else(|| {
+                    ControlError::bad_argument(
+                        "media-insert needs path=PATH (an ISO image or a CD drive)",
+                    )
+                })?;
+                let m = open_medium(&PathBuf::from(path), self.shared)
+                    .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
+                let old = self.cd().insert(m);
+                log::info!("medium {path} inserted");
+                Ok(json!({ "medium": path, "replaced": old.map(|m| m.path.display().to_string()) }))
+            })()),
+            "media-eject" => Some((|| {
+                let force = match args.get("force") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(ControlError::bad_argument(format!(
+                            "force must be true or false, not {other}"
+                        )));
+                    }
+                };
+                match self.cd().eject(force) {
+                    Ok(old) => {
+                        log::info!("medium ejected{}", if force { " (forced)" } else { "" });
+                        Ok(json!({ "ejected": old.map(|m| m.path.display().to_string()) }))
+                    }
+                    Err(e) => Err(ControlError::new(ErrorKind::Busy, e.to_string())),
+                }
+            })()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Descriptor chains as byte streams. The virtio spec lets a driver split a request across
+//! descriptors any way it likes, so devices read their headers from "the readable bytes" and
+//! write their answers to "the writable bytes" without assuming framing. Every access goes
+//! through `vm-memory`, which checks it against the region it falls in.
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
+
+/// Copies `buf.len()` bytes starting `offset` bytes into the chain's readable stream.
+pub fn read_stream<M: GuestMemoryBackend>(
+    mem: &M,
+    descs: impl Iterator<Item = Descriptor>,
+    mut offset: u64,
+    buf: &mut [u8],
+) -> bool {
+    let mut filled = 0usize;
+    for d in descs.filter(|d| !d.is_write_only()) {
+        let len = u64::from(d.len());
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let take = usize::try_from((len - offset).min((buf.len() - filled) as u64)).unwrap_or(0);
+        let Some(addr) = d.addr().checked_add(offset) else {
+            return false;
+        };
+        if mem
+            .read_slice(&mut buf[filled..filled + take], addr)
+            .is_err()
+        {
+            return false;
+        }
+        filled += take;
+        offset = 0;
+        if filled == buf.len() {
+            return true;
+        }
+    }
+    filled == buf.len()
+}
+
+/// Copies `data` into the chain's writable stream starting at byte `offset`.
+pub fn write_stream<M: GuestMemoryBackend>(
+    mem: &M,
+    descs: impl Iterator<Item = Descriptor>,
+    mut offset: u64,
+    data: &[u8],
+) -> bool {
+    let mut done = 0usize;
+    for d in descs.filter(Descriptor::is_write_only) {
+        let len = u64::from(d.len());
+        if offset >= len {
+            offset -= len;
+            continue;
+        }
+        let take = usize::try_from((len - offset).min((data.len() - done) as u64)).unwrap_or(0);
+        let Some(addr) = d.addr().checked_add(offset) else {
+            return false;
+        };
+        if mem.write_slice(&data[done..done + take], addr).is_err() {
+            return false;
+        }
+        done += take;
+        offset = 0;
+        if done == data.len() {
+            return true;
+        }
+    }
+    done == data.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    #[test]
+    fn streams_span_descriptors_and_stop_at_memory_bounds() {
+        let m: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        m.write_slice(b"abc", GuestAddress(0x100)).unwrap();
+        m.write_slice(b"defg", GuestAddress(0x200)).unwrap();
+        let d = vec![
+            Descriptor::new(0x100, 3, 0, 0),
+            Descriptor::new(0x200, 4, 0, 0),
+            Descriptor::new(0x300, 8, 2, 0),
+        ];
+        let mut buf = [0u8; 6];
+        assert!(read_stream(&m, d.clone().into_iter(), 1, &mut buf));
+        assert_eq!(&buf, b"bcdefg");
+        let mut big = [0u8; 8];
+        assert!(
+            !read_stream(&m, d.clone().into_iter(), 0, &mut big),
+            "only 7 readable bytes"
+        );
+        assert!(write_stream(&m, d.clone().into_iter(), 2, b"xyz"));
+        assert_eq!(m.read_obj::<[u8; 3]>(GuestAddress(0x302)).unwrap(), *b"xyz");
+        assert!(
+            !write_stream(&m, d.clone().into_iter(), 6, b"xyz"),
+            "past the writable bytes"
+        );
+        let out = vec![Descriptor::new(0xfff0, 0x100, 2, 0)];
+        assert!(
+            !write_stream(&m, out.into_iter(), 0, &[1u8; 0x20]),
+            "past guest memory"
+        );
+    }
+}
