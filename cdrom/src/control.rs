@@ -38,6 +38,22 @@ impl ControlHandler for CdControl {
             "locked_by_guest": locked,
             "medium": path.map(|p| p.display().to_string()),
             "shared": self.shared,
+            "media_event_pending": cd.event_pending(),
+        })
+    }
+
+    fn stats(&self) -> Value {
+        let cd = self.cd();
+        json!({
+            "test_unit_ready": cd.count(0x00),
+            "inquiry": cd.count(0x12),
+            "read_capacity": cd.count(0x25),
+            "read": cd.count(0x28) + cd.count(0xa8) + cd.count(0x88),
+            "read_toc": cd.count(0x43),
+            "get_configuration": cd.count(0x46),
+            "get_event_status": cd.count(0x4a),
+            "prevent_allow": cd.count(0x1e),
+            "start_stop": cd.count(0x1b),
         })
     }
 

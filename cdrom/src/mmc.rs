@@ -143,6 +143,7 @@ pub struct Cdrom {
     event: u8,
     last_sense: Sense,
     serial: String,
+    counts: Box<[u64; 256]>,
 }
 
 fn be16(b: &[u8]) -> usize {
@@ -178,6 +179,7 @@ impl Cdrom {
                 .filter(char::is_ascii_graphic)
                 .take(20)
                 .collect(),
+            counts: Box::new([0; 256]),
         }
     }
 
@@ -193,6 +195,16 @@ impl Cdrom {
             self.locked,
             self.medium.as_ref().map(|m| m.path.as_path()),
         )
+    }
+
+    /// How many commands with opcode `op` the guest sent.
+    pub fn count(&self, op: u8) -> u64 {
+        self.counts[usize::from(op)]
+    }
+
+    /// Whether a media event waits for the guest's next GET EVENT STATUS NOTIFICATION poll.
+    pub fn event_pending(&self) -> bool {
+        self.event != EV_NONE
     }
 
     /// The host puts a disc in (and closes the tray). The guest sees a media change.
@@ -224,6 +236,9 @@ impl Cdrom {
     /// Executes a CDB for logical unit 0. `alloc` is how many data-in bytes the initiator
     /// can take (the answer is truncated to it).
     pub fn execute(&mut self, cdb: &[u8], alloc: usize) -> Response {
+        if let Some(&op) = cdb.first() {
+            self.counts[usize::from(op)] += 1;
+        }
         let mut r = self.dispatch(cdb);
         if let Some(s) = r.sense {
             self.last_sense = s;
@@ -381,7 +396,12 @@ impl Cdrom {
                 REMOVAL_PREVENTED_NO_MEDIUM
             });
         }
+        // The tray opens and the disc leaves the drive (and its lock): the host sees an empty,
+        // open drive until it inserts a disc, which closes the tray.
         self.tray_open = true;
+        if let Some(m) = self.medium.take() {
+            log::info!("the guest ejected {}", m.path.display());
+        }
         Response::good(Vec::new())
     }
 
@@ -446,7 +466,8 @@ impl Cdrom {
                     d.extend_from_slice(&[0, 0x14, 1, 0]);
                     d.extend_from_slice(&addr(0));
                 }
-                d.extend_from_slice(&[0, 0x14, 0xaa, 0]);
+                // Lead-out: data, digital copy permitted (0x16, as QEMU's scsi-cd answers).
+                d.extend_from_slice(&[0, 0x16, 0xaa, 0]);
                 d.extend_from_slice(&addr(self.blocks()));
             }
             1 => {

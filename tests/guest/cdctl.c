@@ -6,6 +6,7 @@
  *   cdctl DEV close       CDROMCLOSETRAY
  *   cdctl DEV lock|unlock CDROM_LOCKDOOR (PREVENT ALLOW MEDIUM REMOVAL)
  *   cdctl DEV changed     CDROM_MEDIA_CHANGED: 1 if the medium changed since the last call
+ *   cdctl DEV toc         READ TOC: tracks, track 1 and lead-out in LBA and MSF
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -46,6 +47,28 @@ int main(int argc, char **argv) {
         if (r >= 0) {
             printf("%d\n", r);
             return 0;
+        }
+    } else if (!strcmp(op, "toc")) {
+        struct cdrom_tochdr h;
+        r = ioctl(fd, CDROMREADTOCHDR, &h);
+        if (r >= 0) {
+            printf("tracks %d-%d", h.cdth_trk0, h.cdth_trk1);
+            int tracks[2] = {1, CDROM_LEADOUT};
+            for (int i = 0; i < 2 && r >= 0; i++) {
+                struct cdrom_tocentry e = {.cdte_track = tracks[i], .cdte_format = CDROM_LBA};
+                r = ioctl(fd, CDROMREADTOCENTRY, &e);
+                if (r < 0) break;
+                int lba = e.cdte_addr.lba;
+                e.cdte_format = CDROM_MSF;
+                r = ioctl(fd, CDROMREADTOCENTRY, &e);
+                if (r < 0) break;
+                printf(" %s lba=%d msf=%d:%d:%d ctrl=%d", i ? "leadout" : "track1", lba,
+                       e.cdte_addr.msf.minute, e.cdte_addr.msf.second, e.cdte_addr.msf.frame, e.cdte_ctrl);
+            }
+            if (r >= 0) {
+                printf("\n");
+                return 0;
+            }
         }
     } else {
         fprintf(stderr, "cdctl: unknown operation %s\n", op);

@@ -118,6 +118,7 @@ enum Device {
     VhostNet { socket: PathBuf, props: String },
     UsbRedir { socket: PathBuf },
     QemuDrive { file: PathBuf, props: String },
+    QemuCdrom { image: PathBuf },
 }
 
 /// A host action the guest can trigger by printing `VBACK-HOST:<name>` on a line of its own.
@@ -134,6 +135,7 @@ pub struct Guest {
     extra: Vec<String>,
     usb: bool,
     actions: Vec<(String, HostAction)>,
+    kernel_args: Vec<String>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -167,6 +169,7 @@ impl Guest {
             extra: Vec::new(),
             usb: false,
             actions: Vec::new(),
+            kernel_args: Vec::new(),
         }
     }
 
@@ -225,6 +228,21 @@ impl Guest {
             file: file.as_ref().to_owned(),
             props: props.to_owned(),
         });
+        self
+    }
+
+    /// QEMU's own CD drive (virtio-scsi-pci + scsi-cd) on an ISO image: the reference the
+    /// cdrom backend's answers are compared with.
+    pub fn qemu_cdrom(mut self, image: impl AsRef<Path>) -> Guest {
+        self.devices.push(Device::QemuCdrom {
+            image: image.as_ref().to_owned(),
+        });
+        self
+    }
+
+    /// An extra kernel command-line argument (e.g. `block.events_dfl_poll_msecs=1000`).
+    pub fn kernel_arg(mut self, arg: &str) -> Guest {
+        self.kernel_args.push(arg.to_owned());
         self
     }
 
@@ -308,6 +326,17 @@ impl Guest {
                     a.push("-device".into());
                     a.push(format!("usb-redir,chardev=usbr{i},bus=xhci.0"));
                 }
+                Device::QemuCdrom { image } => {
+                    a.push("-drive".into());
+                    a.push(format!(
+                        "file={},if=none,id=cd{i},media=cdrom,readonly=on,format=raw",
+                        image.display()
+                    ));
+                    a.push("-device".into());
+                    a.push(format!("virtio-scsi-pci,id=vscsi{i}"));
+                    a.push("-device".into());
+                    a.push(format!("scsi-cd,bus=vscsi{i}.0,drive=cd{i}"));
+                }
                 Device::QemuDrive { file, props } => {
                     a.push("-drive".into());
                     a.push(format!(
@@ -370,9 +399,14 @@ impl Guest {
             .arg(&image.kernel)
             .arg("-initrd")
             .arg(&initrd);
-        cmd.arg("-append").arg(
+        let mut append = String::from(
             "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off scsi_mod.scan=sync rdinit=/init",
         );
+        for a in &self.kernel_args {
+            append.push(' ');
+            append.push_str(a);
+        }
+        cmd.arg("-append").arg(append);
         cmd.args(self.device_args());
         cmd.args(&self.extra);
         let qemu_log = w.join("qemu.log");

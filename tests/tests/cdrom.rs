@@ -68,6 +68,8 @@ fn guest_reads_an_iso_locks_ejects_and_sees_media_change() {
         &[("readme.txt", b"this is disc A\n"), ("data.bin", &payload)],
     );
     let b = iso(d, "DISC_B", &[("readme.txt", b"this is disc B\n")]);
+    let reference = d.join("reference.iso");
+    std::fs::copy(&a, &reference).unwrap();
     let sum = String::from_utf8(
         Command::new("sha256sum")
             .arg(d.join("DISC_A-src/data.bin"))
@@ -80,6 +82,8 @@ fn guest_reads_an_iso_locks_ejects_and_sees_media_change() {
     let (sock, ctl) = (d.join("cd.sock"), d.join("cd.ctl"));
     let spec = format!("tap:cdrom:{},xvdc:cdrom,r", a.display());
     let mut daemon = cdrom(d, &sock, &ctl, &["--disk", &spec]).unwrap();
+    let (esock, ectl) = (d.join("empty.sock"), d.join("empty.ctl"));
+    let _empty = cdrom(d, &esock, &ectl, &["--empty"]).unwrap();
 
     // One disc serves one guest: a second daemon on the same image is refused.
     let second = cdrom(
@@ -94,12 +98,17 @@ fn guest_reads_an_iso_locks_ejects_and_sees_media_change() {
         "{msg}"
     );
 
-    let (ctl1, ctl2) = (ctl.clone(), ctl.clone());
-    let b2 = b.clone();
+    let (ctl1, ctl2, ctl3, ctl4) = (ctl.clone(), ctl.clone(), ctl.clone(), ctl.clone());
+    let (b2, b3) = (b.clone(), b.clone());
     let locked_reply = Arc::new(Mutex::new(None));
     let lr = locked_reply.clone();
+    let noticed = Arc::new(Mutex::new(None));
+    let nt = noticed.clone();
     let run = Guest::new()
         .vhost_scsi(&sock, "")
+        .vhost_scsi(&esock, "")
+        .qemu_cdrom(&reference)
+        .kernel_arg("block.events_dfl_poll_msecs=1000")
         .on_host("eject-while-mounted", move || {
             *lr.lock().unwrap() = Some(call(&ctl1, "media-eject", Value::Null));
         })
@@ -116,18 +125,72 @@ fn guest_reads_an_iso_locks_ejects_and_sees_media_change() {
             }
             r.expect("eject after unmount");
             call(&ctl2, "media-insert", json!({"path": b2.display().to_string()})).expect("insert disc B");
+            // The guest is asleep: only its kernel's polling can take the NewMedia event.
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_millis(5500) {
+                let st = call(&ctl2, "status", Value::Null).unwrap();
+                if st["device"]["media_event_pending"] == false {
+                    *nt.lock().unwrap() = Some(t0.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .on_host("force-eject", move || {
+            call(&ctl3, "media-eject", json!({"force": true})).expect("a forced eject works");
+        })
+        .on_host("insert-b", move || {
+            call(&ctl4, "media-insert", json!({"path": b3.display().to_string()})).expect("insert disc B again");
         })
         .run(
             r#"
-check read 'wait_dev /dev/sr0 && cdctl /dev/sr0 status && mkdir -p /mnt && mount -t iso9660 -o ro /dev/sr0 /mnt && cat /mnt/readme.txt && sha256sum /mnt/data.bin'
+check map 'wait_dev /dev/sr2 && for s in /sys/block/sr*; do n=${s##*/}; \
+  if [ "$(cat $s/device/vendor)" = "QEMU    " ]; then echo $n > /tmp/ref; \
+  elif [ "$(cdctl /dev/$n status)" = no-disc ]; then echo $n > /tmp/empty; else echo $n > /tmp/ours; fi; done; \
+  echo "ours=$(cat /tmp/ours) empty=$(cat /tmp/empty) reference=$(cat /tmp/ref)"'
+check compare 'for n in $(cat /tmp/ours) $(cat /tmp/ref); do echo "$(cat /sys/block/$n/size) removable=$(cat /sys/block/$n/removable) type=$(cat /sys/block/$n/device/type) $(cdctl /dev/$n toc)"; done'
+check empty 'e=$(cat /tmp/empty); cdctl /dev/$e status; if dd if=/dev/$e of=/dev/null bs=2048 count=1 2>/dev/null; then echo READ-SUCCEEDED; exit 1; fi; echo read-failed'
+check read 'o=$(cat /tmp/ours); cdctl /dev/$o status && mkdir -p /mnt && mount -t iso9660 -o ro /dev/$o /mnt && cat /mnt/readme.txt && sha256sum /mnt/data.bin'
 check host-eject-refused 'echo VBACK-HOST:eject-while-mounted; sleep 2; cat /mnt/readme.txt'
-check swap 'umount /mnt && cdctl /dev/sr0 unlock >/dev/null && echo VBACK-HOST:swap && i=0; while [ $i -lt 50 ]; do if mount -t iso9660 -o ro /dev/sr0 /mnt 2>/dev/null; then grep -q "disc B" /mnt/readme.txt && break; umount /mnt; fi; usleep 200000; i=$((i+1)); done; cat /mnt/readme.txt; umount /mnt'
-check guest-eject 'cdctl /dev/sr0 eject && cdctl /dev/sr0 status'
+check swap 'o=$(cat /tmp/ours); umount /mnt && cdctl /dev/$o unlock >/dev/null && echo VBACK-HOST:swap && sleep 6; i=0; \
+  while [ $i -lt 50 ]; do if mount -t iso9660 -o ro /dev/$o /mnt 2>/dev/null; then grep -q "disc B" /mnt/readme.txt && break; umount /mnt; fi; usleep 200000; i=$((i+1)); done; \
+  cat /mnt/readme.txt'
+check force-eject 'o=$(cat /tmp/ours); echo VBACK-HOST:force-eject; sleep 2; \
+  if dd if=/dev/$o of=/dev/null bs=2048 count=1 skip=16 iflag=direct 2>/dev/null; then echo READ-AFTER-FORCED-EJECT; exit 1; fi; \
+  umount /mnt 2>/dev/null; echo "guest still here"'
+check guest-eject 'o=$(cat /tmp/ours); echo VBACK-HOST:insert-b; i=0; while [ "$(cdctl /dev/$o status)" != disc-ok ] && [ $i -lt 50 ]; do usleep 200000; i=$((i+1)); done; \
+  cdctl /dev/$o eject && cdctl /dev/$o status'
 "#,
         )
         .expect("the guest runs");
     eprintln!("{}", run.summary());
-    run.assert_checks(&["read", "host-eject-refused", "swap", "guest-eject"]);
+    run.assert_checks(&[
+        "map",
+        "compare",
+        "empty",
+        "read",
+        "host-eject-refused",
+        "swap",
+        "force-eject",
+        "guest-eject",
+    ]);
+
+    // Our answers match QEMU's scsi-cd on the same ISO where the protocol fixes the bytes.
+    let cmp: Vec<&str> = run.check("compare").output.lines().collect();
+    assert_eq!(cmp.len(), 2, "{}", run.output);
+    assert_eq!(
+        cmp[0],
+        cmp[1],
+        "ours vs QEMU's scsi-cd:\n{}",
+        run.check("compare").output
+    );
+    assert!(cmp[0].contains("removable=1 type=5"), "{}", cmp[0]);
+
+    assert!(
+        run.check("empty").output.starts_with("no-disc"),
+        "{}",
+        run.output
+    );
     let read = run.check("read").output.clone();
     assert!(read.starts_with("disc-ok\n"), "{read}");
     assert!(
@@ -150,8 +213,19 @@ check guest-eject 'cdctl /dev/sr0 eject && cdctl /dev/sr0 status'
             .output
             .contains("this is disc A")
     );
+    let noticed = noticed.lock().unwrap().take();
+    assert!(
+        noticed.is_some(),
+        "the sleeping guest's kernel polled the media change"
+    );
+    eprintln!("media change noticed by the guest's polling after {noticed:?}");
     assert!(
         run.check("swap").output.contains("this is disc B"),
+        "{}",
+        run.output
+    );
+    assert!(
+        run.check("force-eject").output.contains("guest still here"),
         "{}",
         run.output
     );
@@ -160,18 +234,26 @@ check guest-eject 'cdctl /dev/sr0 eject && cdctl /dev/sr0 status'
         "{}",
         run.output
     );
+
+    // After the guest's eject: tray open, no medium; a media-insert closes it again.
     let st = call(&ctl, "status", Value::Null).unwrap();
     assert_eq!(st["device"]["tray"], "open", "{st}");
+    assert!(st["device"]["medium"].is_null(), "{st}");
+    call(
+        &ctl,
+        "media-insert",
+        json!({"path": b.display().to_string()}),
+    )
+    .unwrap();
+    let st = call(&ctl, "status", Value::Null).unwrap();
+    assert_eq!(st["device"]["tray"], "closed", "{st}");
+    let stats = call(&ctl, "stats", Value::Null).unwrap();
     assert!(
-        st["device"]["medium"]
-            .as_str()
-            .unwrap()
-            .ends_with("DISC_B.iso"),
-        "{st}"
+        stats["device"]["get_event_status"].as_u64().unwrap() > 3,
+        "the guest polls: {stats}"
     );
 
-    // Disc A was released by the swap: another daemon may take it now. A forced eject works
-    // under a lock, and the daemon exits cleanly.
+    // Disc A was released by the swap: another daemon may take it now.
     let mut other = cdrom(
         d,
         &d.join("cd3.sock"),
@@ -179,7 +261,6 @@ check guest-eject 'cdctl /dev/sr0 eject && cdctl /dev/sr0 status'
         &["--disk", &format!("tap:cdrom:{}", a.display())],
     )
     .unwrap();
-    assert!(call(&ctl, "media-eject", json!({"force": true})).is_ok());
     assert_eq!(
         other
             .terminate(Duration::from_secs(5))
