@@ -10,8 +10,8 @@
 
 use std::mem::size_of;
 
-use vback_common::chain::read_stream;
 pub use vback_common::chain::write_stream;
+use vback_common::chain::{collect_iovecs, read_stream};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
@@ -167,54 +167,6 @@ fn fail(status: Status, status_addr: Option<GuestAddress>) -> Parsed {
         status: status_addr,
         writable_data: 0,
     }
-}
-
-/// Appends iovecs for bytes `[start, start + len)` of the readable (`writable == false`) or
-/// writable stream. Returns `false` if an address is outside guest memory or `iov` would
-/// exceed `max`.
-fn collect_iovecs<M: GuestMemoryBackend>(
-    mem: &M,
-    descs: impl Iterator<Item = Descriptor>,
-    writable: bool,
-    start: u64,
-    len: u64,
-    iov: &mut Vec<libc::iovec>,
-    max: usize,
-) -> bool {
-    let end = start + len;
-    let mut pos = 0u64;
-    for d in descs.filter(|d| d.is_write_only() == writable) {
-        let dlen = u64::from(d.len());
-        let (dstart, dend) = (pos, pos + dlen);
-        pos = dend;
-        let lo = dstart.max(start);
-        let hi = dend.min(end);
-        if lo >= hi {
-            if pos >= end {
-                break;
-            }
-            continue;
-        }
-        let Some(addr) = d.addr().checked_add(lo - dstart) else {
-            return false;
-        };
-        let Ok(count) = usize::try_from(hi - lo) else {
-            return false;
-        };
-        for slice in mem.get_slices(addr, count) {
-            let Ok(slice) = slice else {
-                return false;
-            };
-            if iov.len() >= max {
-                return false;
-            }
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    true
 }
 
 /// Parses one chain. `descs` must yield the chain's descriptors in order and be cheap to

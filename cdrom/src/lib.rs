@@ -95,11 +95,7 @@ pub fn open_medium(path: &Path, shared: bool) -> Result<Medium, MediumError> {
     };
     lock_image_patiently(&file, path, mode, std::time::Duration::from_secs(3))
         .map_err(MediumError::Locked)?;
-    Ok(Medium {
-        path: path.to_owned(),
-        file,
-        size,
-    })
+    Medium::new(path.to_owned(), file, size).map_err(|e| io("set up the I/O engine for", e))
 }
 
 /// Why the cdrom daemon could not run.

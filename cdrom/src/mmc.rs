@@ -5,8 +5,10 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use vback_common::engine::{Engine, EngineChoice, EngineFiles, Op, Submit, open_engine};
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -70,20 +72,78 @@ pub const LUN_NOT_SUPPORTED: Sense = Sense::new(5, 0x25, 0);
 /// 3/11/00 unrecovered read error.
 pub const READ_ERROR: Sense = Sense::new(3, 0x11, 0);
 
-/// A disc in the drive.
-#[derive(Debug)]
+/// A disc in the drive, with the I/O engine its data is read through.
 pub struct Medium {
     /// Where it came from.
     pub path: PathBuf,
     /// The open image or device (read-only).
-    pub file: File,
+    pub file: Arc<File>,
     /// Size in bytes.
     pub size: u64,
+    engine: Box<dyn Engine>,
+}
+
+impl std::fmt::Debug for Medium {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Medium")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("engine", &self.engine.name())
+            .finish()
+    }
 }
 
 impl Medium {
+    /// A medium read through the shared I/O engine (io_uring, or the thread pool where
+    /// io_uring is unavailable).
+    pub fn new(path: PathBuf, file: File, size: u64) -> std::io::Result<Medium> {
+        let file = Arc::new(file);
+        let engine = open_engine(
+            &EngineFiles {
+                main: file.clone(),
+                buffered: None,
+            },
+            4,
+            EngineChoice::Auto,
+        )?;
+        Ok(Medium {
+            path,
+            file,
+            size,
+            engine,
+        })
+    }
+
     fn blocks(&self) -> u64 {
         self.size.div_ceil(BLOCK)
+    }
+
+    /// Reads `len` bytes at `offset` into `iov` through the engine and waits for them.
+    fn read_iov(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
+        let iovcnt = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+        // SAFETY: the iovecs describe memory that stays valid until this function returns,
+        // and the operation is drained (completed) before it does.
+        unsafe {
+            self.engine.queue(
+                0,
+                Op::Read { offset },
+                iov.as_ptr(),
+                iovcnt,
+                Submit::default(),
+            )
+        }
+        .map_err(|_| std::io::Error::other("the I/O engine is full"))?;
+        self.engine.submit()?;
+        let mut result = None;
+        self.engine.drain(&mut |c| result = Some(c.result));
+        match result {
+            Some(n) if n >= 0 && n as u64 == len => Ok(()),
+            Some(n) if n < 0 => Err(std::io::Error::from_raw_os_error(-n)),
+            Some(n) => Err(std::io::Error::other(format!(
+                "short read: {n} of {len} bytes"
+            ))),
+            None => Err(std::io::Error::other("the read did not complete")),
+        }
     }
 }
 
@@ -94,8 +154,10 @@ pub struct Response {
     pub status: u8,
     /// Sense data for CHECK CONDITION.
     pub sense: Option<Sense>,
-    /// Data-in.
+    /// Data-in (returned in this buffer).
     pub data: Vec<u8>,
+    /// Data-in bytes already placed in the caller's buffers (`execute_into`).
+    pub direct: usize,
 }
 
 impl Response {
@@ -104,6 +166,7 @@ impl Response {
             status: GOOD,
             sense: None,
             data,
+            direct: 0,
         }
     }
 
@@ -112,6 +175,7 @@ impl Response {
             status: CHECK_CONDITION,
             sense: Some(sense),
             data: Vec::new(),
+            direct: 0,
         }
     }
 }
@@ -236,10 +300,22 @@ impl Cdrom {
     /// Executes a CDB for logical unit 0. `alloc` is how many data-in bytes the initiator
     /// can take (the answer is truncated to it).
     pub fn execute(&mut self, cdb: &[u8], alloc: usize) -> Response {
+        self.execute_into(cdb, alloc, None)
+    }
+
+    /// Like [`Cdrom::execute`]; READ commands put their data straight into `iov` (which must
+    /// describe `alloc` bytes of memory the caller keeps valid for the call), so a guest's
+    /// buffers are filled by the engine without a copy.
+    pub fn execute_into(
+        &mut self,
+        cdb: &[u8],
+        alloc: usize,
+        iov: Option<&[libc::iovec]>,
+    ) -> Response {
         if let Some(&op) = cdb.first() {
             self.counts[usize::from(op)] += 1;
         }
-        let mut r = self.dispatch(cdb);
+        let mut r = self.dispatch(cdb, alloc, iov);
         if let Some(s) = r.sense {
             self.last_sense = s;
         }
@@ -247,7 +323,7 @@ impl Cdrom {
         r
     }
 
-    fn dispatch(&mut self, cdb: &[u8]) -> Response {
+    fn dispatch(&mut self, cdb: &[u8], alloc: usize, iov: Option<&[libc::iovec]>) -> Response {
         let Some(&op) = cdb.first() else {
             return Response::check(INVALID_OPCODE);
         };
@@ -281,11 +357,13 @@ impl Cdrom {
                 Response::good(Vec::new())
             }
             0x25 => self.read_capacity(),
-            0x28 => self.read(be32(&cdb[2..6]), be16(&cdb[7..9]) as u64),
-            0xa8 => self.read(be32(&cdb[2..6]), be32(&cdb[6..10])),
+            0x28 => self.read(be32(&cdb[2..6]), be16(&cdb[7..9]) as u64, alloc, iov),
+            0xa8 => self.read(be32(&cdb[2..6]), be32(&cdb[6..10]), alloc, iov),
             0x88 => self.read(
                 u64::from_be_bytes(cdb[2..10].try_into().unwrap_or([0; 8])),
                 be32(&cdb[10..14]),
+                alloc,
+                iov,
             ),
             0x43 => self.read_toc(&cdb),
             0x46 => self.get_configuration(&cdb),
@@ -416,8 +494,14 @@ impl Cdrom {
         Response::good(d)
     }
 
-    fn read(&self, lba: u64, count: u64) -> Response {
-        let Some(m) = &self.medium else {
+    fn read(
+        &mut self,
+        lba: u64,
+        count: u64,
+        alloc: usize,
+        iov: Option<&[libc::iovec]>,
+    ) -> Response {
+        let Some(m) = self.medium.as_mut() else {
             return Response::check(NO_MEDIUM);
         };
         if lba.checked_add(count).is_none_or(|end| end > m.blocks()) {
@@ -427,19 +511,36 @@ impl Cdrom {
         if count > (64 << 20) / BLOCK {
             return Response::check(INVALID_FIELD);
         }
-        let mut buf = vec![0u8; (count * BLOCK) as usize];
-        let off = lba * BLOCK;
-        let avail = m.size.saturating_sub(off).min(buf.len() as u64) as usize;
-        match m.file.read_exact_at(&mut buf[..avail], off) {
-            Ok(()) => Response::good(buf), // a partial last sector reads as zeroes
-            Err(e) => {
-                log::warn!(
-                    "{}: read of {count} blocks at {lba} failed: {e}",
-                    m.path.display()
-                );
-                Response::check(READ_ERROR)
+        let (off, len) = (lba * BLOCK, count * BLOCK);
+        // Bytes the file holds for this range (a partial last sector reads as zeroes).
+        let avail = m.size.saturating_sub(off).min(len);
+        let direct = iov.filter(|_| avail == len && len as usize <= alloc);
+        let result = match direct {
+            Some(iov) => m.read_iov(off, len, iov).map(|()| Response {
+                direct: len as usize,
+                ..Response::good(Vec::new())
+            }),
+            None => {
+                let mut buf = vec![0u8; len as usize];
+                let v = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: avail as usize,
+                }];
+                let r = if avail > 0 {
+                    m.read_iov(off, avail, &v)
+                } else {
+                    Ok(())
+                };
+                r.map(|()| Response::good(buf))
             }
-        }
+        };
+        result.unwrap_or_else(|e| {
+            log::warn!(
+                "{}: read of {count} blocks at {lba} failed: {e}",
+                m.path.display()
+            );
+            Response::check(READ_ERROR)
+        })
     }
 
     fn read_toc(&self, cdb: &[u8; 16]) -> Response {
@@ -620,11 +721,7 @@ mod tests {
             c[0] = i as u8;
         }
         t.write_all(&data).unwrap();
-        let m = Medium {
-            path: t.path().to_owned(),
-            file: t.reopen().unwrap(),
-            size: blocks * BLOCK,
-        };
+        let m = Medium::new(t.path().to_owned(), t.reopen().unwrap(), blocks * BLOCK).unwrap();
         (t, m)
     }
 

@@ -2,7 +2,7 @@
 //! asynchronous-notification requests on the control queue. Transport-free: functions over a
 //! descriptor chain in guest memory and a [`Cdrom`]; the vhost-user module moves the chains.
 
-use vback_common::chain::{read_stream, write_stream};
+use vback_common::chain::{collect_iovecs, read_stream, write_stream};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryBackend;
 
@@ -65,11 +65,28 @@ where
     let cdb = &req[19..51];
     let alloc = usize::try_from(writable - CMD_RESP_LEN).unwrap_or(usize::MAX);
     let r = if lun_id == 0 {
-        cd.execute(cdb, alloc)
+        // Reads go straight into the guest's data-in buffers.
+        let mut iov = Vec::new();
+        let direct = matches!(cdb[0], 0x28 | 0xa8 | 0x88)
+            && alloc > 0
+            && collect_iovecs(
+                mem,
+                descs.clone(),
+                true,
+                CMD_RESP_LEN,
+                alloc as u64,
+                &mut iov,
+                256,
+            );
+        cd.execute_into(cdb, alloc, direct.then_some(iov.as_slice()))
     } else {
         missing_lun(cdb)
     };
-    let data_len = r.data.len().min(alloc);
+    let data_len = if r.direct > 0 {
+        r.direct
+    } else {
+        r.data.len().min(alloc)
+    };
     if let Some(s) = r.sense {
         let sense = s.fixed();
         resp[0..4].copy_from_slice(&(sense.len() as u32).to_le_bytes());
@@ -81,7 +98,8 @@ where
     if !write_stream(mem, descs.clone(), 0, &resp) {
         return 0;
     }
-    if data_len > 0 && !write_stream(mem, descs, CMD_RESP_LEN, &r.data[..data_len]) {
+    if r.direct == 0 && data_len > 0 && !write_stream(mem, descs, CMD_RESP_LEN, &r.data[..data_len])
+    {
         return CMD_RESP_LEN as u32;
     }
     (CMD_RESP_LEN as usize + data_len) as u32
@@ -239,5 +257,38 @@ mod tests {
         ];
         handle_control(&m, c.into_iter());
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), S_FAILURE);
+    }
+
+    #[test]
+    fn reads_land_in_scattered_guest_buffers() {
+        use std::io::Write;
+        let m = mem();
+        let mut t = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        t.write_all(&data).unwrap();
+        let medium =
+            crate::mmc::Medium::new(t.path().to_owned(), t.reopen().unwrap(), 8192).unwrap();
+        let mut cd = Cdrom::new(Some(medium), "s");
+        cd.execute(&[0, 0, 0, 0, 0, 0], 0); // power-on attention
+        // READ(10) LBA 1, 2 blocks, into 1000 + 3096 bytes of buffers.
+        req(&m, [1, 0, 0, 0], &[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0]);
+        let d = vec![
+            Descriptor::new(0x1000, 51, 0, 0),
+            Descriptor::new(0x2000, 108, 2, 0),
+            Descriptor::new(0x4000, 1000, 2, 0),
+            Descriptor::new(0x6000, 3096, 2, 0),
+        ];
+        assert_eq!(handle_command(&m, d.into_iter(), &mut cd), 108 + 4096);
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got[..1000], GuestAddress(0x4000))
+            .unwrap();
+        m.read_slice(&mut got[1000..], GuestAddress(0x6000))
+            .unwrap();
+        assert_eq!(got, data[2048..6144]);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(0x2000 + 10)).unwrap(),
+            0,
+            "GOOD"
+        );
     }
 }

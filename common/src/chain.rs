@@ -69,6 +69,54 @@ pub fn write_stream<M: GuestMemoryBackend>(
     done == data.len()
 }
 
+/// Appends iovecs for bytes `[start, start + len)` of the readable (`writable == false`) or
+/// writable stream. Returns `false` if an address is outside guest memory or `iov` would
+/// exceed `max`.
+pub fn collect_iovecs<M: GuestMemoryBackend>(
+    mem: &M,
+    descs: impl Iterator<Item = Descriptor>,
+    writable: bool,
+    start: u64,
+    len: u64,
+    iov: &mut Vec<libc::iovec>,
+    max: usize,
+) -> bool {
+    let end = start + len;
+    let mut pos = 0u64;
+    for d in descs.filter(|d| d.is_write_only() == writable) {
+        let dlen = u64::from(d.len());
+        let (dstart, dend) = (pos, pos + dlen);
+        pos = dend;
+        let lo = dstart.max(start);
+        let hi = dend.min(end);
+        if lo >= hi {
+            if pos >= end {
+                break;
+            }
+            continue;
+        }
+        let Some(addr) = d.addr().checked_add(lo - dstart) else {
+            return false;
+        };
+        let Ok(count) = usize::try_from(hi - lo) else {
+            return false;
+        };
+        for slice in mem.get_slices(addr, count) {
+            let Ok(slice) = slice else {
+                return false;
+            };
+            if iov.len() >= max {
+                return false;
+            }
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

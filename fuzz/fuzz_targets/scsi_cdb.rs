@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 fuzz_target!(|data: &[u8]| {
     let medium = std::fs::File::open("/dev/zero")
         .ok()
-        .map(|file| Medium { path: "/dev/zero".into(), file, size: 64 * 1024 + 100 });
+        .and_then(|file| Medium::new("/dev/zero".into(), file, 64 * 1024 + 100).ok());
     let mut cd = Cdrom::new(medium, "fuzz");
     // A sequence of commands: [alloc_lo, alloc_hi, len, cdb...]*
     let mut rest = data;
