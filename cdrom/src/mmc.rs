@@ -827,6 +827,167 @@ mod tests {
     }
 
     #[test]
+    fn every_other_command_and_its_errors() {
+        let (_t, m) = medium(310);
+        let mut cd = Cdrom::new(Some(m), "serial-1");
+        assert_eq!(
+            cd.execute(&[0x03, 0, 0, 0, 18, 0], 18).data[12],
+            0x29,
+            "REQUEST SENSE reports the power-on attention"
+        );
+        assert_eq!(
+            cd.execute(&[0x03, 0, 0, 0, 18, 0], 18).data[2],
+            0,
+            "then no sense"
+        );
+        // INQUIRY VPD pages and a bad one.
+        assert_eq!(
+            cd.execute(&[0x12, 1, 0x00, 0, 255, 0], 255).data[4..7],
+            [0x00, 0x80, 0x83]
+        );
+        let id = cd.execute(&[0x12, 1, 0x83, 0, 255, 0], 255);
+        assert_eq!(
+            (id.data[4], id.data[5]),
+            (0x02, 0x01),
+            "an ASCII T10 vendor designator"
+        );
+        assert!(String::from_utf8_lossy(&id.data[8..]).contains("serial-1"));
+        assert_eq!(
+            cd.execute(&[0x12, 1, 0x99, 0, 255, 0], 255).sense,
+            Some(INVALID_FIELD)
+        );
+        assert_eq!(
+            cd.execute(&[0x12, 0, 0x80, 0, 255, 0], 255).sense,
+            Some(INVALID_FIELD),
+            "page without EVPD"
+        );
+        // MODE SENSE(10) page 0x2A, and an unsupported page.
+        let ms = cd.execute(&[0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 255, 0], 255);
+        assert_eq!((ms.data[8], ms.data[9]), (0x2a, 20));
+        assert_eq!(
+            cd.execute(&[0x1a, 0, 0x08, 0, 255, 0], 255).sense,
+            Some(INVALID_FIELD)
+        );
+        // READ TOC formats 1 and an unsupported one; a track past the last.
+        assert_eq!(
+            cd.execute(&[0x43, 0, 1, 0, 0, 0, 0, 0, 12, 0], 12)
+                .data
+                .len(),
+            12
+        );
+        assert_eq!(
+            cd.execute(&[0x43, 0, 4, 0, 0, 0, 0, 0, 12, 0], 12).sense,
+            Some(INVALID_FIELD)
+        );
+        assert_eq!(
+            cd.execute(&[0x43, 0, 0, 0, 0, 0, 5, 0, 12, 0], 12).sense,
+            Some(INVALID_FIELD)
+        );
+        // READ DISC INFORMATION, READ TRACK INFORMATION (by track and by LBA; bad ones).
+        let di = cd.execute(&[0x51, 0, 0, 0, 0, 0, 0, 0, 34, 0], 34);
+        assert_eq!((di.data[2], di.data.len()), (0x0e, 34));
+        assert_eq!(
+            cd.execute(&[0x51, 1, 0, 0, 0, 0, 0, 0, 34, 0], 34).sense,
+            Some(INVALID_FIELD)
+        );
+        let ti = cd.execute(&[0x52, 1, 0, 0, 0, 1, 0, 0, 36, 0], 36);
+        assert_eq!(&ti.data[24..28], &310u32.to_be_bytes());
+        assert_eq!(
+            cd.execute(&[0x52, 0, 0, 0, 0, 5, 0, 0, 36, 0], 36).status,
+            GOOD
+        );
+        assert_eq!(
+            cd.execute(&[0x52, 1, 0, 0, 0, 2, 0, 0, 36, 0], 36).sense,
+            Some(INVALID_FIELD)
+        );
+        assert_eq!(
+            cd.execute(&[0x52, 0, 0, 0, 1, 0x36, 0, 0, 36, 0], 36).sense,
+            Some(INVALID_FIELD)
+        );
+        // GET CONFIGURATION: one feature only (RT=2), and a bad RT.
+        let gc = cd.execute(&[0x46, 2, 0, 3, 0, 0, 0, 0, 255, 0], 255);
+        assert_eq!(
+            (gc.data.len(), gc.data[9]),
+            (16, 0x03),
+            "header and the removable-medium feature"
+        );
+        assert_eq!(
+            cd.execute(&[0x46, 3, 0, 0, 0, 0, 0, 0, 255, 0], 255).sense,
+            Some(INVALID_FIELD)
+        );
+        // GESN: asynchronous mode is refused; a class we do not support gets NEA.
+        assert_eq!(
+            cd.execute(&[0x4a, 0, 0, 0, 0x10, 0, 0, 0, 8, 0], 8).sense,
+            Some(INVALID_FIELD)
+        );
+        assert_eq!(
+            cd.execute(&[0x4a, 1, 0, 0, 0x02, 0, 0, 0, 8, 0], 8).data[2],
+            0x80
+        );
+        // REPORT LUNS, SYNCHRONIZE CACHE, START STOP without LoEj, MECHANISM STATUS.
+        assert_eq!(
+            &cd.execute(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], 16)
+                .data[0..4],
+            &8u32.to_be_bytes()
+        );
+        assert_eq!(
+            cd.execute(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0).status,
+            GOOD
+        );
+        assert_eq!(cd.execute(&[0x1b, 0, 0, 0, 1, 0], 0).status, GOOD);
+        assert_eq!(
+            cd.execute(&[0xbd, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], 8).data,
+            [0; 8]
+        );
+        // Allocation lengths truncate.
+        assert_eq!(cd.execute(&[0x12, 0, 0, 0, 5, 0], 5).data.len(), 5);
+        // A bigger image is a DVD.
+        let t = tempfile::NamedTempFile::new().unwrap();
+        t.as_file().set_len(CD_MAX + BLOCK).unwrap();
+        let big = Medium::new(t.path().to_owned(), t.reopen().unwrap(), CD_MAX + BLOCK).unwrap();
+        let mut dvd = Cdrom::new(Some(big), "d");
+        dvd.execute(&[0, 0, 0, 0, 0, 0], 0);
+        assert_eq!(
+            &dvd.execute(&[0x46, 0, 0, 0, 0, 0, 0, 0, 255, 0], 255).data[6..8],
+            &[0x00, 0x10]
+        );
+        // An empty drive: no medium for reads and capacity; the commands that need none work.
+        let mut empty = Cdrom::new(None, "e");
+        empty.execute(&[0, 0, 0, 0, 0, 0], 0);
+        assert_eq!(
+            empty.execute(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8).sense,
+            Some(NO_MEDIUM)
+        );
+        assert_eq!(
+            empty
+                .execute(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 2048)
+                .sense,
+            Some(NO_MEDIUM)
+        );
+        assert_eq!(
+            empty.execute(&[0x43, 0, 0, 0, 0, 0, 0, 0, 12, 0], 12).sense,
+            Some(NO_MEDIUM)
+        );
+        assert_eq!(
+            &empty
+                .execute(&[0x46, 0, 0, 0, 0, 0, 0, 0, 255, 0], 255)
+                .data[6..8],
+            &[0, 0],
+            "no current profile"
+        );
+        assert_eq!(
+            empty.execute(&[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], 8).data[5],
+            0,
+            "no medium, tray closed"
+        );
+        empty.execute(&[0x1e, 0, 0, 0, 1, 0], 0);
+        assert_eq!(
+            empty.execute(&[0x1b, 0, 0, 0, 2, 0], 0).sense,
+            Some(REMOVAL_PREVENTED_NO_MEDIUM)
+        );
+    }
+
+    #[test]
     fn fuzzed_cdbs_never_panic() {
         let (_t, m) = medium(4);
         let mut cd = Cdrom::new(Some(m), "f");
