@@ -381,6 +381,7 @@ pub struct Daemon {
     stop: StopHandle,
     handle_signals: bool,
     on_disconnect: Option<Box<dyn Fn() + Send>>,
+    early_enable_relay: bool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -406,6 +407,7 @@ impl Daemon {
             stop: StopHandle::new().map_err(DaemonError::Setup)?,
             handle_signals: true,
             on_disconnect: None,
+            early_enable_relay: false,
         })
     }
 
@@ -420,6 +422,14 @@ impl Daemon {
     /// resets per-connection state there).
     pub fn on_disconnect(mut self, f: impl Fn() + Send + 'static) -> Self {
         self.on_disconnect = Some(Box::new(f));
+        self
+    }
+
+    /// Relay each connection through [`crate::shim`], which answers the SET_VRING_ENABLE that
+    /// QEMU's vhost-user netdev sends before SET_FEATURES (vhost-user-backend would refuse it
+    /// and drop the connection).
+    pub fn with_early_enable_relay(mut self) -> Self {
+        self.early_enable_relay = true;
         self
     }
 
@@ -545,7 +555,12 @@ impl Daemon {
             if let Err(e) = on_connection(&daemon.get_epoll_handlers()) {
                 return Err(DaemonError::Setup(e));
             }
-            if let Err(e) = daemon.start(listener) {
+            let started = if self.early_enable_relay {
+                self.start_relayed(&mut daemon, listener)
+            } else {
+                daemon.start(listener).map_err(|e| e.to_string())
+            };
+            if let Err(e) = started {
                 log::warn!("accepting a front end failed: {e}");
                 continue;
             }
@@ -579,6 +594,37 @@ impl Daemon {
             }
             notify::status(&format!("waiting for a front end on {listen_desc}"));
         }
+    }
+}
+
+impl Daemon {
+    /// Accepts the front end ourselves and hands vhost-user-backend the other end of a relay.
+    fn start_relayed<B: Servable>(
+        &self,
+        daemon: &mut VhostUserDaemon<B>,
+        listener: &mut Listener,
+    ) -> Result<(), String> {
+        let frontend = loop {
+            match listener.accept() {
+                Ok(Some(s)) => break s,
+                Ok(None) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("vback-relay-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("s");
+        let mut inner = Listener::new(&path, true).map_err(|e| e.to_string())?;
+        let ours = std::os::unix::net::UnixStream::connect(&path).map_err(|e| e.to_string())?;
+        let r = daemon.start(&mut inner).map_err(|e| e.to_string());
+        drop(inner);
+        let _ = std::fs::remove_dir_all(&dir);
+        r?;
+        std::thread::Builder::new()
+            .name("vu-relay-in".into())
+            .spawn(move || crate::shim::relay(frontend, ours))
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
 

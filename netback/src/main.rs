@@ -6,14 +6,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use vback_common::spec::VifSpec;
-use vback_common::{CommonArgs, DeviceInfo, not_implemented};
-
-const INFO: DeviceInfo = DeviceInfo {
-    name: "netback",
-    vhost_type: "net",
-    features: &[],
-};
+use netback::INFO;
+use vback_common::spec::{MacAddr, VifSpec};
+use vback_common::{CommonArgs, init_logging, not_implemented};
 
 /// Serve a guest network interface over vhost-user-net; the host side is a kernel tap that
 /// Xen-style hotplug scripts put on a bridge, a route or a NAT.
@@ -41,7 +36,9 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     queues: u16,
 
-    /// Host side: a kernel tap, or null (count and drop; for measuring the backend alone).
+    /// Host side: a kernel tap (not implemented yet), or null (transmitted frames are counted
+    /// and dropped, and a broadcast frame is sent to the guest every 100 ms; for measuring the
+    /// backend and testing the rate limit).
     #[arg(long, value_enum, default_value_t = Host::Tap)]
     host: Host,
 
@@ -66,10 +63,27 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let domid = args.domain.parse::<u32>().unwrap_or(0);
-    eprintln!(
-        "netback: host interface {} ({:?})",
-        args.vif.host_ifname(domid, args.devid),
-        args.host
-    );
-    not_implemented("netback", "serving vhost-user-net", Some(5))
+    let ifname = args.vif.host_ifname(domid, args.devid);
+    match args.host {
+        Host::Tap => {
+            eprintln!("netback: host interface {ifname} (tap)");
+            not_implemented("netback", "the tap host side", Some(5))
+        }
+        Host::Null => {
+            init_logging(args.common.log_level);
+            let config = netback::Config {
+                mac: args.vif.mac.unwrap_or_else(MacAddr::random_xen),
+                vif: args.vif,
+                ifname,
+                common: args.common,
+            };
+            match netback::run_null(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("netback: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }

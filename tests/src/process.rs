@@ -212,3 +212,13 @@ impl Daemon {
         }
     }
 }
+
+/// Starts `netback` from this workspace with `args` (the socket is added), and waits until it
+/// listens.
+pub fn netback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
+    let mut cmd = Command::new(workspace_bin("netback")?);
+    cmd.arg("--socket").arg(socket).args(args);
+    let mut d = Daemon::spawn("netback", cmd, log)?;
+    d.wait_for_socket(socket, Duration::from_secs(10))?;
+    Ok(d)
+}
