@@ -339,10 +339,7 @@ impl StopHandle {
     }
 
     fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
-        self.inner
-            .current
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.inner.current)
     }
 }
 

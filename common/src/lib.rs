@@ -15,6 +15,7 @@ pub mod notify;
 pub mod shim;
 pub mod socket;
 pub mod spec;
+pub mod sync;
 
 pub use daemon::{
     CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging,

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use vback_common::sync::lock;
 
 use serde_json::{Value, json};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -79,10 +80,6 @@ struct Inner {
     mem: Mutex<Option<Arc<Mem>>>,
     acked: AtomicU64,
     last_error: Mutex<Option<&'static str>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl NetBackend {

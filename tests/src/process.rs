@@ -193,14 +193,29 @@ pub fn qemu_storage_daemon(
     Ok(d)
 }
 
-/// Starts `blkback` from this workspace with `args` (the socket is added), and waits until it
-/// listens.
-pub fn blkback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
-    let mut cmd = Command::new(workspace_bin("blkback")?);
+/// Starts a daemon built from this workspace (`blkback`, `netback`, `cdrom`) with `--socket`
+/// and `args`, and waits until it listens.
+pub fn vback_daemon(
+    bin: &str,
+    socket: &Path,
+    args: &[&str],
+    log: &Path,
+) -> Result<Daemon, HarnessError> {
+    let mut cmd = Command::new(workspace_bin(bin)?);
     cmd.arg("--socket").arg(socket).args(args);
-    let mut d = Daemon::spawn("blkback", cmd, log)?;
+    let mut d = Daemon::spawn(bin, cmd, log)?;
     d.wait_for_socket(socket, Duration::from_secs(10))?;
     Ok(d)
+}
+
+/// Starts `blkback` (see [`vback_daemon`]).
+pub fn blkback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
+    vback_daemon("blkback", socket, args, log)
+}
+
+/// Starts `netback` (see [`vback_daemon`]).
+pub fn netback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
+    vback_daemon("netback", socket, args, log)
 }
 
 impl Daemon {
@@ -211,14 +226,4 @@ impl Daemon {
             let _ = c.wait();
         }
     }
-}
-
-/// Starts `netback` from this workspace with `args` (the socket is added), and waits until it
-/// listens.
-pub fn netback(socket: &Path, args: &[&str], log: &Path) -> Result<Daemon, HarnessError> {
-    let mut cmd = Command::new(workspace_bin("netback")?);
-    cmd.arg("--socket").arg(socket).args(args);
-    let mut d = Daemon::spawn("netback", cmd, log)?;
-    d.wait_for_socket(socket, Duration::from_secs(10))?;
-    Ok(d)
 }

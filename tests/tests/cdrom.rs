@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vback_common::control::{ClientError, ControlClient, ErrorKind};
 use vback_tests::Guest;
-use vback_tests::process::{Daemon, which, workspace_bin};
+use vback_tests::process::{Daemon, vback_daemon, which};
 
 fn iso(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
     let src = dir.join(format!("{name}-src"));
@@ -31,24 +31,13 @@ fn iso(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
 }
 
 fn cdrom(dir: &Path, sock: &Path, ctl: &Path, args: &[&str]) -> Result<Daemon, String> {
-    let mut cmd = Command::new(workspace_bin("cdrom").unwrap());
-    cmd.arg("--socket")
-        .arg(sock)
-        .arg("--control")
-        .arg(ctl)
-        .args(args);
-    let mut d = Daemon::spawn(
-        "cdrom",
-        cmd,
-        &dir.join(format!(
-            "{}.log",
-            sock.file_name().unwrap().to_string_lossy()
-        )),
-    )
-    .map_err(|e| e.to_string())?;
-    d.wait_for_socket(sock, Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
-    Ok(d)
+    let log = dir.join(format!(
+        "{}.log",
+        sock.file_name().unwrap().to_string_lossy()
+    ));
+    let mut all = vec!["--control", ctl.to_str().unwrap()];
+    all.extend_from_slice(args);
+    vback_daemon("cdrom", sock, &all, &log).map_err(|e| e.to_string())
 }
 
 fn call(ctl: &Path, cmd: &str, args: Value) -> Result<Value, ClientError> {
