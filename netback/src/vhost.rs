@@ -470,31 +470,34 @@ impl VhostUserBackend for NetBackend {
         let Some(mem) = self.mem() else {
             return Ok(());
         };
-        let q = usize::from(device_event);
-        if q < self.num_queues() {
-            if q == self.ctrl_index() {
-                if let Some(v) = vrings.get(q) {
+        // vhost-user-backend numbers a thread's vrings from 0 in the order of its mask, and
+        // hands it only those: [rx, tx] for pair `thread`, then the control queue on thread 0.
+        let Some(p) = self.inner.pairs.get(thread) else {
+            return Ok(());
+        };
+        let (rxv, txv) = (vrings.first(), vrings.get(1));
+        match usize::from(device_event) {
+            0 => {
+                if let Some(v) = rxv {
+                    self.attach(thread);
+                    lock(p).process_rx(v, &mem);
+                }
+                return Ok(());
+            }
+            1 => {
+                if let Some(v) = txv {
+                    lock(p).process_tx(v, &mem);
+                }
+                return Ok(());
+            }
+            2 if thread == 0 => {
+                if let Some(v) = vrings.get(2) {
                     self.process_ctrl(v, &mem);
                 }
                 return Ok(());
             }
-            let pair = q / 2;
-            let (Some(p), Some(v)) = (self.inner.pairs.get(pair), vrings.get(q)) else {
-                return Ok(());
-            };
-            let mut p = lock(p);
-            if q % 2 == 1 {
-                p.process_tx(v, &mem);
-            } else {
-                self.attach(pair);
-                p.process_rx(v, &mem);
-            }
-            return Ok(());
+            _ => {}
         }
-        let Some(p) = self.inner.pairs.get(thread) else {
-            return Ok(());
-        };
-        let (rxv, txv) = (vrings.get(2 * thread), vrings.get(2 * thread + 1));
         let mut p = lock(p);
         match device_event.wrapping_sub(self.num_queues() as u16) {
             TAP => {

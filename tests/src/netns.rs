@@ -109,13 +109,26 @@ impl Netns {
         args: &[&str],
         log: &Path,
     ) -> Result<Daemon, HarnessError> {
+        self.netback_env(socket, args, &[], log)
+    }
+
+    /// [`Netns::netback`] with extra environment variables (the scripts see them, e.g.
+    /// `netdev=` for vif-route).
+    pub fn netback_env(
+        &self,
+        socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Daemon, HarnessError> {
         let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../netback/scripts");
         let mut cmd = self.command(workspace_bin("netback")?);
         cmd.arg("--socket")
             .arg(socket)
             .arg("--script-dir")
             .arg(scripts)
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let mut d = Daemon::spawn("netback", cmd, log)?;
         d.wait_for_socket(socket, Duration::from_secs(15))?;
         Ok(d)
