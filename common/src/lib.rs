@@ -16,6 +16,7 @@ pub mod shim;
 pub mod socket;
 pub mod spec;
 pub mod sync;
+pub mod testing;
 
 pub use daemon::{
     CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging,

@@ -682,3 +682,268 @@ enum Rx {
     NoBuffers,
     Held,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vback_common::spec::Rate;
+    use vback_common::testing::{MockQueue, WRITE};
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+    /// A SOCK_SEQPACKET pair stands in for the tap: one frame per read and write, as a tap.
+    fn seqpacket() -> (OwnedFd, OwnedFd) {
+        let mut fds = [-1; 2];
+        // SAFETY: socketpair writes two descriptors into `fds`, which has room for them.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    struct Rig {
+        mem: GuestMemoryAtomic<Mem>,
+        rx: MockQueue,
+        tx: MockQueue,
+        pair: Pair,
+        stats: Arc<PairStats>,
+        peer: OwnedFd,
+        _tap: OwnedFd,
+    }
+
+    fn rig(rx_rate: Option<&str>) -> Rig {
+        let mem =
+            GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
+        let (tap, peer) = seqpacket();
+        let stats = Arc::new(PairStats::default());
+        let rx_limit = rx_rate.map(|r| CreditLimiter::new(&Rate::parse(r).unwrap(), now()));
+        let pair = Pair::new(
+            0,
+            HostIo::Tap(tap.as_raw_fd()),
+            stats.clone(),
+            None,
+            rx_limit,
+        )
+        .unwrap();
+        Rig {
+            rx: MockQueue::new(&mem, 256, 0x30_0000),
+            tx: MockQueue::new(&mem, 256, 0x38_0000),
+            mem,
+            pair,
+            stats,
+            peer,
+            _tap: tap,
+        }
+    }
+
+    impl Rig {
+        fn m(&self) -> Arc<Mem> {
+            self.mem.memory().into_inner()
+        }
+
+        fn header(&self, at: u64, gso_type: u8, gso_size: u16) {
+            let mut h = [0u8; 12];
+            h[1] = gso_type;
+            h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+            self.m().write_slice(&h, GuestAddress(at)).unwrap();
+        }
+
+        fn peer_recv(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 70_000];
+            // SAFETY: reads into `buf`, which is as long as the length passed.
+            let n = unsafe {
+                libc::recv(
+                    self.peer.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            (n >= 0).then(|| {
+                buf.truncate(n as usize);
+                buf
+            })
+        }
+
+        fn peer_send(&self, data: &[u8]) {
+            // SAFETY: sends `data`, which is as long as the length passed.
+            let n =
+                unsafe { libc::send(self.peer.as_raw_fd(), data.as_ptr().cast(), data.len(), 0) };
+            assert_eq!(n, data.len() as isize);
+        }
+
+        fn run_tx(&mut self) {
+            let m = self.m();
+            self.pair.process_tx(&self.tx.vring, &m);
+        }
+
+        fn run_rx(&mut self) {
+            let m = self.m();
+            self.pair.process_rx(&self.rx.vring, &m);
+        }
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+    }
+
+    #[test]
+    fn transmitted_frames_reach_the_host_as_they_are() {
+        let mut r = rig(None);
+        r.header(0x1000, 0, 0);
+        let f = frame(60, 1);
+        r.m().write_slice(&f, GuestAddress(0x2000)).unwrap();
+        r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        r.run_tx();
+        assert_eq!(r.tx.used_idx(), 1);
+        let got = r.peer_recv().expect("a frame on the tap");
+        assert_eq!(got.len(), 72);
+        assert_eq!(&got[12..], &f[..]);
+        assert_eq!(r.stats.tx.packets.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.tx.bytes.load(Ordering::Relaxed), 60);
+    }
+
+    #[test]
+    fn hostile_transmit_chains_are_dropped_and_counted() {
+        let mut r = rig(None);
+        r.pair.gso_ok = true;
+        r.header(0x1000, 1, 0); // TCPv4 GSO with gso_size 0
+        r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        r.header(0x1100, 0, 0);
+        r.tx.publish(&[(0x1100, 12, 0), (0x3f_ff00, 0x1000, 0)]); // past the end of memory
+        r.tx.publish(&[(0x1100, 12, 0), (0x2000, 60, WRITE)]); // device-writable
+        r.tx.publish(&[(0x1100, 8, 0)]); // shorter than a header
+        r.header(0x1200, 0x33, 1400); // unknown GSO type
+        r.tx.publish(&[(0x1200, 12, 0), (0x2000, 60, 0)]);
+        r.header(0x1300, 0, 0);
+        r.tx.publish(&[(0x1300, 12, 0), (0x2000, 60, 0)]); // a good one after them
+        r.run_tx();
+        assert_eq!(r.tx.used_idx(), 6, "every chain is returned");
+        for i in 0..5 {
+            assert_eq!(r.tx.used(i).1, 0);
+        }
+        assert_eq!(r.stats.tx.drops.load(Ordering::Relaxed), 5);
+        assert_eq!(
+            r.peer_recv().map(|f| f.len()),
+            Some(72),
+            "only the good frame"
+        );
+        assert_eq!(r.peer_recv(), None);
+        assert!(r.pair.last_drop().is_some());
+    }
+
+    #[test]
+    fn a_full_batch_and_more_in_one_kick() {
+        let mut r = rig(None);
+        r.header(0x1000, 0, 0);
+        for _ in 0..(TX_BATCH + 10) {
+            r.tx.publish(&[(0x1000, 12, 0), (0x2000, 100, 0)]);
+        }
+        r.run_tx();
+        assert_eq!(usize::from(r.tx.used_idx()), TX_BATCH + 10);
+        let mut n = 0;
+        while r.peer_recv().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, TX_BATCH + 10);
+    }
+
+    #[test]
+    fn received_frames_land_in_guest_buffers() {
+        let mut r = rig(None);
+        let mut pkt = vec![0u8; 12];
+        pkt.extend(frame(100, 2));
+        r.peer_send(&pkt);
+        r.rx.publish(&[(0x10000, 1526, WRITE)]);
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 1);
+        assert_eq!(r.rx.used(0), (0, 112));
+        let mut got = vec![0u8; 112];
+        r.m().read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+        assert_eq!(&got[12..], &pkt[12..]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(r.stats.rx.bytes.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
+    fn a_large_frame_spans_mergeable_buffers_and_unused_ones_go_back() {
+        let mut r = rig(None);
+        r.pair.rx_max = HDR_LEN + 65_550;
+        let mut pkt = vec![0u8; 12];
+        pkt.extend(frame(2500, 3));
+        r.peer_send(&pkt);
+        for i in 0..4u64 {
+            r.rx.publish(&[(0x10000 + i * 0x1000, 1000, WRITE)]);
+        }
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 3);
+        assert_eq!(r.rx.used(0).1, 1000);
+        assert_eq!(r.rx.used(1).1, 1000);
+        assert_eq!(r.rx.used(2).1, 512);
+        let mut got = Vec::new();
+        for (i, n) in [(0u64, 1000usize), (1, 1000), (2, 512)] {
+            let mut b = vec![0u8; n];
+            r.m()
+                .read_slice(&mut b, GuestAddress(0x10000 + i * 0x1000))
+                .unwrap();
+            got.extend(b);
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(&got[12..], &pkt[12..]);
+        // The fourth buffer went back to the ring: the next frame uses it.
+        r.peer_send(&pkt[..112]);
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 4);
+        assert_eq!(r.rx.used(3), (3, 112));
+    }
+
+    #[test]
+    fn without_buffers_frames_wait_on_the_host_and_bad_buffers_are_skipped() {
+        let mut r = rig(None);
+        let mut pkt = vec![0u8; 12];
+        pkt.extend(frame(200, 4));
+        r.peer_send(&pkt);
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 0, "no buffers: nothing happens");
+        r.rx.publish(&[(0x3f_ff00, 0x1000, WRITE)]); // outside guest memory
+        r.rx.publish(&[(0x10000, 8, WRITE)]); // no room for a header
+        r.rx.publish(&[(0x20000, 1526, WRITE)]);
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 3);
+        assert_eq!(r.rx.used(0).1, 0);
+        assert_eq!(r.rx.used(1).1, 0);
+        assert_eq!(r.rx.used(2).1, 212);
+        assert_eq!(r.stats.rx.drops.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_receive_limit_holds_a_frame_until_the_window_ends() {
+        // 1 Mbit/s in 10 ms windows: 1250 bytes of credit per window.
+        let mut r = rig(Some("1Mb/s@10ms"));
+        let mut pkt = vec![0u8; 12];
+        pkt.extend(frame(1000, 5));
+        r.peer_send(&pkt);
+        r.peer_send(&pkt);
+        for i in 0..2u64 {
+            r.rx.publish(&[(0x10000 + i * 0x1000, 1526, WRITE)]);
+        }
+        r.run_rx();
+        assert_eq!(
+            r.rx.used_idx(),
+            1,
+            "the second frame waits for the next window"
+        );
+        assert_eq!(r.stats.rx.stalls.load(Ordering::Relaxed), 1);
+        std::thread::sleep(Duration::from_millis(12));
+        r.pair.rx_timer_fired(&r.rx.vring);
+        assert_eq!(r.rx.used_idx(), 2);
+        assert_eq!(r.stats.rx.packets.load(Ordering::Relaxed), 2);
+    }
+}

@@ -231,3 +231,50 @@ fn vbctl_talks_to_a_control_socket() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cannot connect"), "{}", stderr(&o));
 }
+
+#[test]
+fn install_stages_binaries_and_hotplug_scripts() {
+    let stage = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let o = Command::new(root.join("scripts/install.sh"))
+        .arg("--no-build")
+        .env("DESTDIR", stage.path())
+        .env("PROFILE", "debug")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    for f in [
+        "usr/local/bin/netback",
+        "usr/local/bin/vbctl",
+        "etc/vback/scripts/vif-bridge",
+        "etc/vback/scripts/vif-route",
+        "etc/vback/scripts/vif-nat",
+    ] {
+        let m = std::fs::metadata(stage.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(m.permissions().mode() & 0o111 != 0, "{f} is executable");
+    }
+    assert!(
+        stage
+            .path()
+            .join("etc/vback/scripts/vif-common.sh")
+            .is_file()
+    );
+    // The scripts refuse to run without an interface, naming what is missing.
+    let o = Command::new(stage.path().join("etc/vback/scripts/vif-bridge"))
+        .arg("online")
+        .env_remove("vif")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("$vif is not set"), "{}", stderr(&o));
+    let o = Command::new(stage.path().join("etc/vback/scripts/vif-nat"))
+        .arg("sideways")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&o).contains("takes online or offline"),
+        "{}",
+        stderr(&o)
+    );
+}
