@@ -704,8 +704,11 @@ mod tests {
             )
         };
         assert_eq!(r, 0);
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let a = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: likewise.
+        let b = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        (a, b)
     }
 
     struct Rig {
