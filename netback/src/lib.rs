@@ -83,6 +83,8 @@ pub struct Config {
     pub host: Host,
     /// Where script names are looked up.
     pub script_dir: PathBuf,
+    /// Busy-poll window of an empty transmit ring.
+    pub poll: Duration,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -141,6 +143,7 @@ impl Config {
             mtu: self.vif.mtu,
             tx_rate: self.vif.rate,
             rx_rate: self.vif.rate_rx,
+            poll: self.poll,
         }
     }
 }

@@ -28,6 +28,7 @@ use vback_common::chain::collect_iovecs;
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
 pub(crate) type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<Mem>>;
+type VringState = vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<Mem>>;
 
 /// Frames per transmit batch (one io_uring submission).
 const TX_BATCH: usize = 64;
@@ -121,6 +122,9 @@ pub struct Pair {
     slots: Vec<TxSlot>,
     rx_iov: Vec<libc::iovec>,
     rx_chains: Vec<(u16, u64)>,
+    descs: Vec<virtio_queue::desc::split::Descriptor>,
+    /// How long to watch an empty transmit ring before turning notifications back on.
+    pub poll: Duration,
     held: Option<HeldRx>,
     /// The largest frame the guest may be handed (with the header).
     pub rx_max: u64,
@@ -189,6 +193,8 @@ impl Pair {
                 .collect(),
             rx_iov: Vec::with_capacity(256),
             rx_chains: Vec::with_capacity(MAX_RX_CHAINS),
+            descs: Vec::with_capacity(MAX_SEGS),
+            poll: Duration::ZERO,
             held: None,
             rx_max: HDR_LEN + 1514 + 4,
             mergeable: true,
@@ -249,28 +255,47 @@ impl Pair {
         }
     }
 
-    /// Serves the transmit queue until it is empty or the rate limit stalls it.
+    /// Serves the transmit queue until it is empty or the rate limit stalls it. The vring lock is
+    /// taken once per batch, each chain is walked once, counters are added once per batch, and
+    /// with a poll window the queue is watched for that long before notifications go back on.
     pub fn process_tx(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let stats = self.stats.clone();
         let tx = &stats.tx;
+        let m: &Mem = mem;
+        let (mut packets, mut bytes) = (0u64, 0u64);
         let mut signal = false;
+        let mut st = vring.get_mut();
+        let _ = st.get_queue_mut().disable_notification(m);
         loop {
-            let mut st = vring.get_mut();
-            let _ = st.disable_notification();
             let mut n = 0;
+            let mut handled = 0;
             let mut stalled = false;
-            let mut popped_any = false;
-            while n < TX_BATCH {
-                let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
+            while n < TX_BATCH && handled < 4 * TX_BATCH {
+                let q = st.get_queue_mut();
+                let Some(chain) = q.pop_descriptor_chain(m) else {
                     break;
                 };
-                popped_any = true;
+                handled += 1;
                 let head = chain.head_index();
-                let frame = match check_tx(&**mem, chain.clone(), self.gso_ok) {
+                self.descs.clear();
+                let mut too_long = false;
+                for d in chain {
+                    if self.descs.len() == MAX_SEGS {
+                        too_long = true;
+                        break;
+                    }
+                    self.descs.push(d);
+                }
+                let checked = if too_long {
+                    Err("a transmit chain of more than 128 segments")
+                } else {
+                    check_tx(m, self.descs.iter().copied(), self.gso_ok)
+                };
+                let frame = match checked {
                     Ok(f) => f,
                     Err(reason) => {
                         self.drop_frame(tx, reason);
-                        let _ = st.add_used(head, 0);
+                        let _ = q.add_used(m, head, 0);
                         signal = true;
                         continue;
                     }
@@ -279,7 +304,7 @@ impl Pair {
                     match l.check(now(), frame.len) {
                         Verdict::Send => l.charge(frame.len),
                         Verdict::StallUntil(t) => {
-                            st.get_queue_mut().go_to_previous_position();
+                            q.go_to_previous_position();
                             tx.stalls.fetch_add(1, Ordering::Relaxed);
                             Self::arm(&mut self.tx_timer, t);
                             stalled = true;
@@ -289,28 +314,25 @@ impl Pair {
                 }
                 match self.io {
                     HostIo::Null { .. } => {
-                        tx.packets.fetch_add(1, Ordering::Relaxed);
-                        tx.bytes.fetch_add(frame.len, Ordering::Relaxed);
-                        let _ = st.add_used(head, 0);
+                        packets += 1;
+                        bytes += frame.len;
+                        let _ = q.add_used(m, head, 0);
                         signal = true;
                     }
                     HostIo::Tap(_) => {
                         let slot = &mut self.slots[n];
                         slot.iov.clear();
-                        if !collect_iovecs(
-                            &**mem,
-                            chain,
+                        // Cannot fail: check_tx saw every descriptor inside guest memory, and
+                        // the chain has at most MAX_SEGS descriptors.
+                        let _ = collect_iovecs(
+                            m,
+                            self.descs.iter().copied(),
                             false,
                             0,
                             HDR_LEN + frame.len,
                             &mut slot.iov,
                             MAX_SEGS,
-                        ) {
-                            self.drop_frame(tx, "a transmit chain of more than 128 segments");
-                            let _ = st.add_used(head, 0);
-                            signal = true;
-                            continue;
-                        }
+                        );
                         slot.head = head;
                         slot.len = frame.len;
                         n += 1;
@@ -319,27 +341,65 @@ impl Pair {
             }
             if n > 0 {
                 self.write_batch(n);
-                for i in 0..n {
-                    let _ = st.add_used(self.slots[i].head, 0);
+                let q = st.get_queue_mut();
+                for slot in &self.slots[..n] {
+                    let _ = q.add_used(m, slot.head, 0);
                 }
                 signal = true;
             }
             if stalled {
                 break;
             }
-            if n == TX_BATCH {
+            if n == TX_BATCH || handled == 4 * TX_BATCH {
+                if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+                    let _ = st.signal_used_queue();
+                    signal = false;
+                }
                 continue;
             }
-            match st.enable_notification() {
-                Ok(true) if popped_any => continue,
+            // Empty: watch the ring for the poll window, then turn notifications back on and
+            // look once more (the driver may have added chains before it saw them on).
+            if !self.poll.is_zero() {
+                if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+                    let _ = st.signal_used_queue();
+                    signal = false;
+                }
+                if self.poll_avail(&mut st, m) {
+                    continue;
+                }
+            }
+            match st.get_queue_mut().enable_notification(m) {
+                Ok(true) => {
+                    let _ = st.get_queue_mut().disable_notification(m);
+                    continue;
+                }
                 _ => break,
             }
         }
-        if signal {
-            let mut st = vring.get_mut();
-            if st.needs_notification().unwrap_or(true) {
-                let _ = st.signal_used_queue();
+        if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+            let _ = st.signal_used_queue();
+        }
+        drop(st);
+        if packets > 0 {
+            tx.packets.fetch_add(packets, Ordering::Relaxed);
+            tx.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Spins up to the poll window for new chains on the avail ring.
+    fn poll_avail(&self, st: &mut VringState, m: &Mem) -> bool {
+        let q = st.get_queue_mut();
+        let start = std::time::Instant::now();
+        loop {
+            if q.avail_idx(m, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|i| i.0 != q.next_avail())
+            {
+                return true;
             }
+            if start.elapsed() >= self.poll {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -453,54 +513,55 @@ impl Pair {
         if self.held.is_some() {
             return;
         }
+        let m: &Mem = mem;
         let mut signal = false;
+        let mut st = vring.get_mut();
+        let _ = st.get_queue_mut().disable_notification(m);
+        let mut since_signal = 0;
         loop {
-            let mut st = vring.get_mut();
-            let _ = st.disable_notification();
-            let mut out_of_buffers = false;
-            loop {
-                match self.receive_one(&mut st, mem) {
-                    Rx::Done => signal = true,
-                    Rx::HostEmpty => break,
-                    Rx::NoBuffers => {
-                        out_of_buffers = true;
-                        break;
+            match self.receive_one(&mut st, mem) {
+                Rx::Done => {
+                    signal = true;
+                    since_signal += 1;
+                    // Let the guest start on a long burst.
+                    if since_signal == 64 {
+                        if st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+                            let _ = st.signal_used_queue();
+                        }
+                        signal = false;
+                        since_signal = 0;
                     }
-                    Rx::Held => {
-                        signal = true;
-                        out_of_buffers = false;
-                        break;
-                    }
+                    continue;
                 }
-                if self.held.is_some() {
+                Rx::Held => {
+                    signal = true;
+                    let _ = st.get_queue_mut().enable_notification(m);
                     break;
                 }
-            }
-            if !out_of_buffers || self.held.is_some() {
-                // The host is empty (a new frame wakes us) or the limit holds us.
-                let _ = st.enable_notification();
-                break;
-            }
-            // No buffers: ask the guest to kick when it adds some, then look again (it may have
-            // added them before notifications were on).
-            match st.enable_notification() {
-                Ok(true) => continue,
-                _ => break,
+                Rx::HostEmpty => {
+                    // A new frame wakes us (the tap is edge-triggered); new buffers too.
+                    let _ = st.get_queue_mut().enable_notification(m);
+                    break;
+                }
+                Rx::NoBuffers => {
+                    // Ask the guest to kick when it adds buffers, then look again (it may have
+                    // added them before notifications were on).
+                    match st.get_queue_mut().enable_notification(m) {
+                        Ok(true) => {
+                            let _ = st.get_queue_mut().disable_notification(m);
+                            continue;
+                        }
+                        _ => break,
+                    }
+                }
             }
         }
-        if signal {
-            let mut st = vring.get_mut();
-            if st.needs_notification().unwrap_or(true) {
-                let _ = st.signal_used_queue();
-            }
+        if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+            let _ = st.signal_used_queue();
         }
     }
 
-    fn receive_one(
-        &mut self,
-        st: &mut vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<Mem>>,
-        mem: &Arc<Mem>,
-    ) -> Rx {
+    fn receive_one(&mut self, st: &mut VringState, mem: &Arc<Mem>) -> Rx {
         let stats = self.stats.clone();
         let rx = &stats.rx;
         match &self.io {
@@ -508,15 +569,16 @@ impl Pair {
                 if !*flood {
                     return Rx::HostEmpty;
                 }
-                let frame = frame.clone();
                 let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
                     return Rx::NoBuffers;
                 };
                 let head = chain.head_index();
-                let len = match fill_rx(&**mem, chain, &frame) {
+                let flen = frame.len() as u64;
+                let filled = fill_rx(&**mem, chain, frame);
+                let len = match filled {
                     Some(n) => {
                         rx.packets.fetch_add(1, Ordering::Relaxed);
-                        rx.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        rx.bytes.fetch_add(flen, Ordering::Relaxed);
                         n
                     }
                     None => {
@@ -524,7 +586,7 @@ impl Pair {
                         0
                     }
                 };
-                let _ = st.add_used(head, len);
+                let _ = st.get_queue_mut().add_used(&**mem, head, len);
                 Rx::Done
             }
             HostIo::Tap(fd) => {
@@ -555,7 +617,7 @@ impl Pair {
                             rx,
                             "a receive chain with no room for a header, or outside guest memory",
                         );
-                        let _ = st.add_used(head, 0);
+                        let _ = st.get_queue_mut().add_used(&**mem, head, 0);
                         continue;
                     }
                     self.rx_chains.push((head, room));
@@ -616,7 +678,7 @@ impl Pair {
                     }
                 }
                 for (head, len) in lens {
-                    let _ = st.add_used(head, len);
+                    let _ = st.get_queue_mut().add_used(&**mem, head, len);
                 }
                 rx.packets.fetch_add(1, Ordering::Relaxed);
                 rx.bytes.fetch_add(frame_len, Ordering::Relaxed);

@@ -68,6 +68,8 @@ pub struct NetOptions {
     pub tx_rate: Option<vback_common::spec::Rate>,
     /// Guest receive limit.
     pub rx_rate: Option<vback_common::spec::Rate>,
+    /// Busy-poll window of an empty transmit ring.
+    pub poll: Duration,
 }
 
 /// The backend, cloned into every connection.
@@ -110,6 +112,7 @@ impl NetBackend {
             let rx = opts.rx_rate.map(|r| CreditLimiter::new(&r, now()));
             let mut p = Pair::new(i, io, s.clone(), tx, rx)?;
             p.rx_max = rx_max(opts.mtu, false);
+            p.poll = opts.poll;
             list.push(Mutex::new(p));
         }
         if let HostSide::Tap(t) = &host {
