@@ -6,6 +6,14 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
+/// Total length of the device-readable (`writable == false`) or device-writable descriptors.
+pub fn chain_len(descs: impl Iterator<Item = Descriptor>, writable: bool) -> u64 {
+    descs
+        .filter(|d| d.is_write_only() == writable)
+        .map(|d| u64::from(d.len()))
+        .sum()
+}
+
 /// Copies `buf.len()` bytes starting `offset` bytes into the chain's readable stream.
 pub fn read_stream<M: GuestMemoryBackend>(
     mem: &M,

@@ -4,30 +4,11 @@
 
 use blkback::virtio::{Limits, Request, parse_chain};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-const MEM: usize = 64 * 1024;
+use vback_fuzz::{MEM, chain_from};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&n, rest)) = data.split_first() else { return };
-    let n = usize::from(n % 9);
-    if rest.len() < n * 8 {
-        return;
-    }
-    let (table, fill) = rest.split_at(n * 8);
-    let descs: Vec<Descriptor> = table
-        .chunks(8)
-        .map(|c| {
-            let addr = u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])) % (2 * MEM as u64);
-            let len = u32::from(u16::from_le_bytes([c[4], c[5]]));
-            let flags = u16::from(c[6] & 0x2); // WRITE or not
-            Descriptor::new(addr, len, flags, 0)
-        })
-        .collect();
-    let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let take = fill.len().min(MEM);
-    mem.write_slice(&fill[..take], GuestAddress(0)).unwrap();
+    let Some((descs, mem, _)) = chain_from(data) else { return };
     let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let mut iov = Vec::with_capacity(8);
     let p = parse_chain(&mem, descs.into_iter(), &mut iov, Limits { max_iov: 8, max_segments: 1 });

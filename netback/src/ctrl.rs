@@ -5,7 +5,7 @@
 //! the backend which queue pairs to enable; a minimal VMM that passes every queue through (as
 //! vmm-min does) hands it to netback, which answers here.
 
-use vback_common::chain::{read_stream, write_stream};
+use vback_common::chain::{chain_len, read_stream, write_stream};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryBackend;
 
@@ -50,11 +50,7 @@ where
     M: GuestMemoryBackend,
     I: Iterator<Item = Descriptor> + Clone,
 {
-    let readable: u64 = descs
-        .clone()
-        .filter(|d| !d.is_write_only())
-        .map(|d| u64::from(d.len()))
-        .sum();
+    let readable = chain_len(descs.clone(), false);
     let mut hdr = [0u8; 2];
     if readable < 2 || !read_stream(mem, descs.clone(), 0, &mut hdr) {
         return Err(CtrlError::Malformed("no readable class and command"));
@@ -89,11 +85,7 @@ where
     M: GuestMemoryBackend,
     I: Iterator<Item = Descriptor> + Clone,
 {
-    let room: u64 = descs
-        .clone()
-        .filter(Descriptor::is_write_only)
-        .map(|d| u64::from(d.len()))
-        .sum();
+    let room = chain_len(descs.clone(), true);
     if room == 0 {
         return None;
     }

@@ -2,7 +2,7 @@
 //! `virtio_net_hdr` then the frame) and writing a received frame into a receive chain.
 //! Malformed frames are reported with a reason and dropped by the caller, never trusted.
 
-use vback_common::chain::{read_stream, write_stream};
+use vback_common::chain::{chain_len, read_stream, write_stream};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4,
@@ -93,11 +93,7 @@ where
     M: GuestMemoryBackend,
     I: Iterator<Item = Descriptor> + Clone,
 {
-    let room: u64 = descs
-        .clone()
-        .filter(Descriptor::is_write_only)
-        .map(|d| u64::from(d.len()))
-        .sum();
+    let room = chain_len(descs.clone(), true);
     let need = HDR_LEN + frame.len() as u64;
     if room < need {
         return None;

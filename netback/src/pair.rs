@@ -24,7 +24,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::device::{HDR_LEN, check_tx, fill_rx};
 use crate::rate::{CreditLimiter, Nanos, Verdict};
-use vback_common::chain::collect_iovecs;
+use vback_common::chain::{chain_len, collect_iovecs};
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
 pub(crate) type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<Mem>>;
@@ -351,8 +351,8 @@ impl Pair {
                 break;
             }
             if n == TX_BATCH || handled == 4 * TX_BATCH {
-                if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
-                    let _ = st.signal_used_queue();
+                if signal {
+                    notify_guest(&mut st, m);
                     signal = false;
                 }
                 continue;
@@ -360,24 +360,21 @@ impl Pair {
             // Empty: watch the ring for the poll window, then turn notifications back on and
             // look once more (the driver may have added chains before it saw them on).
             if !self.poll.is_zero() {
-                if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
-                    let _ = st.signal_used_queue();
+                if signal {
+                    notify_guest(&mut st, m);
                     signal = false;
                 }
                 if self.poll_avail(&mut st, m) {
                     continue;
                 }
             }
-            match st.get_queue_mut().enable_notification(m) {
-                Ok(true) => {
-                    let _ = st.get_queue_mut().disable_notification(m);
-                    continue;
-                }
-                _ => break,
+            if rearm(&mut st, m) {
+                continue;
             }
+            break;
         }
-        if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
-            let _ = st.signal_used_queue();
+        if signal {
+            notify_guest(&mut st, m);
         }
         drop(st);
         if packets > 0 {
@@ -525,9 +522,7 @@ impl Pair {
                     since_signal += 1;
                     // Let the guest start on a long burst.
                     if since_signal == 64 {
-                        if st.get_queue_mut().needs_notification(m).unwrap_or(true) {
-                            let _ = st.signal_used_queue();
-                        }
+                        notify_guest(&mut st, m);
                         signal = false;
                         since_signal = 0;
                     }
@@ -546,18 +541,15 @@ impl Pair {
                 Rx::NoBuffers => {
                     // Ask the guest to kick when it adds buffers, then look again (it may have
                     // added them before notifications were on).
-                    match st.get_queue_mut().enable_notification(m) {
-                        Ok(true) => {
-                            let _ = st.get_queue_mut().disable_notification(m);
-                            continue;
-                        }
-                        _ => break,
+                    if rearm(&mut st, m) {
+                        continue;
                     }
+                    break;
                 }
             }
         }
-        if signal && st.get_queue_mut().needs_notification(m).unwrap_or(true) {
-            let _ = st.signal_used_queue();
+        if signal {
+            notify_guest(&mut st, m);
         }
     }
 
@@ -565,29 +557,12 @@ impl Pair {
         let stats = self.stats.clone();
         let rx = &stats.rx;
         match &self.io {
-            HostIo::Null { frame, flood } => {
-                if !*flood {
-                    return Rx::HostEmpty;
+            HostIo::Null { flood, .. } => {
+                if *flood {
+                    self.null_one(st, mem)
+                } else {
+                    Rx::HostEmpty
                 }
-                let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
-                    return Rx::NoBuffers;
-                };
-                let head = chain.head_index();
-                let flen = frame.len() as u64;
-                let filled = fill_rx(&**mem, chain, frame);
-                let len = match filled {
-                    Some(n) => {
-                        rx.packets.fetch_add(1, Ordering::Relaxed);
-                        rx.bytes.fetch_add(flen, Ordering::Relaxed);
-                        n
-                    }
-                    None => {
-                        self.drop_frame(rx, "a receive buffer too small for the frame");
-                        0
-                    }
-                };
-                let _ = st.get_queue_mut().add_used(&**mem, head, len);
-                Rx::Done
             }
             HostIo::Tap(fd) => {
                 let fd = *fd;
@@ -603,11 +578,7 @@ impl Pair {
                     };
                     let head = chain.head_index();
                     let before = self.rx_iov.len();
-                    let room: u64 = chain
-                        .clone()
-                        .filter(|d| d.is_write_only())
-                        .map(|d| u64::from(d.len()))
-                        .sum();
+                    let room = chain_len(chain.clone(), true);
                     if room < HDR_LEN
                         || !collect_iovecs(&**mem, chain, true, 0, room, &mut self.rx_iov, 1024)
                     {
@@ -689,33 +660,36 @@ impl Pair {
 
     /// The null side's generator tick: one frame into the receive queue.
     pub fn generate(&mut self, vring: &Vring, mem: &Arc<Mem>) {
-        let HostIo::Null { frame, .. } = &self.io else {
-            return;
-        };
-        let frame = frame.clone();
         let mut st = vring.get_mut();
+        if let Rx::Done = self.null_one(&mut st, mem) {
+            notify_guest(&mut st, mem);
+        }
+    }
+
+    /// One generated frame into the next receive buffer.
+    fn null_one(&mut self, st: &mut VringState, mem: &Arc<Mem>) -> Rx {
+        let HostIo::Null { frame, .. } = &self.io else {
+            return Rx::HostEmpty;
+        };
         let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
-            return; // no buffer: the frame is not generated
+            return Rx::NoBuffers; // no buffer: the frame is not generated
         };
         let head = chain.head_index();
-        let len = match fill_rx(&**mem, chain, &frame) {
+        let flen = frame.len() as u64;
+        let len = match fill_rx(&**mem, chain, frame) {
             Some(n) => {
                 self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .rx
-                    .bytes
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.stats.rx.bytes.fetch_add(flen, Ordering::Relaxed);
                 n
             }
             None => {
-                self.stats.rx.drops.fetch_add(1, Ordering::Relaxed);
+                let rx = self.stats.clone();
+                self.drop_frame(&rx.rx, "a receive buffer too small for the frame");
                 0
             }
         };
-        let _ = st.add_used(head, len);
-        if st.needs_notification().unwrap_or(true) {
-            let _ = st.signal_used_queue();
-        }
+        let _ = st.get_queue_mut().add_used(&**mem, head, len);
+        Rx::Done
     }
 }
 
@@ -735,6 +709,24 @@ fn write_num_buffers(iovs: &[libc::iovec], n: u16) {
             }
             off -= v.iov_len;
         }
+    }
+}
+
+/// Turns the driver's notifications back on; if chains arrived meanwhile, turns them off again
+/// and says so (the caller then serves them instead of sleeping).
+fn rearm(st: &mut VringState, m: &Mem) -> bool {
+    let q = st.get_queue_mut();
+    if q.enable_notification(m).unwrap_or(false) {
+        let _ = q.disable_notification(m);
+        return true;
+    }
+    false
+}
+
+/// Interrupts the guest unless EVENT_IDX says it does not need it yet.
+fn notify_guest(st: &mut VringState, m: &Mem) {
+    if st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+        let _ = st.signal_used_queue();
     }
 }
 
