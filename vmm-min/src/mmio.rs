@@ -1,0 +1,477 @@
+//! The virtio-mmio transport (version 2) in front of a vhost-user backend: feature negotiation,
+//! queue setup and config space on MMIO exits; the data path (queue notifications through an
+//! ioeventfd, interrupts through an irqfd) runs between guest and backend without vmm-min.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::memory::GuestMem;
+use crate::vhost::{Connection, QueueConfig, VhostError};
+
+/// First device's register window; each device takes 4 KiB.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one device's window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// The first device's interrupt line (4 is the serial port).
+pub const FIRST_GSI: u32 = 5;
+/// Devices vmm-min can place (GSIs 5 to 15, legacy PIC lines).
+pub const MAX_DEVICES: usize = 11;
+/// Largest queue the driver may ask for.
+pub const QUEUE_MAX: u16 = 256;
+
+const MAGIC: u32 = 0x7472_6976;
+const VENDOR: u32 = 0x4b43_4256; // "VBCK"
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const INT_VRING: u32 = 1;
+const INT_CONFIG: u32 = 2;
+
+/// The kinds of device vmm-min attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// virtio-blk.
+    Blk {
+        /// Refuse writes (VIRTIO_BLK_F_RO offered to the guest).
+        read_only: bool,
+    },
+    /// virtio-net.
+    Net {
+        /// MAC address given to the guest when the backend serves no config space.
+        mac: [u8; 6],
+    },
+    /// virtio-scsi.
+    Scsi,
+}
+
+impl Kind {
+    /// The virtio device ID.
+    pub fn device_id(&self) -> u32 {
+        match self {
+            Kind::Net { .. } => 1,
+            Kind::Blk { .. } => 2,
+            Kind::Scsi => 8,
+        }
+    }
+
+    /// Queue count when the backend does not say (no MQ).
+    pub fn default_queues(&self) -> usize {
+        match self {
+            Kind::Blk { .. } => 1,
+            Kind::Net { .. } => 2,
+            Kind::Scsi => 3,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Blk { .. } => "blk",
+            Kind::Net { .. } => "net",
+            Kind::Scsi => "scsi",
+        }
+    }
+}
+
+/// One virtio-mmio device backed by a vhost-user socket.
+#[derive(Debug)]
+pub struct Device {
+    /// What it is.
+    pub kind: Kind,
+    /// The backend socket.
+    pub socket: PathBuf,
+    /// Register window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+    conn: Option<Connection>,
+    mem: GuestMem,
+    features: u64,
+    queues: usize,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queue: Vec<QueueConfig>,
+    status: u32,
+    config_generation: u32,
+    config_pending: bool,
+    kicks: Vec<EventFd>,
+    call: EventFd,
+    /// Requests handled by vmm-min (MMIO exits) and reconnections, for `status`.
+    pub mmio_exits: u64,
+    /// How often the backend came back.
+    pub reconnects: u64,
+}
+
+/// Errors creating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The first connection failed.
+    #[error(transparent)]
+    Vhost(#[from] VhostError),
+    /// An eventfd or KVM registration failed.
+    #[error("cannot set up the {what} of the {kind} device on {socket}: {source}")]
+    Kvm {
+        /// ioeventfd or irqfd.
+        what: &'static str,
+        /// Device kind.
+        kind: &'static str,
+        /// Its socket.
+        socket: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl Device {
+    /// Connects to the backend and registers one ioeventfd per queue on QueueNotify and an
+    /// irqfd on `gsi`.
+    pub fn new(
+        vm: &Arc<VmFd>,
+        mem: GuestMem,
+        kind: Kind,
+        socket: PathBuf,
+        index: usize,
+    ) -> Result<Device, DeviceError> {
+        let conn = Connection::connect(&socket, kind.default_queues())?;
+        let base = MMIO_BASE + index as u64 * MMIO_SIZE;
+        let gsi = FIRST_GSI + index as u32;
+        let kvm_err = |what, e: std::io::Error| DeviceError::Kvm {
+            what,
+            kind: kind.name(),
+            socket: socket.clone(),
+            source: e,
+        };
+        let queues = conn.queues;
+        let mut kicks = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let kick = EventFd::new(EFD_NONBLOCK).map_err(|e| kvm_err("kick eventfd", e))?;
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(base + 0x50), q as u32)
+                .map_err(|e| kvm_err("ioeventfd", std::io::Error::from_raw_os_error(e.errno())))?;
+            kicks.push(kick);
+        }
+        let call = EventFd::new(EFD_NONBLOCK).map_err(|e| kvm_err("call eventfd", e))?;
+        vm.register_irqfd(&call, gsi)
+            .map_err(|e| kvm_err("irqfd", std::io::Error::from_raw_os_error(e.errno())))?;
+        let mut features = conn.features | VIRTIO_F_VERSION_1;
+        match kind {
+            Kind::Net { .. } if !conn.has_config() => features |= VIRTIO_NET_F_MAC,
+            Kind::Blk { read_only: true } => features |= VIRTIO_BLK_F_RO,
+            _ => {}
+        }
+        Ok(Device {
+            kind,
+            socket,
+            base,
+            gsi,
+            conn: Some(conn),
+            mem,
+            features,
+            queues,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queue: vec![QueueConfig::default(); queues],
+            status: 0,
+            config_generation: 0,
+            config_pending: false,
+            kicks,
+            call,
+            mmio_exits: 0,
+            reconnects: 0,
+        })
+    }
+
+    /// Whether a backend is connected.
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// A descriptor to watch for the backend hanging up.
+    pub fn watch_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.conn.as_ref().and_then(|c| c.watch_fd().ok())
+    }
+
+    /// The `virtio_mmio.device=` kernel argument announcing this device.
+    pub fn cmdline_arg(&self) -> String {
+        format!("virtio_mmio.device=4K@{:#x}:{}", self.base, self.gsi)
+    }
+
+    /// The driver's status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn active(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0
+    }
+
+    /// The backend hung up: forget it; the guest's queues stay as they are.
+    pub fn disconnected(&mut self) {
+        self.conn = None;
+    }
+
+    /// A new connection to the backend: replay the device state, restarting each queue at the
+    /// used index the guest last saw (requests in flight at the crash are lost).
+    pub fn reconnect(&mut self, conn: Connection) -> Result<(), VhostError> {
+        self.conn = Some(conn);
+        self.reconnects += 1;
+        if self.active() {
+            for q in self.queue.iter_mut().filter(|q| q.ready) {
+                q.base = self
+                    .mem
+                    .read_obj::<u16>(GuestAddress(q.used + 2))
+                    .unwrap_or(0);
+            }
+            self.activate()?;
+        }
+        Ok(())
+    }
+
+    fn activate(&mut self) -> Result<(), VhostError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        conn.activate(
+            &self.mem,
+            self.driver_features,
+            &self.queue,
+            &self.kicks,
+            &self.call,
+        )
+    }
+
+    fn reset(&mut self) {
+        if self.active()
+            && let Some(conn) = self.conn.as_mut()
+            && let Err(e) = conn.stop(&self.queue)
+        {
+            log::warn!("{e}");
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.config_pending = false;
+        self.queue = vec![QueueConfig::default(); self.queues];
+    }
+
+    /// Marks a config change and interrupts the guest.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.config_pending = true;
+        let _ = self.call.write(1);
+    }
+
+    /// Config space served by vmm-min when the backend has none (no CONFIG protocol feature).
+    fn local_config(&self) -> Vec<u8> {
+        match &self.kind {
+            Kind::Net { mac } => {
+                let mut c = mac.to_vec();
+                c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
+                c.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+                c
+            }
+            Kind::Scsi => {
+                let mut c = Vec::new();
+                let req_queues = (self.queues.saturating_sub(2)).max(1) as u32;
+                for v in [req_queues, 128, 0xffff, 128, 16, 96, 32] {
+                    c.extend_from_slice(&v.to_le_bytes());
+                }
+                c.extend_from_slice(&0u16.to_le_bytes()); // max_channel
+                c.extend_from_slice(&255u16.to_le_bytes()); // max_target
+                c.extend_from_slice(&16383u32.to_le_bytes()); // max_lun
+                c
+            }
+            Kind::Blk { .. } => Vec::new(),
+        }
+    }
+
+    fn read_config(&mut self, offset: u32, data: &mut [u8]) {
+        data.fill(0);
+        let len = data.len() as u32;
+        match self.conn.as_mut() {
+            Some(conn) if conn.has_config() => match conn.get_config(offset, len) {
+                Ok(c) if c.len() == data.len() => data.copy_from_slice(&c),
+                Ok(_) => log::warn!("{}: short GET_CONFIG reply", self.socket.display()),
+                Err(e) => log::warn!("{e}"),
+            },
+            _ => {
+                let c = self.local_config();
+                let start = offset as usize;
+                if start < c.len() {
+                    let n = data.len().min(c.len() - start);
+                    data[..n].copy_from_slice(&c[start..start + n]);
+                }
+            }
+        }
+    }
+
+    fn sel_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queue.get_mut(self.queue_sel as usize)
+    }
+
+    /// A guest read of the register window at `offset`.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.mmio_exits += 1;
+        if offset >= 0x100 {
+            self.read_config((offset - 0x100) as u32, data);
+            return;
+        }
+        let v: u32 = match offset {
+            0x00 => MAGIC,
+            0x04 => 2,
+            0x08 => self.kind.device_id(),
+            0x0c => VENDOR,
+            0x10 => match self.device_features_sel {
+                0 => self.features as u32,
+                1 => (self.features >> 32) as u32,
+                _ => 0,
+            },
+            0x34 if (self.queue_sel as usize) < self.queues => u32::from(QUEUE_MAX),
+            0x44 => self.sel_queue().map_or(0, |q| u32::from(q.ready)),
+            0x60 => {
+                let mut s = 0;
+                if self.active() {
+                    // With irqfd vmm-min cannot tell a queue interrupt from none: always let the
+                    // driver look at its used rings.
+                    s |= INT_VRING;
+                }
+                if self.config_pending {
+                    s |= INT_CONFIG;
+                }
+                s
+            }
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    /// A guest write to the register window at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.mmio_exits += 1;
+        if offset >= 0x100 {
+            let off = (offset - 0x100) as u32;
+            if let Some(conn) = self.conn.as_mut()
+                && conn.has_config()
+                && let Err(e) = conn.set_config(off, data)
+            {
+                log::warn!("{e}");
+            }
+            return;
+        }
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let set_lo = |x: &mut u64, v: u32| *x = (*x & !0xffff_ffff) | u64::from(v);
+        let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | (u64::from(v) << 32);
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => match self.driver_features_sel {
+                0 => set_lo(&mut self.driver_features, v),
+                1 => set_hi(&mut self.driver_features, v),
+                _ => {}
+            },
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 => {
+                if let Some(q) = self.sel_queue() {
+                    q.size = (v as u16).min(QUEUE_MAX);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.sel_queue() {
+                    q.ready = v == 1;
+                }
+            }
+            0x50 => log::debug!("queue notify {v} without an ioeventfd match"),
+            0x64 => {
+                if v & INT_CONFIG != 0 {
+                    self.config_pending = false;
+                }
+            }
+            0x70 => self.write_status(v),
+            0x80 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_lo(&mut q.desc, v)),
+            0x84 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_hi(&mut q.desc, v)),
+            0x90 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_lo(&mut q.avail, v)),
+            0x94 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_hi(&mut q.avail, v)),
+            0xa0 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_lo(&mut q.used, v)),
+            0xa4 => self
+                .sel_queue()
+                .into_iter()
+                .for_each(|q| set_hi(&mut q.used, v)),
+            _ => log::debug!(
+                "{}: write {v:#x} to unknown register {offset:#x}",
+                self.kind.name()
+            ),
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.features;
+            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                log::warn!(
+                    "{}: driver features {:#x} refused (offered {:#x}; VERSION_1 is required)",
+                    self.kind.name(),
+                    self.driver_features,
+                    self.features
+                );
+                v &= !STATUS_FEATURES_OK;
+            }
+        }
+        let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        self.status = v;
+        if starting {
+            if let Err(e) = self.activate() {
+                log::error!(
+                    "{} device at {:#x}: starting the backend failed: {e}",
+                    self.kind.name(),
+                    self.base
+                );
+                self.status |= STATUS_NEEDS_RESET;
+            } else {
+                log::info!(
+                    "{} device at {:#x} started ({} queues ready) on {}",
+                    self.kind.name(),
+                    self.base,
+                    self.queue.iter().filter(|q| q.ready).count(),
+                    self.socket.display()
+                );
+            }
+        }
+    }
+}
