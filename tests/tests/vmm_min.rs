@@ -412,6 +412,49 @@ fn a_killed_backend_is_reported_and_new_requests_run_after_it_restarts() {
 }
 
 #[test]
+fn a_resize_in_blkback_reaches_the_guest_as_a_config_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let (sock, ctl) = (d.join("blk.sock"), d.join("blk.ctl"));
+    let disk = format!("file:{}", image.display());
+    let _blk = blkback(
+        &sock,
+        &["--disk", &disk, "--control", ctl.to_str().unwrap()],
+        &d.join("blk.log"),
+    )
+    .unwrap();
+    let mut vmm = Vmm::start(
+        d,
+        &test_guest(),
+        &[
+            "--mem",
+            "64M",
+            "--cmdline",
+            "vmmtest.resize",
+            "--blk",
+            sock.to_str().unwrap(),
+        ],
+    );
+    vmm.wait_for(
+        "the guest waiting for a resize",
+        Duration::from_secs(60),
+        |s, _| s.contains("WAITING-RESIZE"),
+    );
+    let r = ControlClient::connect(&ctl)
+        .unwrap()
+        .call("resize", serde_json::json!({"size": "2M"}))
+        .unwrap();
+    assert_eq!(r["guest_notified"], true, "{r}");
+    let st = vmm.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", vmm.context());
+    let s = vmm.serial();
+    assert_results(&s, &["blk-config-change"]);
+    assert!(s.contains("BLK resized capacity 4096"), "{s}");
+}
+
+#[test]
 fn api_shutdown_stops_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

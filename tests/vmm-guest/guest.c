@@ -212,9 +212,21 @@ static void test_blk(u64 base) {
     st = blk_do(&q, 4, 0, 0, 0, 0);
     result("blk-flush", st == 0);
 
+    /* Wait for a config-change interrupt (the host resizes the disk), when asked. */
+    extern int want_resize;
+    if (want_resize) {
+        u32 gen = R(base, 0xfc);
+        puts("WAITING-RESIZE\n");
+        while (!(R(base, 0x60) & 2)) {}
+        R(base, 0x64) = 2;
+        u64 cap2 = R(base, 0x100) | ((u64)R(base, 0x104) << 32);
+        puts("BLK resized capacity "); putd(cap2); puts("\n");
+        result("blk-config-change", cap2 != cap && R(base, 0xfc) != gen && !(R(base, 0x60) & 2));
+    }
+
     /* Wait for a byte on the serial port (the host restarts the backend meanwhile), then
        send new requests. Only when the command line (boot_params) asks for it. */
-    extern int want_wait;
+    extern int want_wait, want_resize;
     if (!want_wait) return;
     puts("WAITING for serial input\n");
     while (!(inb(0x3fd) & 1)) {}
@@ -312,7 +324,7 @@ static void test_scsi(u64 base) {
     result("scsi-read-capacity", st == 0 && bs == 2048);
 }
 
-int want_wait;
+int want_wait, want_resize;
 
 /* Reads the command line from boot_params (rsi is not preserved: the pointer is fixed). */
 static int cmdline_has(const char *word) {
@@ -329,6 +341,7 @@ static int cmdline_has(const char *word) {
 void main(void) {
     puts("vmm-min test guest\n");
     want_wait = cmdline_has("vmmtest.wait");
+    want_resize = cmdline_has("vmmtest.resize");
     int found = 0;
     for (int i = 0; i < 11; i++) {
         u64 base = MMIO_BASE + (u64)i * 0x1000;

@@ -80,6 +80,16 @@ impl Kind {
     }
 }
 
+/// What a backend's config-change message calls.
+#[derive(Clone)]
+struct Notifier(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Notifier")
+    }
+}
+
 /// One virtio-mmio device backed by a vhost-user socket.
 #[derive(Debug)]
 pub struct Device {
@@ -105,6 +115,7 @@ pub struct Device {
     config_pending: bool,
     kicks: Vec<EventFd>,
     call: EventFd,
+    on_config_change: Option<Notifier>,
     /// Requests handled by vmm-min (MMIO exits) and reconnections, for `status`.
     pub mmio_exits: u64,
     /// How often the backend came back.
@@ -186,9 +197,21 @@ impl Device {
             config_pending: false,
             kicks,
             call,
+            on_config_change: None,
             mmio_exits: 0,
             reconnects: 0,
         })
+    }
+
+    /// Serves the backend's config-change messages with `notify` (which should call
+    /// [`Device::config_changed`]), now and after each reconnection.
+    pub fn set_config_notifier(&mut self, notify: Arc<dyn Fn() + Send + Sync>) {
+        self.on_config_change = Some(Notifier(notify.clone()));
+        if let Some(conn) = self.conn.as_mut()
+            && let Err(e) = conn.open_backend_channel(notify)
+        {
+            log::warn!("{e}; config changes will not reach the guest");
+        }
     }
 
     /// Whether a backend is connected.
@@ -223,6 +246,12 @@ impl Device {
     /// A new connection to the backend: replay the device state, restarting each queue at the
     /// used index the guest last saw (requests in flight at the crash are lost).
     pub fn reconnect(&mut self, conn: Connection) -> Result<(), VhostError> {
+        let mut conn = conn;
+        if let Some(Notifier(n)) = self.on_config_change.clone()
+            && let Err(e) = conn.open_backend_channel(n)
+        {
+            log::warn!("{e}; config changes will not reach the guest");
+        }
         self.conn = Some(conn);
         self.reconnects += 1;
         if self.active() {

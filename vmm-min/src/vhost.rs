@@ -2,8 +2,11 @@
 //! backend socket; the transport asks it for features and config space, and hands it the guest
 //! memory and rings when the driver sets DRIVER_OK.
 
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{
@@ -120,7 +123,8 @@ impl Connection {
             protocol = offered
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::BACKEND_REQ);
             frontend
                 .set_protocol_features(protocol)
                 .map_err(err("SET_PROTOCOL_FEATURES"))?;
@@ -195,6 +199,40 @@ impl Connection {
                 socket,
                 source,
             })
+    }
+
+    /// Opens the back-end request channel (BACKEND_REQ) when the backend offers it, and serves
+    /// it on a thread: a config-change message calls `on_config_change`. The thread ends when
+    /// the backend closes the channel.
+    pub fn open_backend_channel(
+        &mut self,
+        on_config_change: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<(), VhostError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            return Ok(());
+        }
+        let (ours, theirs) = UnixStream::pair().map_err(|source| VhostError::Dup {
+            socket: self.socket.clone(),
+            source,
+        })?;
+        self.frontend
+            .set_backend_request_fd(&theirs)
+            .map_err(self.err("SET_BACKEND_REQ_FD"))?;
+        drop(theirs);
+        let socket = self.socket.clone();
+        let spawned = std::thread::Builder::new()
+            .name("backend-req".into())
+            .spawn(move || serve_backend_channel(ours, &socket, &*on_config_change));
+        if let Err(e) = spawned {
+            log::warn!(
+                "cannot serve the back-end channel of {}: {e}",
+                self.socket.display()
+            );
+        }
+        Ok(())
     }
 
     /// Starts the device: acked features, the memory table, and every ready queue with its
@@ -289,5 +327,94 @@ impl Connection {
             }
         }
         Ok(())
+    }
+}
+
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG.
+const BACKEND_CONFIG_CHANGE: u32 = 2;
+const FLAG_VERSION: u32 = 1;
+const FLAG_REPLY: u32 = 1 << 2;
+const FLAG_NEED_REPLY: u32 = 1 << 3;
+/// Longest message body accepted on the back-end channel.
+const MAX_BODY: usize = 4096;
+
+/// Reads back-end requests (12-byte header, body) until the channel closes or misbehaves.
+/// Config changes are passed on; everything else is refused (a non-zero reply when one is
+/// wanted).
+fn serve_backend_channel(mut sock: UnixStream, socket: &Path, on_config_change: &dyn Fn()) {
+    let mut hdr = [0u8; 12];
+    let mut body = vec![0u8; MAX_BODY];
+    loop {
+        if sock.read_exact(&mut hdr).is_err() {
+            return;
+        }
+        let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+        let (req, flags, size) = (word(0), word(4), word(8) as usize);
+        if size > MAX_BODY || sock.read_exact(&mut body[..size]).is_err() {
+            log::warn!(
+                "back-end channel of {}: a {size}-byte message body; closing the channel",
+                socket.display()
+            );
+            return;
+        }
+        let status: u64 = if req == BACKEND_CONFIG_CHANGE {
+            log::info!("{}: configuration changed", socket.display());
+            on_config_change();
+            0
+        } else {
+            log::debug!("back-end request {req} from {} refused", socket.display());
+            1
+        };
+        if flags & FLAG_NEED_REPLY != 0 {
+            let mut reply = [0u8; 20];
+            reply[0..4].copy_from_slice(&req.to_le_bytes());
+            reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+            reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+            reply[12..20].copy_from_slice(&status.to_le_bytes());
+            if sock.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn backend_channel_passes_config_changes_and_answers_when_asked() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let count = Arc::new(AtomicU32::new(0));
+        let c = count.clone();
+        let t = std::thread::spawn(move || {
+            serve_backend_channel(ours, Path::new("/test.sock"), &move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            })
+        });
+        let msg = |req: u32, flags: u32, size: u32| {
+            let mut m = req.to_le_bytes().to_vec();
+            m.extend_from_slice(&flags.to_le_bytes());
+            m.extend_from_slice(&size.to_le_bytes());
+            m
+        };
+        // A config change without reply, then one that wants a reply.
+        theirs.write_all(&msg(2, 1, 0)).unwrap();
+        theirs.write_all(&msg(2, 1 | FLAG_NEED_REPLY, 0)).unwrap();
+        let mut reply = [0u8; 20];
+        theirs.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[0..4], &2u32.to_le_bytes());
+        assert_eq!(&reply[12..20], &0u64.to_le_bytes());
+        // An unknown request with a body is refused.
+        let mut m = msg(99, 1 | FLAG_NEED_REPLY, 4);
+        m.extend_from_slice(&[1, 2, 3, 4]);
+        theirs.write_all(&m).unwrap();
+        theirs.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[12..20], &1u64.to_le_bytes());
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // An oversized body closes the channel.
+        theirs.write_all(&msg(2, 1, 1 << 20)).unwrap();
+        t.join().unwrap();
     }
 }

@@ -195,6 +195,15 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         exits: Mutex::new(0),
     });
 
+    for (i, d) in shared.devices.iter().enumerate() {
+        let weak = Arc::downgrade(&shared);
+        lock(d).set_config_notifier(Arc::new(move || {
+            if let Some(s) = weak.upgrade() {
+                lock(&s.devices[i]).config_changed();
+            }
+        }));
+    }
+
     let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
