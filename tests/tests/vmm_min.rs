@@ -412,6 +412,44 @@ fn a_killed_backend_is_reported_and_new_requests_run_after_it_restarts() {
 }
 
 #[test]
+fn a_misbehaving_driver_gets_needs_reset_and_the_device_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let sock = d.join("blk.sock");
+    let disk = format!("file:{}", image.display());
+    let mut blk = blkback(&sock, &["--disk", &disk], &d.join("blk.log")).unwrap();
+    let mut vmm = Vmm::start(
+        d,
+        &test_guest(),
+        &[
+            "--mem",
+            "64M",
+            "--cmdline",
+            "vmmtest.hostile",
+            "--blk",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let st = vmm.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", vmm.context());
+    let s = vmm.serial();
+    // After the refused start, a reset and a proper setup work.
+    assert_results(
+        &s,
+        &["blk-hostile-refused", "blk-write", "blk-read", "blk-flush"],
+    );
+    assert!(
+        vmm.log().contains("outside guest memory"),
+        "{}",
+        vmm.context()
+    );
+    assert!(blk.is_running(), "blkback died:\n{}", blk.log());
+    assert_eq!(sector(&image, 8), pattern(1));
+}
+
+#[test]
 fn a_resize_in_blkback_reaches_the_guest_as_a_config_change() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

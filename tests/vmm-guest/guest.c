@@ -187,7 +187,29 @@ static void fill_pattern(u32 round) {
     for (int i = 32; i < 512; i++) wbuf[i] = (u8)(i * 7 + round);
 }
 
+/* A driver that misbehaves: rings outside guest memory, a queue index past the last, config
+   writes far out. vmm-min must refuse to start the device (DEVICE_NEEDS_RESET) and carry on. */
+static void hostile_blk(u64 base) {
+    if (dev_init(base, 0)) { result("blk-hostile-init", 0); return; }
+    R(base, 0x30) = 0;
+    R(base, 0x38) = QSIZE;
+    R(base, 0x80) = 0; R(base, 0x84) = 0x100; /* descriptors at 1 TiB */
+    R(base, 0x90) = 0; R(base, 0x94) = 0;
+    R(base, 0xa0) = 0; R(base, 0xa4) = 0;
+    R(base, 0x44) = 1;
+    R(base, 0x30) = 99;
+    R(base, 0x44) = 1; /* no such queue: ignored */
+    int bad_queue_ignored = R(base, 0x34) == 0 && R(base, 0x44) == 0;
+    R(base, 0x800) = 0xffffffff; /* config write far past the end */
+    dev_ready(base);
+    u32 st = R(base, 0x70);
+    puts("BLK hostile status "); putx(st); puts("\n");
+    result("blk-hostile-refused", (st & 0x40) != 0 && bad_queue_ignored);
+}
+
 static void test_blk(u64 base) {
+    extern int want_hostile;
+    if (want_hostile) hostile_blk(base);
     /* VIRTIO_BLK_F_FLUSH (9) */
     if (dev_init(base, 1u << 9)) { result("blk-init", 0); return; }
     struct vq q;
@@ -226,7 +248,7 @@ static void test_blk(u64 base) {
 
     /* Wait for a byte on the serial port (the host restarts the backend meanwhile), then
        send new requests. Only when the command line (boot_params) asks for it. */
-    extern int want_wait, want_resize;
+    extern int want_wait, want_resize, want_hostile;
     if (!want_wait) return;
     puts("WAITING for serial input\n");
     while (!(inb(0x3fd) & 1)) {}
@@ -324,7 +346,7 @@ static void test_scsi(u64 base) {
     result("scsi-read-capacity", st == 0 && bs == 2048);
 }
 
-int want_wait, want_resize;
+int want_wait, want_resize, want_hostile;
 
 /* Reads the command line from boot_params (rsi is not preserved: the pointer is fixed). */
 static int cmdline_has(const char *word) {
@@ -342,6 +364,7 @@ void main(void) {
     puts("vmm-min test guest\n");
     want_wait = cmdline_has("vmmtest.wait");
     want_resize = cmdline_has("vmmtest.resize");
+    want_hostile = cmdline_has("vmmtest.hostile");
     int found = 0;
     for (int i = 0; i < 11; i++) {
         u64 base = MMIO_BASE + (u64)i * 0x1000;

@@ -70,6 +70,16 @@ impl Kind {
         }
     }
 
+    /// Size of the device's config space; accesses past it read zeros and writes are dropped
+    /// (a backend may end the connection on an out-of-range SET_CONFIG).
+    pub fn config_size(&self) -> u32 {
+        match self {
+            Kind::Blk { .. } => 60,
+            Kind::Net { .. } => 12,
+            Kind::Scsi => 36,
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -267,6 +277,9 @@ impl Device {
     }
 
     fn activate(&mut self) -> Result<(), VhostError> {
+        for (i, q) in self.queue.iter().enumerate().filter(|(_, q)| q.ready) {
+            crate::vhost::vring_config(&self.mem, i, q)?;
+        }
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
@@ -324,9 +337,19 @@ impl Device {
         }
     }
 
+    fn config_in_range(&self, offset: u32, len: usize) -> bool {
+        offset
+            .checked_add(len as u32)
+            .is_some_and(|end| end <= self.kind.config_size())
+    }
+
     fn read_config(&mut self, offset: u32, data: &mut [u8]) {
         data.fill(0);
         let len = data.len() as u32;
+        if !self.config_in_range(offset, data.len()) {
+            log::debug!("{}: config read past the end at {offset}", self.kind.name());
+            return;
+        }
         match self.conn.as_mut() {
             Some(conn) if conn.has_config() => match conn.get_config(offset, len) {
                 Ok(c) if c.len() == data.len() => data.copy_from_slice(&c),
@@ -393,6 +416,14 @@ impl Device {
         self.mmio_exits += 1;
         if offset >= 0x100 {
             let off = (offset - 0x100) as u32;
+            if !self.config_in_range(off, data.len()) {
+                log::warn!(
+                    "{}: guest config write of {} bytes at offset {off} is past the end; dropped",
+                    self.kind.name(),
+                    data.len()
+                );
+                return;
+            }
             if let Some(conn) = self.conn.as_mut()
                 && conn.has_config()
                 && let Err(e) = conn.set_config(off, data)
@@ -492,6 +523,12 @@ impl Device {
                     self.base
                 );
                 self.status |= STATUS_NEEDS_RESET;
+            } else if self.conn.is_none() {
+                log::warn!(
+                    "{} device at {:#x}: the driver is ready; the backend starts when it is back",
+                    self.kind.name(),
+                    self.base
+                );
             } else {
                 log::info!(
                     "{} device at {:#x} started ({} queues ready) on {}",

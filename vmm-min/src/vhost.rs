@@ -52,6 +52,14 @@ pub enum VhostError {
         /// Its guest address.
         addr: u64,
     },
+    /// The driver chose a queue size that is not a power of two.
+    #[error("queue {queue}: size {size} is not a power of two between 1 and the maximum")]
+    BadQueueSize {
+        /// Queue index.
+        queue: usize,
+        /// The size.
+        size: u16,
+    },
     /// Duplicating the socket descriptor for the hang-up watcher failed.
     #[error("cannot duplicate the socket of {socket}: {source}")]
     Dup {
@@ -267,35 +275,7 @@ impl Connection {
             self.frontend
                 .set_vring_num(i, q.size)
                 .map_err(self.err("SET_VRING_NUM"))?;
-            // vhost-user ring addresses are in the front end's address space.
-            let size = u64::from(q.size);
-            let host = |what: &'static str, addr: u64, len: u64| {
-                let end = addr.checked_add(len.saturating_sub(1));
-                match end {
-                    Some(end) if mem.address_in_range(GuestAddress(end)) => mem
-                        .get_host_address(GuestAddress(addr))
-                        .map(|p| p as u64)
-                        .map_err(|_| VhostError::BadRing {
-                            queue: i,
-                            what,
-                            addr,
-                        }),
-                    _ => Err(VhostError::BadRing {
-                        queue: i,
-                        what,
-                        addr,
-                    }),
-                }
-            };
-            let cfg = VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: host("descriptor table", q.desc, 16 * size)?,
-                used_ring_addr: host("used ring", q.used, 6 + 8 * size)?,
-                avail_ring_addr: host("available ring", q.avail, 6 + 2 * size)?,
-                log_addr: None,
-            };
+            let cfg = vring_config(mem, i, q)?;
             self.frontend
                 .set_vring_addr(i, &cfg)
                 .map_err(self.err("SET_VRING_ADDR"))?;
@@ -328,6 +308,45 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// Checks a queue the driver set up (size a power of two up to the maximum, rings inside guest
+/// memory) and translates its ring addresses into vmm-min's address space, as vhost-user wants.
+pub fn vring_config(
+    mem: &GuestMem,
+    i: usize,
+    q: &QueueConfig,
+) -> Result<VringConfigData, VhostError> {
+    if q.size == 0 || !q.size.is_power_of_two() {
+        return Err(VhostError::BadQueueSize {
+            queue: i,
+            size: q.size,
+        });
+    }
+    let size = u64::from(q.size);
+    let host = |what: &'static str, addr: u64, len: u64| {
+        let bad = VhostError::BadRing {
+            queue: i,
+            what,
+            addr,
+        };
+        match addr.checked_add(len - 1) {
+            Some(end) if mem.address_in_range(GuestAddress(end)) => mem
+                .get_host_address(GuestAddress(addr))
+                .map(|p| p as u64)
+                .map_err(|_| bad),
+            _ => Err(bad),
+        }
+    };
+    Ok(VringConfigData {
+        queue_max_size: q.size,
+        queue_size: q.size,
+        flags: 0,
+        desc_table_addr: host("descriptor table", q.desc, 16 * size)?,
+        used_ring_addr: host("used ring", q.used, 6 + 8 * size)?,
+        avail_ring_addr: host("available ring", q.avail, 6 + 2 * size)?,
+        log_addr: None,
+    })
 }
 
 /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG.
