@@ -574,7 +574,7 @@ fn linux_boot_path_prints_the_early_boot_log() {
             sock.to_str().unwrap(),
         ],
     );
-    vmm.wait_for("the early boot log", Duration::from_secs(120), |s, _| {
+    vmm.wait_for("the early boot log", Duration::from_secs(180), |s, _| {
         s.contains("Linux version") && s.contains("Zone ranges:")
     });
     let s = vmm.serial();
