@@ -538,6 +538,24 @@ fn api_shutdown_stops_the_vm() {
     );
 }
 
+#[test]
+fn a_halt_with_interrupts_off_stops_vmm_min_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(
+        dir.path(),
+        &test_guest(),
+        &["--mem", "16M", "--cmdline", "vmmtest.halt"],
+    );
+    let st = vmm.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.code(), Some(1), "{}", vmm.context());
+    assert!(vmm.serial().contains("HALTING"), "{}", vmm.context());
+    assert!(
+        vmm.log().contains("the guest halted with interrupts off"),
+        "{}",
+        vmm.context()
+    );
+}
+
 /// Debian's kernel through the 64-bit boot protocol: on this machine's PVM the kernel runs in
 /// emulation and dies later, so the check is the early boot log (banner, our command line and
 /// e820 map, the initrd found, the memory map set up).

@@ -82,7 +82,7 @@ struct ring {
 
 struct vq { struct ring *r; u64 base; u32 index; u16 last_used; };
 
-static struct ring rings[6];
+static struct ring rings[8];
 static int nrings;
 
 static void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
@@ -106,7 +106,7 @@ static int dev_init(u64 base, u32 want) {
 }
 
 static int vq_setup(struct vq *q, u64 base, u32 index) {
-    if (nrings == 6) return -1;
+    if (nrings == 8) return -1;
     q->r = &rings[nrings++];
     q->base = base;
     q->index = index;
@@ -233,6 +233,16 @@ static void test_blk(u64 base) {
     result("blk-read", st == 0 && memeq(rbuf, wbuf, 512));
     st = blk_do(&q, 4, 0, 0, 0, 0);
     result("blk-flush", st == 0);
+
+    /* A driver reset after the device ran (the backend's rings are stopped), then a fresh
+       setup on new rings: the data written before is read back. */
+    R(base, 0x70) = 0;
+    int reset_ok = R(base, 0x70) == 0;
+    if (dev_init(base, 1u << 9) || vq_setup(&q, base, 0)) { result("blk-reset-restart", 0); return; }
+    dev_ready(base);
+    memset8(rbuf, 0, 512);
+    st = blk_do(&q, 0, 8, rbuf, 512, 1);
+    result("blk-reset-restart", reset_ok && st == 0 && memeq(rbuf, wbuf, 512));
 
     /* Wait for a config-change interrupt (the host resizes the disk), when asked. */
     extern int want_resize;
@@ -378,5 +388,9 @@ void main(void) {
         else if (id == 8) test_scsi(base);
     }
     puts("DEVICES "); putd((u64)found); puts("\nDONE\n");
+    if (cmdline_has("vmmtest.halt")) {
+        puts("HALTING\n");
+        __asm__ volatile("cli; hlt");
+    }
     outb(0x64, 0xfe);
 }

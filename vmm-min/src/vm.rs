@@ -17,6 +17,7 @@ use vback_common::sync::lock;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::config::{Config, SerialOut};
 use crate::mmio::{Device, MMIO_BASE, MMIO_SIZE};
@@ -225,8 +226,14 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         None => None,
     };
 
+    // KVM handles `hlt` in the kernel (in-kernel LAPIC): a periodic signal takes the vCPU out
+    // of KVM_RUN so that the loop can tell a halt with interrupts off (a dead guest).
+    install_kick_handler().map_err(|source| VmError::Io {
+        what: "cannot install the vCPU kick signal handler".into(),
+        source,
+    })?;
     let s = shared.clone();
-    thread::Builder::new()
+    let vcpu_thread = thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
             let reason = vcpu_loop(&mut vcpu, &s);
@@ -236,21 +243,70 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
             what: "cannot start the vCPU thread".into(),
             source,
         })?;
+    let _ = thread::Builder::new()
+        .name("vcpu-kick".into())
+        .spawn(move || {
+            // Owns the handle (never joined), so the pthread stays valid for kill().
+            loop {
+                thread::sleep(HALT_CHECK);
+                let _ = vcpu_thread.kill(SIGRTMIN());
+            }
+        });
     let reason = stop_rx
         .recv()
         .unwrap_or_else(|_| ExitReason::Fatal("the vCPU thread ended without a reason".into()));
     let _ = lock(&shared.serial).writer_mut().flush();
+    if reason == ExitReason::ApiShutdown {
+        // The reply to `shutdown` is written after the handler returns: give it time to go out.
+        thread::sleep(Duration::from_millis(200));
+    }
     // Keep the VM, memory and devices alive until the caller exits the process.
     std::mem::forget(vm);
     std::mem::forget(mem);
     Ok(reason)
 }
 
+extern "C" fn kick_handler(_: libc::c_int) {}
+
+/// Installs a no-op handler for the kick signal, with SA_RESTART so that the vCPU thread's
+/// other system calls (vhost-user requests, serial writes) are not cut short by it.
+fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: sigaction is plain data; all-zero is a valid empty value.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = kick_handler as *const () as usize;
+    act.sa_flags = libc::SA_RESTART;
+    // SAFETY: `act` is a valid sigaction with an async-signal-safe (empty) handler; the old
+    // action is not wanted.
+    let r = unsafe { libc::sigaction(SIGRTMIN(), &act, std::ptr::null_mut()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// How often the vCPU is checked for a halt with interrupts off.
+const HALT_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the vCPU sits in `hlt` with interrupts disabled: nothing but an NMI can wake it.
+fn halted_for_good(vcpu: &VcpuFd) -> bool {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let halted = vcpu
+        .get_mp_state()
+        .is_ok_and(|m| m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+    halted && vcpu.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
+}
+
 fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared) -> ExitReason {
     loop {
         let exit = match vcpu.run() {
             Ok(e) => e,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if halted_for_good(vcpu) {
+                    return ExitReason::Halted;
+                }
+                continue;
+            }
             Err(e) => return ExitReason::Fatal(format!("KVM_RUN failed: {e}")),
         };
         *lock(&s.exits) += 1;
