@@ -190,6 +190,14 @@ static void fill_pattern(u32 round) {
 /* A driver that misbehaves: rings outside guest memory, a queue index past the last, config
    writes far out. vmm-min must refuse to start the device (DEVICE_NEEDS_RESET) and carry on. */
 static void hostile_blk(u64 base) {
+    /* Features the device did not offer (bit 30: vhost-user's own, never offered to a guest). */
+    R(base, 0x70) = 0;
+    R(base, 0x70) = 1 | 2;
+    R(base, 0x24) = 0; R(base, 0x20) = 1u << 30;
+    R(base, 0x24) = 1; R(base, 0x20) = 1;
+    R(base, 0x70) = 1 | 2 | 8;
+    result("blk-hostile-features-refused", !(R(base, 0x70) & 8));
+
     if (dev_init(base, 0)) { result("blk-hostile-init", 0); return; }
     R(base, 0x30) = 0;
     R(base, 0x38) = QSIZE;
