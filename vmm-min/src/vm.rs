@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -118,7 +119,7 @@ struct Shared {
     serial: Mutex<SerialDev>,
     stop: Sender<ExitReason>,
     started: Instant,
-    exits: Mutex<u64>,
+    exits: AtomicU64,
 }
 
 /// Builds and runs the VM until it stops; returns why.
@@ -193,7 +194,7 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         serial: Mutex::new(serial),
         stop: stop_tx,
         started: Instant::now(),
-        exits: Mutex::new(0),
+        exits: AtomicU64::new(0),
     });
 
     for (i, d) in shared.devices.iter().enumerate() {
@@ -309,7 +310,7 @@ fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared) -> ExitReason {
             }
             Err(e) => return ExitReason::Fatal(format!("KVM_RUN failed: {e}")),
         };
-        *lock(&s.exits) += 1;
+        s.exits.fetch_add(1, Ordering::Relaxed);
         match exit {
             VcpuExit::IoOut(port, data) => {
                 if (SERIAL_BASE..SERIAL_BASE + 8).contains(&port) {
@@ -465,7 +466,7 @@ impl DaemonInfo for Api {
             "name": "vmm-min",
             "pid": std::process::id(),
             "uptime_s": self.0.started.elapsed().as_secs(),
-            "vcpu_exits": *lock(&self.0.exits),
+            "vcpu_exits": self.0.exits.load(Ordering::Relaxed),
         })
     }
 }
