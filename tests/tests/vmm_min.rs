@@ -344,15 +344,36 @@ fn all_three_backends_at_once() {
 }
 
 #[test]
-fn a_killed_backend_is_reported_and_new_requests_run_after_it_restarts() {
+fn killed_backends_are_reported_and_new_requests_run_after_they_restart() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let image = d.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    let sock = d.join("blk.sock");
+    let iso = make_iso(d);
+    let (bs, ns, cs) = (d.join("blk.sock"), d.join("net.sock"), d.join("cd.sock"));
+    let nctl = d.join("net.ctl");
     let api = d.join("vmm.api");
     let disk = format!("file:{}", image.display());
-    let mut blk = blkback(&sock, &["--disk", &disk], &d.join("blk1.log")).unwrap();
+    let cd = format!("tap:cdrom:{}", iso.display());
+    let start = |round: u32| -> Vec<Daemon> {
+        vec![
+            blkback(&bs, &["--disk", &disk], &d.join(format!("blk{round}.log"))).unwrap(),
+            netback(
+                &ns,
+                &["--host", "null", "--control", nctl.to_str().unwrap()],
+                &d.join(format!("net{round}.log")),
+            )
+            .unwrap(),
+            vback_daemon(
+                "cdrom",
+                &cs,
+                &["--disk", &cd],
+                &d.join(format!("cd{round}.log")),
+            )
+            .unwrap(),
+        ]
+    };
+    let mut first = start(1);
     let mut vmm = Vmm::start(
         d,
         &test_guest(),
@@ -362,7 +383,11 @@ fn a_killed_backend_is_reported_and_new_requests_run_after_it_restarts() {
             "--cmdline",
             "vmmtest.wait",
             "--blk",
-            sock.to_str().unwrap(),
+            bs.to_str().unwrap(),
+            "--net",
+            ns.to_str().unwrap(),
+            "--scsi",
+            cs.to_str().unwrap(),
             "--api",
             api.to_str().unwrap(),
         ],
@@ -372,43 +397,73 @@ fn a_killed_backend_is_reported_and_new_requests_run_after_it_restarts() {
         Duration::from_secs(60),
         |s, _| s.contains("WAITING"),
     );
-    assert_results(&vmm.serial(), &["blk-write", "blk-read"]);
+    assert_results(
+        &vmm.serial(),
+        &["blk-write", "blk-read", "net-tx", "net-rx", "scsi-inquiry"],
+    );
     let status = |api: &Path| {
         ControlClient::connect(api)
             .unwrap()
             .call("status", Value::Null)
             .unwrap()
     };
+    let connected = |s: &Value| -> Vec<bool> {
+        (0..3)
+            .map(|i| s["device"]["devices"][i]["connected"].as_bool().unwrap())
+            .collect()
+    };
     let s = status(&api);
-    assert_eq!(s["device"]["devices"][0]["connected"], true, "{s}");
-    assert_eq!(s["device"]["devices"][0]["driver_status"], 15, "{s}");
+    assert_eq!(connected(&s), [true, true, true], "{s}");
+    for i in 0..3 {
+        assert_eq!(s["device"]["devices"][i]["driver_status"], 15, "{s}");
+    }
 
-    blk.kill();
-    vmm.wait_for("the disconnect report", Duration::from_secs(20), |_, l| {
-        l.contains("backend on") && l.contains("disconnected")
-    });
+    for daemon in &mut first {
+        daemon.kill();
+    }
+    vmm.wait_for(
+        "three disconnect reports",
+        Duration::from_secs(20),
+        |_, l| l.matches("disconnected; the device waits").count() == 3,
+    );
     let s = status(&api);
-    assert_eq!(s["device"]["devices"][0]["connected"], false, "{s}");
+    assert_eq!(connected(&s), [false, false, false], "{s}");
     assert!(
         vmm.child.try_wait().unwrap().is_none(),
         "vmm-min stopped\n{}",
         vmm.context()
     );
 
-    let _blk2 = blkback(&sock, &["--disk", &disk], &d.join("blk2.log")).unwrap();
-    vmm.wait_for("the reconnection", Duration::from_secs(20), |_, l| {
-        l.contains("reconnected")
+    let _second = start(2);
+    vmm.wait_for("three reconnections", Duration::from_secs(20), |_, l| {
+        l.matches("reconnected").count() == 3
     });
     let s = status(&api);
-    assert_eq!(s["device"]["devices"][0]["connected"], true, "{s}");
-    assert_eq!(s["device"]["devices"][0]["reconnects"], 1, "{s}");
+    assert_eq!(connected(&s), [true, true, true], "{s}");
+    for i in 0..3 {
+        assert_eq!(s["device"]["devices"][i]["reconnects"], 1, "{s}");
+    }
 
     vmm.send(b"\n");
     let st = vmm.wait_exit(Duration::from_secs(60));
     assert!(st.success(), "{}", vmm.context());
-    assert_results(&vmm.serial(), &["blk-after-reconnect"]);
+    assert_results(
+        &vmm.serial(),
+        &[
+            "blk-after-reconnect",
+            "net-tx-after-reconnect",
+            "net-rx-after-reconnect",
+            "scsi-after-reconnect",
+        ],
+    );
     assert_eq!(sector(&image, 8), pattern(1));
     assert_eq!(sector(&image, 16), pattern(2));
+    // The new netback counted the frame sent after the reconnection.
+    let tx = ControlClient::connect(&nctl)
+        .unwrap()
+        .call("stats", Value::Null)
+        .unwrap();
+    assert_eq!(tx["device"]["tx"]["packets"], 1, "{tx}");
 }
 
 #[test]

@@ -215,6 +215,9 @@ static void hostile_blk(u64 base) {
     result("blk-hostile-refused", (st & 0x40) != 0 && bad_queue_ignored);
 }
 
+static struct vq blk_q, net_rx, net_tx, scsi_q;
+static int have_blk, have_net, have_scsi;
+
 static void test_blk(u64 base) {
     extern int want_hostile;
     if (want_hostile) hostile_blk(base);
@@ -264,17 +267,16 @@ static void test_blk(u64 base) {
         result("blk-config-change", cap2 != cap && R(base, 0xfc) != gen && !(R(base, 0x60) & 2));
     }
 
-    /* Wait for a byte on the serial port (the host restarts the backend meanwhile), then
-       send new requests. Only when the command line (boot_params) asks for it. */
-    extern int want_wait, want_resize, want_hostile;
-    if (!want_wait) return;
-    puts("WAITING for serial input\n");
-    while (!(inb(0x3fd) & 1)) {}
-    (void)inb(0x3f8);
+    blk_q = q;
+    have_blk = 1;
+}
+
+/* Second round, after the host restarted the backend. */
+static void blk_round2(void) {
     fill_pattern(2);
-    st = blk_do(&q, 1, 16, wbuf, 512, 0);
+    int st = blk_do(&blk_q, 1, 16, wbuf, 512, 0);
     memset8(rbuf, 0, 512);
-    int st2 = blk_do(&q, 0, 16, rbuf, 512, 1);
+    int st2 = blk_do(&blk_q, 0, 16, rbuf, 512, 1);
     result("blk-after-reconnect", st == 0 && st2 == 0 && memeq(rbuf, wbuf, 512));
 }
 
@@ -282,21 +284,15 @@ static void test_blk(u64 base) {
 static u8 rxbuf[12 + 1518];
 static u8 txbuf[12 + 64];
 
-static void test_net(u64 base) {
-    if (dev_init(base, 1u << 5)) { result("net-init", 0); return; }
-    struct vq rx, tx;
-    if (vq_setup(&rx, base, 0) || vq_setup(&tx, base, 1)) { result("net-queue", 0); return; }
-    dev_ready(base);
-    u8 mac[6];
-    for (int i = 0; i < 6; i++) mac[i] = *(volatile u8 *)(base + 0x100 + i);
-    puts("NET mac ");
-    for (int i = 0; i < 6; i++) { putx(mac[i]); putc(i < 5 ? ':' : '\n'); }
+static u8 net_mac[6];
 
+/* Posts a receive buffer, sends one frame, waits for both. */
+static void net_exchange(const u8 *mac, const char *tx_name, const char *rx_name) {
     void *rb[1] = {rxbuf};
     u32 rl[1] = {sizeof rxbuf};
     u16 rw[1] = {2};
-    vq_post(&rx, 0, 1, rb, rl, rw);
-    vq_kick(&rx);
+    vq_post(&net_rx, 0, 1, rb, rl, rw);
+    vq_kick(&net_rx);
 
     memset8(txbuf, 0, sizeof txbuf);
     u8 *f = txbuf + 12;
@@ -307,12 +303,28 @@ static void test_net(u64 base) {
     void *tb[1] = {txbuf};
     u32 tl[1] = {sizeof txbuf};
     u16 tw[1] = {0};
-    vq_post(&tx, 0, 1, tb, tl, tw);
-    vq_kick(&tx);
-    result("net-tx", vq_wait(&tx) >= 0);
-    long n = vq_wait(&rx);
+    vq_post(&net_tx, 0, 1, tb, tl, tw);
+    vq_kick(&net_tx);
+    result(tx_name, vq_wait(&net_tx) >= 0);
+    long n = vq_wait(&net_rx);
     puts("NET rx bytes "); putd(n < 0 ? 0 : (u64)n); puts("\n");
-    result("net-rx", n > 12 + 14);
+    result(rx_name, n > 12 + 14);
+}
+
+static void test_net(u64 base) {
+    if (dev_init(base, 1u << 5)) { result("net-init", 0); return; }
+    struct vq rx, tx;
+    if (vq_setup(&rx, base, 0) || vq_setup(&tx, base, 1)) { result("net-queue", 0); return; }
+    dev_ready(base);
+    u8 mac[6];
+    for (int i = 0; i < 6; i++) net_mac[i] = mac[i] = *(volatile u8 *)(base + 0x100 + i);
+    puts("NET mac ");
+    for (int i = 0; i < 6; i++) { putx(mac[i]); putc(i < 5 ? ':' : '\n'); }
+
+    net_rx = rx;
+    net_tx = tx;
+    have_net = 1;
+    net_exchange(mac, "net-tx", "net-rx");
 }
 
 /* ---- virtio-scsi ---- */
@@ -362,6 +374,14 @@ static void test_scsi(u64 base) {
     u32 bs = (u32)sdata[4] << 24 | (u32)sdata[5] << 16 | (u32)sdata[6] << 8 | sdata[7];
     puts("SCSI capacity last_lba "); putd(last); puts(" block "); putd(bs); puts("\n");
     result("scsi-read-capacity", st == 0 && bs == 2048);
+    scsi_q = req;
+    have_scsi = 1;
+}
+
+static void scsi_round2(void) {
+    static const u8 inq[6] = {0x12, 0, 0, 0, 36, 0};
+    int st = scsi_cmd(&scsi_q, inq, 6, 36);
+    result("scsi-after-reconnect", st == 0 && (sdata[0] & 0x1f) == 5);
 }
 
 int want_wait, want_resize, want_hostile;
@@ -394,6 +414,16 @@ void main(void) {
         if (id == 2) test_blk(base);
         else if (id == 1) test_net(base);
         else if (id == 8) test_scsi(base);
+    }
+    /* Wait for a byte on the serial port (the host restarts backends meanwhile), then send
+       new requests to every device. Only when the command line asks for it. */
+    if (want_wait) {
+        puts("WAITING for serial input\n");
+        while (!(inb(0x3fd) & 1)) {}
+        (void)inb(0x3f8);
+        if (have_blk) blk_round2();
+        if (have_net) net_exchange(net_mac, "net-tx-after-reconnect", "net-rx-after-reconnect");
+        if (have_scsi) scsi_round2();
     }
     puts("DEVICES "); putd((u64)found); puts("\nDONE\n");
     if (cmdline_has("vmmtest.halt")) {
