@@ -3,13 +3,15 @@
 //! reset line and the virtio-mmio transport; every virtio device is a vhost-user socket.
 //!
 //! Modules: [`config`] (validated configuration), [`memory`] (memfd guest memory), [`boot`]
-//! (64-bit Linux boot protocol), [`mmio`] (virtio-mmio transport), [`vhost`] (the only module
+//! (64-bit Linux boot protocol), [`transport`] (the virtio-mmio registers as a pure state machine),
+//! [`mmio`] (a transport in front of a vhost-user backend), [`vhost`] (the only module
 //! that speaks vhost-user), [`vm`] (KVM, vCPU loop, backend watcher, API socket).
 
 pub mod boot;
 pub mod config;
 pub mod memory;
 pub mod mmio;
+pub mod transport;
 pub mod vhost;
 pub mod vm;
 

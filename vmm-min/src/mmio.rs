@@ -10,7 +10,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::GuestMem;
-use crate::vhost::{Connection, QueueConfig, VhostError};
+use crate::transport::{Action, CONFIG_OFFSET, Transport};
+use crate::vhost::{Connection, VhostError};
 
 /// First device's register window; each device takes 4 KiB.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -20,19 +21,9 @@ pub const MMIO_SIZE: u64 = 0x1000;
 pub const FIRST_GSI: u32 = 5;
 /// Devices vmm-min can place (GSIs 5 to 15, legacy PIC lines).
 pub const MAX_DEVICES: usize = 11;
-/// Largest queue the driver may ask for.
-pub const QUEUE_MAX: u16 = 256;
 
-const MAGIC: u32 = 0x7472_6976;
-const VENDOR: u32 = 0x4b43_4256; // "VBCK"
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_NEEDS_RESET: u32 = 0x40;
-const INT_VRING: u32 = 1;
-const INT_CONFIG: u32 = 2;
 
 /// The kinds of device vmm-min attaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,16 +104,8 @@ pub struct Device {
     pub gsi: u32,
     conn: Option<Connection>,
     mem: GuestMem,
-    features: u64,
+    regs: Transport,
     queues: usize,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queue: Vec<QueueConfig>,
-    status: u32,
-    config_generation: u32,
-    config_pending: bool,
     kicks: Vec<EventFd>,
     call: EventFd,
     on_config_change: Option<Notifier>,
@@ -182,29 +165,21 @@ impl Device {
         let call = EventFd::new(EFD_NONBLOCK).map_err(|e| kvm_err("call eventfd", e))?;
         vm.register_irqfd(&call, gsi)
             .map_err(|e| kvm_err("irqfd", std::io::Error::from_raw_os_error(e.errno())))?;
-        let mut features = conn.features | VIRTIO_F_VERSION_1;
+        let mut features = conn.features;
         match kind {
             Kind::Net { .. } if !conn.has_config() => features |= VIRTIO_NET_F_MAC,
             Kind::Blk { read_only: true } => features |= VIRTIO_BLK_F_RO,
             _ => {}
         }
         Ok(Device {
+            regs: Transport::new(kind.device_id(), features, queues),
             kind,
             socket,
             base,
             gsi,
             conn: Some(conn),
             mem,
-            features,
             queues,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            queue: vec![QueueConfig::default(); queues],
-            status: 0,
-            config_generation: 0,
-            config_pending: false,
             kicks,
             call,
             on_config_change: None,
@@ -241,11 +216,7 @@ impl Device {
 
     /// The driver's status register.
     pub fn status(&self) -> u32 {
-        self.status
-    }
-
-    fn active(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0
+        self.regs.status()
     }
 
     /// The backend hung up: forget it; the guest's queues stay as they are.
@@ -264,8 +235,8 @@ impl Device {
         }
         self.conn = Some(conn);
         self.reconnects += 1;
-        if self.active() {
-            for q in self.queue.iter_mut().filter(|q| q.ready) {
+        if self.regs.running() {
+            for q in self.regs.queues_mut().iter_mut().filter(|q| q.ready) {
                 q.base = self
                     .mem
                     .read_obj::<u16>(GuestAddress(q.used + 2))
@@ -277,7 +248,13 @@ impl Device {
     }
 
     fn activate(&mut self) -> Result<(), VhostError> {
-        for (i, q) in self.queue.iter().enumerate().filter(|(_, q)| q.ready) {
+        for (i, q) in self
+            .regs
+            .queues()
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready)
+        {
             crate::vhost::vring_config(&self.mem, i, q)?;
         }
         let Some(conn) = self.conn.as_mut() else {
@@ -285,31 +262,16 @@ impl Device {
         };
         conn.activate(
             &self.mem,
-            self.driver_features,
-            &self.queue,
+            self.regs.driver_features(),
+            self.regs.queues(),
             &self.kicks,
             &self.call,
         )
     }
 
-    fn reset(&mut self) {
-        if self.active()
-            && let Some(conn) = self.conn.as_mut()
-            && let Err(e) = conn.stop(&self.queue)
-        {
-            log::warn!("{e}");
-        }
-        self.status = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.config_pending = false;
-        self.queue = vec![QueueConfig::default(); self.queues];
-    }
-
     /// Marks a config change and interrupts the guest.
     pub fn config_changed(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
-        self.config_pending = true;
+        self.regs.config_changed();
         let _ = self.call.write(1);
     }
 
@@ -367,46 +329,14 @@ impl Device {
         }
     }
 
-    fn sel_queue(&mut self) -> Option<&mut QueueConfig> {
-        self.queue.get_mut(self.queue_sel as usize)
-    }
-
     /// A guest read of the register window at `offset`.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.mmio_exits += 1;
-        if offset >= 0x100 {
-            self.read_config((offset - 0x100) as u32, data);
+        if offset >= CONFIG_OFFSET {
+            self.read_config((offset - CONFIG_OFFSET) as u32, data);
             return;
         }
-        let v: u32 = match offset {
-            0x00 => MAGIC,
-            0x04 => 2,
-            0x08 => self.kind.device_id(),
-            0x0c => VENDOR,
-            0x10 => match self.device_features_sel {
-                0 => self.features as u32,
-                1 => (self.features >> 32) as u32,
-                _ => 0,
-            },
-            0x34 if (self.queue_sel as usize) < self.queues => u32::from(QUEUE_MAX),
-            0x44 => self.sel_queue().map_or(0, |q| u32::from(q.ready)),
-            0x60 => {
-                let mut s = 0;
-                if self.active() {
-                    // With irqfd vmm-min cannot tell a queue interrupt from none: always let the
-                    // driver look at its used rings.
-                    s |= INT_VRING;
-                }
-                if self.config_pending {
-                    s |= INT_CONFIG;
-                }
-                s
-            }
-            0x70 => self.status,
-            0xfc => self.config_generation,
-            _ => 0,
-        };
-        let b = v.to_le_bytes();
+        let b = self.regs.read(offset).to_le_bytes();
         let n = data.len().min(4);
         data[..n].copy_from_slice(&b[..n]);
     }
@@ -414,8 +344,8 @@ impl Device {
     /// A guest write to the register window at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         self.mmio_exits += 1;
-        if offset >= 0x100 {
-            let off = (offset - 0x100) as u32;
+        if offset >= CONFIG_OFFSET {
+            let off = (offset - CONFIG_OFFSET) as u32;
             if !self.config_in_range(off, data.len()) {
                 log::warn!(
                     "{}: guest config write of {} bytes at offset {off} is past the end; dropped",
@@ -435,109 +365,43 @@ impl Device {
         let mut b = [0u8; 4];
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        let set_lo = |x: &mut u64, v: u32| *x = (*x & !0xffff_ffff) | u64::from(v);
-        let set_hi = |x: &mut u64, v: u32| *x = (*x & 0xffff_ffff) | (u64::from(v) << 32);
-        match offset {
-            0x14 => self.device_features_sel = v,
-            0x20 => match self.driver_features_sel {
-                0 => set_lo(&mut self.driver_features, v),
-                1 => set_hi(&mut self.driver_features, v),
-                _ => {}
-            },
-            0x24 => self.driver_features_sel = v,
-            0x30 => self.queue_sel = v,
-            0x38 => {
-                if let Some(q) = self.sel_queue() {
-                    q.size = (v as u16).min(QUEUE_MAX);
+        match self.regs.write(offset, u32::from_le_bytes(b)) {
+            Action::None => {}
+            Action::Start => self.start(),
+            Action::Reset { was_running } => {
+                if was_running
+                    && let Some(conn) = self.conn.as_mut()
+                    && let Err(e) = conn.stop(self.regs.queues())
+                {
+                    log::warn!("{e}");
                 }
+                self.regs.reset();
             }
-            0x44 => {
-                if let Some(q) = self.sel_queue() {
-                    q.ready = v == 1;
-                }
-            }
-            0x50 => log::debug!("queue notify {v} without an ioeventfd match"),
-            0x64 => {
-                if v & INT_CONFIG != 0 {
-                    self.config_pending = false;
-                }
-            }
-            0x70 => self.write_status(v),
-            0x80 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.desc, v)),
-            0x84 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.desc, v)),
-            0x90 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.avail, v)),
-            0x94 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.avail, v)),
-            0xa0 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_lo(&mut q.used, v)),
-            0xa4 => self
-                .sel_queue()
-                .into_iter()
-                .for_each(|q| set_hi(&mut q.used, v)),
-            _ => log::debug!(
-                "{}: write {v:#x} to unknown register {offset:#x}",
-                self.kind.name()
-            ),
         }
     }
 
-    fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let mut v = v;
-        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            let unknown = self.driver_features & !self.features;
-            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
-                    "{}: driver features {:#x} refused (offered {:#x}; VERSION_1 is required)",
-                    self.kind.name(),
-                    self.driver_features,
-                    self.features
-                );
-                v &= !STATUS_FEATURES_OK;
-            }
-        }
-        let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        self.status = v;
-        if starting {
-            if let Err(e) = self.activate() {
-                log::error!(
-                    "{} device at {:#x}: starting the backend failed: {e}",
-                    self.kind.name(),
-                    self.base
-                );
-                self.status |= STATUS_NEEDS_RESET;
-            } else if self.conn.is_none() {
-                log::warn!(
-                    "{} device at {:#x}: the driver is ready; the backend starts when it is back",
-                    self.kind.name(),
-                    self.base
-                );
-            } else {
-                log::info!(
-                    "{} device at {:#x} started ({} queues ready) on {}",
-                    self.kind.name(),
-                    self.base,
-                    self.queue.iter().filter(|q| q.ready).count(),
-                    self.socket.display()
-                );
-            }
+    fn start(&mut self) {
+        if let Err(e) = self.activate() {
+            log::error!(
+                "{} device at {:#x}: starting the backend failed: {e}",
+                self.kind.name(),
+                self.base
+            );
+            self.regs.set_needs_reset();
+        } else if self.conn.is_none() {
+            log::warn!(
+                "{} device at {:#x}: the driver is ready; the backend starts when it is back",
+                self.kind.name(),
+                self.base
+            );
+        } else {
+            log::info!(
+                "{} device at {:#x} started ({} queues ready) on {}",
+                self.kind.name(),
+                self.base,
+                self.regs.queues().iter().filter(|q| q.ready).count(),
+                self.socket.display()
+            );
         }
     }
 }
