@@ -126,6 +126,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<EntryPoint, BootError> {
     let read_err = |what, path: &Path| {
         let path = path.to_owned();
@@ -219,6 +220,9 @@ pub fn load(
     ];
     params.e820_table[..e820.len()].copy_from_slice(&e820);
     params.e820_entries = e820.len() as u8;
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     write(mem, "boot parameters", ZERO_PAGE, params)?;
 
     write_page_tables(mem)?;
@@ -365,11 +369,12 @@ mod tests {
         std::fs::write(&k, &elf).unwrap();
         let initrd = dir.path().join("initrd");
         std::fs::write(&initrd, vec![7u8; 10_000]).unwrap();
-        let e = load(&mem, &k, Some(&initrd), "console=ttyS0").unwrap();
+        let e = load(&mem, &k, Some(&initrd), "console=ttyS0", Some(0xe0000)).unwrap();
         assert_eq!(e.rip, 0x20_0000);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 0xf4);
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
         assert_eq!({ p.e820_entries }, 2);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         let e1 = p.e820_table[1];
         assert_eq!(
             ({ e1.addr }, { e1.size }),
@@ -395,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("junk");
         std::fs::write(&k, vec![0x55u8; 8192]).unwrap();
-        let e = load(&mem, &k, None, "").unwrap_err().to_string();
+        let e = load(&mem, &k, None, "", None).unwrap_err().to_string();
         assert!(e.contains("neither an x86-64 ELF"), "{e}");
     }
 
@@ -407,7 +412,7 @@ mod tests {
         std::fs::write(&k, tiny_elf(0x20_0000, &[0xf4])).unwrap();
         let initrd = dir.path().join("initrd");
         std::fs::write(&initrd, vec![0u8; 17 << 20]).unwrap();
-        let e = load(&mem, &k, Some(&initrd), "").unwrap_err();
+        let e = load(&mem, &k, Some(&initrd), "", None).unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
     }
 

@@ -24,6 +24,10 @@ pub struct Config {
     pub cmdline: String,
     /// Guest memory in bytes.
     pub mem: u64,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Describe the machine in ACPI tables (MADT, and the devices in the DSDT).
+    pub acpi: bool,
     /// Serial output.
     pub serial: SerialOut,
     /// Devices in MMIO slot order.

@@ -3,10 +3,12 @@
 //! reset line and the virtio-mmio transport; every virtio device is a vhost-user socket.
 //!
 //! Modules: [`config`] (validated configuration), [`memory`] (memfd guest memory), [`boot`]
-//! (64-bit Linux boot protocol), [`transport`] (the virtio-mmio registers as a pure state machine),
-//! [`mmio`] (a transport in front of a vhost-user backend), [`vhost`] (the only module
-//! that speaks vhost-user), [`vm`] (KVM, vCPU loop, backend watcher, API socket).
+//! (64-bit Linux boot protocol), [`acpi`] (tables describing the vCPUs and devices),
+//! [`transport`] (the virtio-mmio registers as a pure state machine), [`mmio`] (a transport in
+//! front of a vhost-user backend), [`vhost`] (the only module that speaks vhost-user), [`vm`]
+//! (KVM, vCPU loop, backend watcher, API socket).
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod memory;

@@ -41,9 +41,16 @@ struct Args {
     #[arg(long, default_value = "512M", value_parser = parse_mem)]
     mem: u64,
 
-    /// vCPUs. Only 1 is supported so far.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=1))]
+    /// vCPUs (1 to 32). The guest learns about the others from the ACPI MADT and starts them
+    /// itself (INIT/SIPI through KVM's in-kernel local APICs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
     cpus: u8,
+
+    /// Do not write ACPI tables. By default vmm-min writes an RSDP, XSDT, FADT (hardware-reduced),
+    /// MADT (the vCPUs, the IOAPIC) and a DSDT describing each virtio-mmio device as LNRO0005,
+    /// which is how kernels without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (Debian's) find them.
+    #[arg(long)]
+    no_acpi: bool,
 
     /// Serial console output: stdio or file:PATH. Input always comes from standard input.
     #[arg(long, default_value = "stdio", value_parser = config::parse_serial)]
@@ -114,6 +121,8 @@ fn main() -> ExitCode {
         initrd: args.initrd,
         cmdline: args.cmdline,
         mem: args.mem,
+        cpus: args.cpus,
+        acpi: !args.no_acpi,
         serial: args.serial,
         devices,
         api: args.api,

@@ -23,7 +23,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 use crate::config::{Config, SerialOut};
 use crate::mmio::{Device, MMIO_BASE, MMIO_SIZE};
 use crate::vhost::Connection;
-use crate::{boot, memory};
+use crate::{acpi, boot, memory};
 
 /// Errors setting up or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,9 @@ pub enum VmError {
     /// Loading the guest.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// A device.
     #[error(transparent)]
     Device(#[from] crate::mmio::DeviceError),
@@ -166,7 +169,29 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         cmdline.push_str(&d.cmdline_arg());
         devices.push(Mutex::new(d));
     }
-    let entry = boot::load(&mem, &cfg.kernel, cfg.initrd.as_deref(), cmdline.trim())?;
+    let rsdp = if cfg.acpi {
+        let acpi_devices: Vec<acpi::MmioDevice> = devices
+            .iter()
+            .map(|d| {
+                let d = lock(d);
+                acpi::MmioDevice {
+                    base: d.base,
+                    size: MMIO_SIZE as u32,
+                    gsi: d.gsi,
+                }
+            })
+            .collect();
+        Some(acpi::write_tables(&mem, cfg.cpus, &acpi_devices)?)
+    } else {
+        None
+    };
+    let entry = boot::load(
+        &mem,
+        &cfg.kernel,
+        cfg.initrd.as_deref(),
+        cmdline.trim(),
+        rsdp,
+    )?;
     log::info!(
         "kernel entry {:#x}, command line: {}",
         entry.rip,
@@ -206,13 +231,22 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         }));
     }
 
-    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-    boot::setup_boot_vcpu(&vcpu, entry)?;
-
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+    for id in 0..cfg.cpus {
+        let vcpu = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&cpuid_for(&cpuid, id, cfg.cpus))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        if id == 0 {
+            boot::setup_boot_vcpu(&vcpu, entry)?;
+        }
+        // The others wait in KVM for the guest's INIT/SIPI.
+        vcpus.push(vcpu);
+    }
     spawn_stdin(shared.clone());
     spawn_watchers(&shared, &cfg);
     let _api = match &cfg.api {
@@ -233,24 +267,30 @@ pub fn run(cfg: Config) -> Result<ExitReason, VmError> {
         what: "cannot install the vCPU kick signal handler".into(),
         source,
     })?;
-    let s = shared.clone();
-    let vcpu_thread = thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            let reason = vcpu_loop(&mut vcpu, &s);
-            let _ = s.stop.send(reason);
-        })
-        .map_err(|source| VmError::Io {
-            what: "cannot start the vCPU thread".into(),
-            source,
-        })?;
+    let mut threads = Vec::new();
+    for (id, mut vcpu) in vcpus.into_iter().enumerate() {
+        let s = shared.clone();
+        let t = thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let reason = vcpu_loop(&mut vcpu, &s, id == 0);
+                let _ = s.stop.send(reason);
+            })
+            .map_err(|source| VmError::Io {
+                what: "cannot start a vCPU thread".into(),
+                source,
+            })?;
+        threads.push(t);
+    }
     let _ = thread::Builder::new()
         .name("vcpu-kick".into())
         .spawn(move || {
-            // Owns the handle (never joined), so the pthread stays valid for kill().
+            // Owns the handles (never joined), so the pthreads stay valid for kill().
             loop {
                 thread::sleep(HALT_CHECK);
-                let _ = vcpu_thread.kill(SIGRTMIN());
+                for t in &threads {
+                    let _ = t.kill(SIGRTMIN());
+                }
             }
         });
     let reason = stop_rx
@@ -298,12 +338,33 @@ fn halted_for_good(vcpu: &VcpuFd) -> bool {
     halted && vcpu.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
 }
 
-fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared) -> ExitReason {
+/// The supported CPUID with this vCPU's APIC ID (leaf 1 EBX[31:24], leaves 0xb and 0x1f EDX)
+/// and the logical processor count.
+fn cpuid_for(supported: &kvm_bindings::CpuId, id: u8, cpus: u8) -> kvm_bindings::CpuId {
+    let mut c = supported.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(cpus) << 16);
+                if cpus > 1 {
+                    e.edx |= 1 << 28; // HTT: the count in EBX[23:16] is valid
+                }
+            }
+            0xb | 0x1f => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Runs one vCPU until the VM stops. Only the boot vCPU's halt with interrupts off ends the VM
+/// (others halt that way when the guest parks them).
+fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared, boot_cpu: bool) -> ExitReason {
     loop {
         let exit = match vcpu.run() {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                if halted_for_good(vcpu) {
+                if boot_cpu && halted_for_good(vcpu) {
                     return ExitReason::Halted;
                 }
                 continue;
