@@ -13,9 +13,10 @@ use vmm_min::config::{self, Config};
 /// vmm-min emulates a 16550 serial port (0x3f8, IRQ 4), the i8042 reset line and the virtio-mmio
 /// transport; each --blk/--net/--scsi device is a vhost-user socket served by its own daemon
 /// (blkback, netback, cdrom, or any vhost-user backend). Devices are placed at 0xd0000000 +
-/// 4 KiB * N with IRQ 5 + N and announced on the kernel command line (virtio_mmio.device=).
-/// Guest memory is one shared memfd handed to every backend. The kernel is entered directly in
-/// 64-bit mode with boot_params (e820 map, command line, initrd).
+/// 4 KiB * N with IRQ 5 + N and announced on the kernel command line (virtio_mmio.device=)
+/// and in ACPI tables (DSDT; the MADT lists the vCPUs). Guest memory is one shared memfd handed
+/// to every backend. The kernel is entered directly in 64-bit mode with boot_params (e820 map,
+/// command line, initrd, RSDP).
 ///
 /// vmm-min exits 0 when the guest resets the machine (Linux `reboot -f`, or a write of 0xfe to
 /// port 0x64) or on `shutdown` from the API socket, and 1 with the reason on a triple fault,
