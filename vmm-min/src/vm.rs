@@ -464,7 +464,15 @@ fn spawn_watchers(shared: &Arc<Shared>, cfg: &Config) {
     }
 }
 
+/// First wait before reconnecting; doubled (up to [`RECONNECT_MAX`]) while the backend keeps
+/// failing or hanging up within [`RECONNECT_STABLE`].
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_STABLE: Duration = Duration::from_secs(2);
+
 fn watch(s: &Shared, i: usize, kind: &crate::mmio::Kind, socket: &Path) {
+    let mut delay = RECONNECT_MIN;
+    let mut since = Instant::now();
     loop {
         let fd = lock(&s.devices[i]).watch_fd();
         if let Some(fd) = fd {
@@ -487,9 +495,13 @@ fn watch(s: &Shared, i: usize, kind: &crate::mmio::Kind, socket: &Path) {
                 kind.name(),
                 socket.display()
             );
+            if since.elapsed() >= RECONNECT_STABLE {
+                delay = RECONNECT_MIN;
+            }
         }
         loop {
-            thread::sleep(Duration::from_millis(200));
+            thread::sleep(delay);
+            delay = (delay * 2).min(RECONNECT_MAX);
             if !socket.exists() {
                 continue;
             }
@@ -504,6 +516,7 @@ fn watch(s: &Shared, i: usize, kind: &crate::mmio::Kind, socket: &Path) {
                                 socket.display(),
                                 d.status()
                             );
+                            since = Instant::now();
                             break;
                         }
                         Err(e) => {
@@ -512,7 +525,11 @@ fn watch(s: &Shared, i: usize, kind: &crate::mmio::Kind, socket: &Path) {
                         }
                     }
                 }
-                Err(e) => log::debug!("{} device {i}: not back yet: {e}", kind.name()),
+                Err(e) => {
+                    // Waiting for the daemon to come back is the normal case: no back-off.
+                    delay = RECONNECT_MIN;
+                    log::debug!("{} device {i}: not back yet: {e}", kind.name());
+                }
             }
         }
     }
