@@ -292,7 +292,11 @@ fn test_guest_drives_cdrom() {
     let sock = d.join("cd.sock");
     let disk = format!("tap:cdrom:{}", iso.display());
     let _cd = vback_daemon("cdrom", &sock, &["--disk", &disk], &d.join("cd.log")).unwrap();
-    let (serial, _) = run_guest(d, &["--scsi", sock.to_str().unwrap()]);
+    let (serial, _) = run_guest(d, &["--no-acpi", "--scsi", sock.to_str().unwrap()]);
+    assert!(
+        serial.contains("ACPI none"),
+        "--no-acpi wrote tables:\n{serial}"
+    );
     assert_results(&serial, &["scsi-inquiry", "scsi-read-capacity"]);
     assert!(serial.contains("SCSI inquiry type 5"), "{serial}");
     let blocks = std::fs::metadata(&iso).unwrap().len() / 2048;
@@ -329,6 +333,9 @@ fn all_three_backends_at_once() {
         ],
     );
     assert!(serial.contains("DEVICES 3"), "{serial}");
+    // The ACPI tables as the guest finds them: both vCPUs, the three devices, valid checksums.
+    assert!(serial.contains("ACPI cpus 2 devices 3"), "{serial}");
+    assert_results(&serial, &["acpi-tables"]);
     assert_results(
         &serial,
         &[

@@ -386,6 +386,38 @@ static void scsi_round2(void) {
 
 int want_wait, want_resize, want_hostile;
 
+/* ---- ACPI: what vmm-min described (RSDP at 0xe0000) ---- */
+static u8 sum8(const u8 *p, u32 n) { u8 s = 0; while (n--) s = (u8)(s + *p++); return s; }
+
+static void check_acpi(void) {
+    const u8 *rsdp = (const u8 *)0xe0000UL;
+    if (!memeq(rsdp, "RSD PTR ", 8)) { puts("ACPI none\n"); return; }
+    int ok = sum8(rsdp, 20) == 0 && sum8(rsdp, 36) == 0;
+    const u8 *xsdt = (const u8 *)*(const u64 *)(rsdp + 24);
+    u32 xlen = *(const u32 *)(xsdt + 4);
+    ok = ok && memeq(xsdt, "XSDT", 4) && sum8(xsdt, xlen) == 0;
+    u64 cpus = 0, devices = 0;
+    for (u32 off = 36; ok && off + 8 <= xlen; off += 8) {
+        const u8 *t = (const u8 *)*(const u64 *)(xsdt + off);
+        u32 len = *(const u32 *)(t + 4);
+        ok = sum8(t, len) == 0;
+        if (memeq(t, "APIC", 4)) {
+            for (u32 e = 44; e + 2 <= len; e += t[e + 1]) {
+                if (t[e + 1] == 0) { ok = 0; break; }
+                if (t[e] == 0 && (t[e + 4] & 1)) cpus++;
+            }
+        } else if (memeq(t, "FACP", 4)) {
+            const u8 *d = (const u8 *)*(const u64 *)(t + 140);
+            u32 dlen = *(const u32 *)(d + 4);
+            ok = ok && memeq(d, "DSDT", 4) && sum8(d, dlen) == 0;
+            for (u32 i = 36; i + 8 <= dlen; i++)
+                if (memeq(d + i, "LNRO0005", 8)) devices++;
+        }
+    }
+    puts("ACPI cpus "); putd(cpus); puts(" devices "); putd(devices); puts("\n");
+    result("acpi-tables", ok);
+}
+
 /* Reads the command line from boot_params (rsi is not preserved: the pointer is fixed). */
 static int cmdline_has(const char *word) {
     const char *cl = (const char *)(u64)*(volatile u32 *)(0x7000 + 0x228);
@@ -403,6 +435,7 @@ void main(void) {
     want_wait = cmdline_has("vmmtest.wait");
     want_resize = cmdline_has("vmmtest.resize");
     want_hostile = cmdline_has("vmmtest.hostile");
+    check_acpi();
     int found = 0;
     for (int i = 0; i < 11; i++) {
         u64 base = MMIO_BASE + (u64)i * 0x1000;
