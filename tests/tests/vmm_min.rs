@@ -335,7 +335,7 @@ fn all_three_backends_at_once() {
     assert!(serial.contains("DEVICES 3"), "{serial}");
     // The ACPI tables as the guest finds them: both vCPUs, the three devices, valid checksums.
     assert!(serial.contains("ACPI cpus 2 devices 3"), "{serial}");
-    assert_results(&serial, &["acpi-tables"]);
+    assert_results(&serial, &["acpi-tables", "ap-start"]);
     assert_results(
         &serial,
         &[

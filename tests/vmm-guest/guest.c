@@ -387,6 +387,8 @@ static void scsi_round2(void) {
 int want_wait, want_resize, want_hostile;
 
 /* ---- ACPI: what vmm-min described (RSDP at 0xe0000) ---- */
+static u64 acpi_cpus;
+
 static u8 sum8(const u8 *p, u32 n) { u8 s = 0; while (n--) s = (u8)(s + *p++); return s; }
 
 static void check_acpi(void) {
@@ -416,6 +418,32 @@ static void check_acpi(void) {
     }
     puts("ACPI cpus "); putd(cpus); puts(" devices "); putd(devices); puts("\n");
     result("acpi-tables", ok);
+    acpi_cpus = cpus;
+}
+
+/* Starts vCPU 1 with INIT and SIPI through the local APIC (KVM's, in the kernel); it runs a
+   real-mode trampoline at 0x10000 that sets a flag and halts. */
+static void start_ap(void) {
+    static const u8 tramp[] = {
+        0x2e, 0xc6, 0x06, 0x00, 0x01, 0x01, /* mov byte [cs:0x100], 1 */
+        0xfa, 0xf4, 0xeb, 0xfd,             /* cli; hlt; jmp back to hlt */
+    };
+    volatile u8 *code = (volatile u8 *)0x10000UL;
+    for (u32 i = 0; i < sizeof tramp; i++) code[i] = tramp[i];
+    code[0x100] = 0;
+    volatile u32 *icr_lo = (volatile u32 *)0xfee00300UL, *icr_hi = (volatile u32 *)0xfee00310UL;
+    volatile u32 *svr = (volatile u32 *)0xfee000f0UL, *id = (volatile u32 *)0xfee00020UL;
+    puts("LAPIC id "); putx(*id); puts(" version "); putx(*(volatile u32 *)0xfee00030UL);
+    puts(" svr "); putx(*svr); puts("\n");
+    *svr = 0x1ff; /* software-enable the local APIC, as an OS does before sending IPIs */
+    *icr_hi = 1u << 24;
+    *icr_lo = 0x4500;        /* INIT, assert */
+    *icr_hi = 1u << 24;
+    *icr_lo = 0x4600 | 0x10; /* STARTUP at 0x10000 */
+    u64 i = 0;
+    while (code[0x100] != 1 && i < SPIN) i++;
+    puts("AP 1 "); puts(code[0x100] == 1 ? "started\n" : "did not start\n");
+    result("ap-start", code[0x100] == 1);
 }
 
 /* Reads the command line from boot_params (rsi is not preserved: the pointer is fixed). */
@@ -436,6 +464,7 @@ void main(void) {
     want_resize = cmdline_has("vmmtest.resize");
     want_hostile = cmdline_has("vmmtest.hostile");
     check_acpi();
+    if (acpi_cpus > 1) start_ap();
     int found = 0;
     for (int i = 0; i < 11; i++) {
         u64 base = MMIO_BASE + (u64)i * 0x1000;

@@ -391,13 +391,15 @@ fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared, boot_cpu: bool) -> ExitReason {
             }
             VcpuExit::MmioRead(addr, data) => match device_at(s, addr) {
                 Some((d, off)) => lock(d).read(off, data),
-                None => data.fill(0),
-            },
-            VcpuExit::MmioWrite(addr, data) => {
-                if let Some((d, off)) = device_at(s, addr) {
-                    lock(d).write(off, data);
+                None => {
+                    log::debug!("read of {} bytes at unclaimed address {addr:#x}", data.len());
+                    data.fill(0)
                 }
-            }
+            },
+            VcpuExit::MmioWrite(addr, data) => match device_at(s, addr) {
+                Some((d, off)) => lock(d).write(off, data),
+                None => log::debug!("write of {data:x?} to unclaimed address {addr:#x}"),
+            },
             VcpuExit::Hlt => return ExitReason::Halted,
             VcpuExit::Shutdown => return ExitReason::TripleFault,
             VcpuExit::SystemEvent(t, _) => {
