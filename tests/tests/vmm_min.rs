@@ -591,6 +591,9 @@ fn api_shutdown_stops_the_vm() {
         s["device"]["devices"][0]["mmio_exits"].as_u64().unwrap() > 10,
         "{s}"
     );
+    let st = c.call("stats", Value::Null).unwrap();
+    assert!(st["device"]["vcpu_exits"].as_u64().unwrap() > 10, "{st}");
+    assert_eq!(st["device"]["devices"][0]["reconnects"], 0, "{st}");
     let r = c.call("shutdown", Value::Null).unwrap();
     assert_eq!(r["stopping"], true);
     let st = vmm.wait_exit(Duration::from_secs(20));

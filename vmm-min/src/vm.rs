@@ -392,7 +392,10 @@ fn vcpu_loop(vcpu: &mut VcpuFd, s: &Shared, boot_cpu: bool) -> ExitReason {
             VcpuExit::MmioRead(addr, data) => match device_at(s, addr) {
                 Some((d, off)) => lock(d).read(off, data),
                 None => {
-                    log::debug!("read of {} bytes at unclaimed address {addr:#x}", data.len());
+                    log::debug!(
+                        "read of {} bytes at unclaimed address {addr:#x}",
+                        data.len()
+                    );
                     data.fill(0)
                 }
             },
@@ -572,6 +575,26 @@ impl ControlHandler for Api {
             })
             .collect();
         json!({ "devices": devs })
+    }
+
+    fn stats(&self) -> Value {
+        let devs: Vec<Value> = self
+            .0
+            .devices
+            .iter()
+            .map(|d| {
+                let d = lock(d);
+                json!({
+                    "kind": d.kind.name(),
+                    "mmio_exits": d.mmio_exits,
+                    "reconnects": d.reconnects,
+                })
+            })
+            .collect();
+        json!({
+            "vcpu_exits": self.0.exits.load(Ordering::Relaxed),
+            "devices": devs,
+        })
     }
 
     fn commands(&self) -> Vec<vback_common::control::CommandInfo> {
