@@ -121,6 +121,21 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
             &["--kernel", "k", "--mem", "1M"][..],
             "16M minimum",
         ),
+        (
+            "vmm-min",
+            &["--kernel", "k", "--blk", "/tmp/x,rx"][..],
+            "unknown option `rx`",
+        ),
+        (
+            "vmm-min",
+            &["--kernel", "k", "--net", "/tmp/x,mac=01:02"][..],
+            "is not a MAC address",
+        ),
+        (
+            "vmm-min",
+            &["--kernel", "k", "--serial", "tty"][..],
+            "is not stdio or file:PATH",
+        ),
     ] {
         let o = run(bin, args);
         assert_eq!(o.status.code(), Some(2), "{bin} {args:?}");
@@ -129,11 +144,24 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
 }
 
 #[test]
+fn vmm_min_names_an_unreadable_kernel() {
+    let o = run(
+        "vmm-min",
+        &["--kernel", "/nonexistent/vmlinux", "--mem", "16M"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot read kernel /nonexistent/vmlinux"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn skeletons_say_they_do_not_serve_yet() {
     for (bin, args) in [
         ("usbback", &["--socket", "/tmp/x"][..]),
         ("bridge", &["--port", "/tmp/x"][..]),
-        ("vmm-min", &["--kernel", "/boot/vmlinuz"][..]),
     ] {
         let o = run(bin, args);
         assert_eq!(o.status.code(), Some(2), "{bin}");
