@@ -106,14 +106,14 @@ pub fn parse_blk(spec: &str) -> Result<(Kind, PathBuf), ConfigError> {
 pub fn parse_net(spec: &str) -> Result<(Kind, PathBuf), ConfigError> {
     let mut parts = spec.split(',');
     let sock = socket("net", spec, parts.next())?;
-    let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let mut mac = None;
     for opt in parts {
         match opt.split_once('=') {
             Some(("mac", v)) => {
-                mac = parse_mac(v).ok_or_else(|| ConfigError::BadMac {
+                mac = Some(parse_mac(v).ok_or_else(|| ConfigError::BadMac {
                     spec: spec.into(),
                     mac: v.into(),
-                })?;
+                })?);
             }
             _ => {
                 return Err(ConfigError::UnknownOption {
@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(
             parse_net("/n,mac=02:00:00:00:00:0a").unwrap().0,
             Kind::Net {
-                mac: [2, 0, 0, 0, 0, 10]
+                mac: Some([2, 0, 0, 0, 0, 10])
             }
         );
         assert_eq!(parse_scsi("/c").unwrap().0, Kind::Scsi);

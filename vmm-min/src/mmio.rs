@@ -35,8 +35,10 @@ pub enum Kind {
     },
     /// virtio-net.
     Net {
-        /// MAC address given to the guest when the backend serves no config space.
-        mac: [u8; 6],
+        /// The guest's MAC (`--net SOCK,mac=`): it replaces the backend's in the config space,
+        /// as QEMU's `mac=` does. Without one, the backend's MAC, or 52:54:00:12:34:56 when the
+        /// backend serves no config space.
+        mac: Option<[u8; 6]>,
     },
     /// virtio-scsi.
     Scsi,
@@ -167,7 +169,9 @@ impl Device {
             .map_err(|e| kvm_err("irqfd", std::io::Error::from_raw_os_error(e.errno())))?;
         let mut features = conn.features;
         match kind {
-            Kind::Net { .. } if !conn.has_config() => features |= VIRTIO_NET_F_MAC,
+            Kind::Net { mac } if !conn.has_config() || mac.is_some() => {
+                features |= VIRTIO_NET_F_MAC
+            }
             Kind::Blk { read_only: true } => features |= VIRTIO_BLK_F_RO,
             _ => {}
         }
@@ -279,7 +283,7 @@ impl Device {
     fn local_config(&self) -> Vec<u8> {
         match &self.kind {
             Kind::Net { mac } => {
-                let mut c = mac.to_vec();
+                let mut c = mac.unwrap_or([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]).to_vec();
                 c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
                 c.extend_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
                 c
@@ -324,6 +328,13 @@ impl Device {
                 if start < c.len() {
                     let n = data.len().min(c.len() - start);
                     data[..n].copy_from_slice(&c[start..start + n]);
+                }
+            }
+        }
+        if let Kind::Net { mac: Some(mac) } = &self.kind {
+            for (i, b) in data.iter_mut().enumerate() {
+                if let Some(m) = mac.get(offset as usize + i) {
+                    *b = *m;
                 }
             }
         }
