@@ -119,6 +119,8 @@ pub struct Pair {
     /// Fires when the receive window ends.
     pub rx_timer: TimerFd,
     ring: Option<IoUring>,
+    /// The tap is registered with the ring as fixed file 0.
+    fixed: bool,
     slots: Vec<TxSlot>,
     rx_iov: Vec<libc::iovec>,
     rx_chains: Vec<(u16, u64)>,
@@ -163,9 +165,14 @@ impl Pair {
         tx_limit: Option<CreditLimiter>,
         rx_limit: Option<CreditLimiter>,
     ) -> io::Result<Pair> {
+        let mut fixed = false;
         let ring = match io {
-            HostIo::Tap(_) => match IoUring::new(TX_BATCH as u32) {
-                Ok(r) => Some(r),
+            HostIo::Tap(fd) => match IoUring::new(TX_BATCH as u32) {
+                Ok(r) => {
+                    // A registered file saves a file-table lookup per write.
+                    fixed = r.submitter().register_files(&[fd]).is_ok();
+                    Some(r)
+                }
                 Err(e) => {
                     log::warn!(
                         "queue pair {index}: io_uring unavailable ({e}); writing frames one at a time"
@@ -184,6 +191,7 @@ impl Pair {
             tx_timer: TimerFd::new()?,
             rx_timer: TimerFd::new()?,
             ring,
+            fixed,
             slots: (0..TX_BATCH)
                 .map(|_| TxSlot {
                     iov: Vec::with_capacity(MAX_SEGS),
@@ -234,7 +242,11 @@ impl Pair {
         let _ = self.rx_timer.clear();
     }
 
-    fn drop_frame(&mut self, c: &Counters, reason: &'static str) {
+    fn drop_frame(&mut self, dir: Dir, reason: &'static str) {
+        let c = match dir {
+            Dir::Rx => &self.stats.rx,
+            Dir::Tx => &self.stats.tx,
+        };
         c.drops.fetch_add(1, Ordering::Relaxed);
         self.last_drop = Some(reason);
         log::debug!("queue pair {}: dropped a frame: {reason}", self.index);
@@ -265,6 +277,9 @@ impl Pair {
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut signal = false;
         let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return; // not started, or reset by a front end that went away
+        }
         let _ = st.get_queue_mut().disable_notification(m);
         loop {
             let mut n = 0;
@@ -294,7 +309,7 @@ impl Pair {
                 let frame = match checked {
                     Ok(f) => f,
                     Err(reason) => {
-                        self.drop_frame(tx, reason);
+                        self.drop_frame(Dir::Tx, reason);
                         let _ = q.add_used(m, head, 0);
                         signal = true;
                         continue;
@@ -411,12 +426,12 @@ impl Pair {
             {
                 let mut sq = ring.submission();
                 for (i, slot) in self.slots[..n].iter().enumerate() {
-                    let e = opcode::Writev::new(
-                        types::Fd(fd),
-                        slot.iov.as_ptr(),
-                        slot.iov.len() as u32,
-                    )
-                    .build()
+                    let (p, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
+                    let e = if self.fixed {
+                        opcode::Writev::new(types::Fixed(0), p, n).build()
+                    } else {
+                        opcode::Writev::new(types::Fd(fd), p, n).build()
+                    }
                     .user_data(i as u64);
                     // SAFETY: the iovecs point into guest memory kept mapped by the caller's
                     // `Arc<Mem>` and live in `self.slots`, untouched until the completions are
@@ -477,7 +492,7 @@ impl Pair {
                     libc::EAGAIN | libc::ENOBUFS => "the host interface's queue is full",
                     _ => "the host interface refused the frame",
                 };
-                self.drop_frame(tx, reason);
+                self.drop_frame(Dir::Tx, reason);
             }
         }
     }
@@ -513,11 +528,18 @@ impl Pair {
         let m: &Mem = mem;
         let mut signal = false;
         let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return; // frames wait in the tap until a front end starts the ring
+        }
         let _ = st.get_queue_mut().disable_notification(m);
         let mut since_signal = 0;
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        let used_at_start = st.get_queue().next_used();
         loop {
             match self.receive_one(&mut st, mem) {
-                Rx::Done => {
+                Rx::Done(n) => {
+                    packets += 1;
+                    bytes += n;
                     signal = true;
                     since_signal += 1;
                     // Let the guest start on a long burst.
@@ -526,6 +548,10 @@ impl Pair {
                         signal = false;
                         since_signal = 0;
                     }
+                    continue;
+                }
+                Rx::Dropped => {
+                    signal = true;
                     continue;
                 }
                 Rx::Held => {
@@ -539,8 +565,18 @@ impl Pair {
                     break;
                 }
                 Rx::NoBuffers => {
-                    // Ask the guest to kick when it adds buffers, then look again (it may have
-                    // added them before notifications were on).
+                    // Watch the ring for the poll window; then ask the guest to kick when it
+                    // adds buffers, and look again (it may have added them before
+                    // notifications were on).
+                    if !self.poll.is_zero() {
+                        if signal {
+                            notify_guest(&mut st, m);
+                            signal = false;
+                        }
+                        if self.poll_avail(&mut st, m) {
+                            continue;
+                        }
+                    }
                     if rearm(&mut st, m) {
                         continue;
                     }
@@ -548,14 +584,18 @@ impl Pair {
                 }
             }
         }
-        if signal {
+        // Chains returned empty (bad buffers) need the guest's attention too.
+        if signal || st.get_queue().next_used() != used_at_start {
             notify_guest(&mut st, m);
+        }
+        drop(st);
+        if packets > 0 {
+            self.stats.rx.packets.fetch_add(packets, Ordering::Relaxed);
+            self.stats.rx.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
     fn receive_one(&mut self, st: &mut VringState, mem: &Arc<Mem>) -> Rx {
-        let stats = self.stats.clone();
-        let rx = &stats.rx;
         match &self.io {
             HostIo::Null { flood, .. } => {
                 if *flood {
@@ -585,7 +625,7 @@ impl Pair {
                         // A chain we cannot use: return it empty so the guest gets it back.
                         self.rx_iov.truncate(before);
                         self.drop_frame(
-                            rx,
+                            Dir::Rx,
                             "a receive chain with no room for a header, or outside guest memory",
                         );
                         let _ = st.get_queue_mut().add_used(&**mem, head, 0);
@@ -638,7 +678,7 @@ impl Pair {
                     match l.check(now(), frame_len) {
                         Verdict::Send => l.charge(frame_len),
                         Verdict::StallUntil(t) => {
-                            rx.stalls.fetch_add(1, Ordering::Relaxed);
+                            self.stats.rx.stalls.fetch_add(1, Ordering::Relaxed);
                             Self::arm(&mut self.rx_timer, t);
                             self.held = Some(HeldRx {
                                 used: lens,
@@ -651,9 +691,7 @@ impl Pair {
                 for (head, len) in lens {
                     let _ = st.get_queue_mut().add_used(&**mem, head, len);
                 }
-                rx.packets.fetch_add(1, Ordering::Relaxed);
-                rx.bytes.fetch_add(frame_len, Ordering::Relaxed);
-                Rx::Done
+                Rx::Done(frame_len)
             }
         }
     }
@@ -661,8 +699,17 @@ impl Pair {
     /// The null side's generator tick: one frame into the receive queue.
     pub fn generate(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let mut st = vring.get_mut();
-        if let Rx::Done = self.null_one(&mut st, mem) {
-            notify_guest(&mut st, mem);
+        if !st.get_queue().ready() {
+            return;
+        }
+        match self.null_one(&mut st, mem) {
+            Rx::Done(n) => {
+                self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
+                self.stats.rx.bytes.fetch_add(n, Ordering::Relaxed);
+                notify_guest(&mut st, mem);
+            }
+            Rx::Dropped => notify_guest(&mut st, mem),
+            _ => {}
         }
     }
 
@@ -676,20 +723,16 @@ impl Pair {
         };
         let head = chain.head_index();
         let flen = frame.len() as u64;
-        let len = match fill_rx(&**mem, chain, frame) {
-            Some(n) => {
-                self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
-                self.stats.rx.bytes.fetch_add(flen, Ordering::Relaxed);
-                n
-            }
-            None => {
-                let rx = self.stats.clone();
-                self.drop_frame(&rx.rx, "a receive buffer too small for the frame");
-                0
-            }
-        };
-        let _ = st.get_queue_mut().add_used(&**mem, head, len);
-        Rx::Done
+        let filled = fill_rx(&**mem, chain, frame);
+        let _ = st
+            .get_queue_mut()
+            .add_used(&**mem, head, filled.unwrap_or(0));
+        if filled.is_some() {
+            Rx::Done(flen)
+        } else {
+            self.drop_frame(Dir::Rx, "a receive buffer too small for the frame");
+            Rx::Dropped
+        }
     }
 }
 
@@ -730,8 +773,17 @@ fn notify_guest(st: &mut VringState, m: &Mem) {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Dir {
+    Rx,
+    Tx,
+}
+
 enum Rx {
-    Done,
+    /// A frame of this many bytes (without the header) reached the guest.
+    Done(u64),
+    /// A chain went back to the guest empty (counted as a drop).
+    Dropped,
     HostEmpty,
     NoBuffers,
     Held,

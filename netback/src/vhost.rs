@@ -269,6 +269,9 @@ impl NetBackend {
 
     fn process_ctrl(&self, vring: &Vring, mem: &Arc<Mem>) {
         let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return;
+        }
         let mut any = false;
         while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) {
             let head = chain.head_index();
