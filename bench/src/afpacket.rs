@@ -209,4 +209,101 @@ mod tests {
         }
         assert_eq!(udp_frame(10, [0xff; 6]).len(), 60);
     }
+
+    /// A network namespace for one test, deleted at the end.
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
+    /// Opens a tap named `name` inside namespace `ns` (from a thread that enters it), as
+    /// netback's tap host side will: the reader of what the source sends.
+    fn tap_in(ns: &str, name: &str) -> OwnedFd {
+        let (ns, name) = (ns.to_owned(), name.to_owned());
+        std::thread::spawn(move || {
+            let nsf = File::open(format!("/run/netns/{ns}")).expect("namespace file");
+            // SAFETY: setns on a namespace file we hold open; this thread only.
+            let rc = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("/dev/net/tun (the tun driver) is needed for the tap source test");
+            // SAFETY: an all-zero ifreq is valid; name and flags are set below.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+                *d = s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+            const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+            // SAFETY: TUNSETIFF reads and writes the ifreq we own.
+            let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &raw mut ifr) };
+            assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            OwnedFd::from(tun)
+        })
+        .join()
+        .expect("tap thread")
+    }
+
+    #[test]
+    fn the_source_sends_its_frames_into_a_tap_in_a_namespace() {
+        let ns = Ns(format!("vback-bench-test-{}", std::process::id()));
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip (iproute2) is needed for the tap source test");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &ns.0]);
+        let tap = tap_in(&ns.0, "vbtsrc0");
+        ip(&["-n", &ns.0, "link", "set", "dev", "vbtsrc0", "up"]);
+        let frame = udp_frame(64, [0x00, 0x16, 0x3e, 0, 0xbe, 0x01]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (ns2, f2, stop2, sent2) = (ns.0.clone(), frame.clone(), stop.clone(), sent.clone());
+        let source = std::thread::spawn(move || {
+            let fd = open(&ns2, "vbtsrc0")?;
+            send_until(&fd, "vbtsrc0", &f2, &stop2, &sent2)
+        });
+        // Read frames from the tap until 100 arrived (5 s at most).
+        let mut got = 0;
+        let mut buf = [0u8; 2048];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut pfd = libc::pollfd {
+            fd: tap.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while got < 100 && std::time::Instant::now() < deadline {
+            // SAFETY: poll on one pollfd we own.
+            if unsafe { libc::poll(&raw mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            // SAFETY: read into a buffer we own, of the length given.
+            let n = unsafe { libc::read(tap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n = usize::try_from(n).expect("read from the tap");
+            // The kernel may also send its own frames (IPv6 router solicitations): skip them.
+            if n == frame.len() && buf[..n] == frame[..] {
+                got += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let r = source.join().expect("source thread");
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(got, 100, "frames read back from the tap");
+        assert!(sent.load(Ordering::Relaxed) >= 100);
+        // Opening on an interface that is not there says which.
+        let e = open(&ns.0, "vbtnone0").unwrap_err();
+        assert!(e.to_string().contains("vbtnone0"), "{e}");
+    }
 }

@@ -1023,9 +1023,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | backend | Mpps | Gbit/s | backend CPU ns/packet | backend CPU | vs dpdk-vhost |"
+        "| workload | backend | Mpps | Gbit/s | backend CPU ns/packet | backend CPU | client CPU | vs dpdk-vhost |"
     );
-    let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &dir in &args.directions {
         for &size in &args.frame_sizes {
@@ -1076,12 +1076,14 @@ pub fn run(args: &Args) -> Result<(), String> {
                         };
                         let _ = writeln!(
                             table,
-                            "| {label} | {} | {}{note} | {:.2} | {} | {} | {} |",
+                            "| {label} | {} | {}{note} | {:.2} | {} | {} | {} | {} |",
                             b.name(),
                             show_mpps(m.mpps),
                             m.gbps,
                             m.ns_per_packet.map_or("-".into(), |n| format!("{n:.0}")),
                             m.backend_cpu
+                                .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                            m.client_cpu
                                 .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
                             match reference {
                                 Some(r) if r > 0.0 && b != Backend::DpdkVhost =>
@@ -1093,7 +1095,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                     Err(e) => {
                         let _ = writeln!(
                             table,
-                            "| {label} | {} | {} | - | - | - | - |",
+                            "| {label} | {} | {} | - | - | - | - | - |",
                             b.name(),
                             e.replace('|', "/")
                         );
