@@ -29,6 +29,7 @@ use crate::testpmd::{self, PortStats, StatsParser};
 
 /// Options of `vback-bench net`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = AFTER_HELP)]
 pub struct Args {
     /// Seconds measured per run, after the warm-up (testpmd prints its counters about every
     /// 2 s here, so the measured window is rounded up to its next report).
@@ -66,10 +67,42 @@ pub struct Args {
     #[arg(long, env = "DPDK_DIR", default_value = "/var/tmp/vback-dpdk")]
     dpdk_dir: PathBuf,
 
+    /// Extra keys for the tap row's vif string, which is
+    /// 'vifname=vbtNNNNN,mac=00:16:3e:00:be:01' (e.g. --tap-vif-extra 'script=/bin/true').
+    #[arg(long, value_name = "KEYS")]
+    tap_vif_extra: Option<String>,
+
+    /// The netback binary (default: the one built next to vback-bench).
+    #[arg(long, value_name = "PATH")]
+    netback: Option<PathBuf>,
+
+    /// Keep the work directory with every process's log (printed at the start; removed
+    /// otherwise).
+    #[arg(long)]
+    keep_logs: bool,
+
     /// An extra netback argument (repeatable), e.g. --netback-arg=--log-level=info.
     #[arg(long = "netback-arg", value_name = "ARG", allow_hyphen_values = true)]
     netback_args: Vec<String>,
 }
+
+const AFTER_HELP: &str = "\
+Each run starts the backend on CPU 0 and dpdk-testpmd with a virtio-user port (the front end,
+forwarding core on CPU 1) on a fresh socket, skips --warmup seconds, then measures --seconds:
+  Mpps, Gbit/s   the front end's transmitted (tx) or received (rx) frame counter over the window
+                 (tx through the tap: the tap's receive counter, i.e. what reached the kernel);
+                 Gbit/s counts Ethernet frames without FCS
+  CPU ns/packet  the backend process's utime+stime (/proc/PID/stat) per packet
+  backend CPU, client CPU   the share of one CPU each process got (less than 100% for a busy
+                 poller means other work took the CPU: compare such runs with care)
+Needs root (network namespace, taps), dpdk-testpmd (scripts/bench-setup.sh) and a release build:
+  cargo build --release -p netback -p vback-bench
+
+Examples:
+  vback-bench net --repeat 3                   # the full table, medians of 3 (about 10 minutes)
+  vback-bench net --only netback-null,dpdk-vhost --directions tx --frame-sizes 64 --seconds 3
+  vback-bench net --only netback-tap --tap-vif-extra 'script=/bin/true' --json tap.json
+  vback-bench net --netback-arg=--log-level=debug --keep-logs  # netback's logs, kept";
 
 /// A backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -619,7 +652,11 @@ fn start_backend(
                 .as_ref()
                 .map(|n| n.name.clone())
                 .unwrap_or_default();
-            let vif = format!("vifname={},mac=00:16:3e:00:be:01", ctx.ifname);
+            let mut vif = format!("vifname={},mac=00:16:3e:00:be:01", ctx.ifname);
+            if let Some(extra) = &ctx.args.tap_vif_extra {
+                vif.push(',');
+                vif.push_str(extra);
+            }
             let mut argv: Vec<OsString> = ["ip", "netns", "exec", &ns, "taskset", "-c", &cpu]
                 .map(OsString::from)
                 .to_vec();
@@ -885,6 +922,17 @@ fn collect(
                 log: be.tail(3),
             });
         }
+        if let Some(line) = be
+            .lines
+            .try_iter()
+            .find_map(|(_, l)| testpmd::failure(&l).map(str::to_owned))
+        {
+            return Err(NetError::DeviceFailed {
+                who: backend.name().into(),
+                line,
+                log: be.log.display().to_string(),
+            });
+        }
     };
     let (a, b) = (&samples[start.unwrap_or(0)], &samples[end]);
     Ok(compute(
@@ -999,7 +1047,11 @@ pub fn run(args: &Args) -> Result<(), String> {
             ));
         }
     }
-    let netback = workspace_bin("netback").map_err(|e| e.to_string())?;
+    let netback = match &args.netback {
+        Some(p) if p.is_file() => p.clone(),
+        Some(p) => return Err(format!("{}: no such netback binary", p.display())),
+        None => workspace_bin("netback").map_err(|e| e.to_string())?,
+    };
     let backends: Vec<Backend> = BACKENDS
         .into_iter()
         .filter(|b| args.only.is_empty() || args.only.contains(b))
@@ -1110,6 +1162,10 @@ pub fn run(args: &Args) -> Result<(), String> {
         }
     }
     println!("{table}");
+    if args.keep_logs {
+        let kept = tmp.keep();
+        eprintln!("logs kept in {}", kept.display());
+    }
     if let Some(p) = &args.json {
         let doc = json!({
             "seconds": args.seconds, "warmup": args.warmup, "repeat": args.repeat,
