@@ -110,13 +110,18 @@ where
     u32::try_from(need).ok()
 }
 
-/// The frame the null host side sends the guest: a broadcast with a local experimental
-/// EtherType (the guest's stack counts and ignores it).
-pub fn null_frame() -> Vec<u8> {
+/// The frame the null host side sends the guest: a broadcast of `len` bytes (at least 60, at
+/// most 1514) with a local experimental EtherType, which the guest's stack counts and ignores.
+pub fn null_frame(len: usize) -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
     f.extend_from_slice(&[0x88, 0xb5]);
-    f.extend_from_slice(b"vback netback null host side; counted and dropped    ");
+    let text = b"vback netback null host side; counted and dropped. ";
+    let len = len.clamp(60, 1514);
+    while f.len() < len {
+        let n = (len - f.len()).min(text.len());
+        f.extend_from_slice(&text[..n]);
+    }
     f
 }
 
@@ -215,7 +220,9 @@ mod tests {
     #[test]
     fn receive_fill() {
         let m = mem();
-        let f = null_frame();
+        let f = null_frame(70);
+        assert_eq!(f.len(), 70);
+        assert_eq!(null_frame(10).len(), 60);
         let d = vec![Descriptor::new(0x3000, 1526, 2, 0)];
         assert_eq!(fill_rx(&m, d.into_iter(), &f), Some(12 + f.len() as u32));
         assert_eq!(m.read_obj::<u16>(GuestAddress(0x3000 + 10)).unwrap(), 1);

@@ -113,12 +113,29 @@ impl GuestImage {
 /// A device attached to the guest.
 #[derive(Debug, Clone)]
 enum Device {
-    VhostBlk { socket: PathBuf, props: String },
-    VhostScsi { socket: PathBuf, props: String },
-    VhostNet { socket: PathBuf, props: String },
-    UsbRedir { socket: PathBuf },
-    QemuDrive { file: PathBuf, props: String },
-    QemuCdrom { image: PathBuf },
+    VhostBlk {
+        socket: PathBuf,
+        props: String,
+    },
+    VhostScsi {
+        socket: PathBuf,
+        props: String,
+    },
+    VhostNet {
+        socket: PathBuf,
+        queues: u16,
+        props: String,
+    },
+    UsbRedir {
+        socket: PathBuf,
+    },
+    QemuDrive {
+        file: PathBuf,
+        props: String,
+    },
+    QemuCdrom {
+        image: PathBuf,
+    },
 }
 
 /// A host action the guest can trigger by printing `VBACK-HOST:<name>` on a line of its own.
@@ -204,9 +221,15 @@ impl Guest {
 
     /// A virtio-net NIC on a vhost-user netdev at `socket`; `props` go to `virtio-net-pci`
     /// (e.g. `mac=00:16:3e:00:00:01,mq=on`).
-    pub fn vhost_net(mut self, socket: impl AsRef<Path>, props: &str) -> Guest {
+    pub fn vhost_net(self, socket: impl AsRef<Path>, props: &str) -> Guest {
+        self.vhost_net_queues(socket, 1, props)
+    }
+
+    /// A multi-queue virtio-net on `-netdev vhost-user,queues=N` (the guest sees `queues` pairs).
+    pub fn vhost_net_queues(mut self, socket: impl AsRef<Path>, queues: u16, props: &str) -> Guest {
         self.devices.push(Device::VhostNet {
             socket: socket.as_ref().to_owned(),
+            queues,
             props: props.to_owned(),
         });
         self
@@ -312,13 +335,27 @@ impl Guest {
                         with_comma(props)
                     ));
                 }
-                Device::VhostNet { socket, props } => {
+                Device::VhostNet {
+                    socket,
+                    queues,
+                    props,
+                } => {
                     a.push("-chardev".into());
                     a.push(format!("socket,id=vun{i},path={}", socket.display()));
                     a.push("-netdev".into());
-                    a.push(format!("vhost-user,id=net{i},chardev=vun{i}"));
+                    a.push(format!(
+                        "vhost-user,id=net{i},chardev=vun{i},queues={queues}"
+                    ));
                     a.push("-device".into());
-                    a.push(format!("virtio-net-pci,netdev=net{i}{}", with_comma(props)));
+                    let mq = if *queues > 1 {
+                        format!(",mq=on,vectors={}", 2 * queues + 2)
+                    } else {
+                        String::new()
+                    };
+                    a.push(format!(
+                        "virtio-net-pci,netdev=net{i}{mq}{}",
+                        with_comma(props)
+                    ));
                 }
                 Device::UsbRedir { socket } => {
                     a.push("-chardev".into());

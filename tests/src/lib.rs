@@ -2,6 +2,7 @@
 //!
 //! - [`harness`]: boot a throw-away Linux guest in QEMU with vhost-user devices, run a shell
 //!   script (a batch of named checks) inside, get its output and status back;
+//! - [`netns`]: network namespaces (test hosts, bridges, veths) so no traffic leaves the machine;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
 //!   stop them, read their logs.
 //!
@@ -10,6 +11,7 @@
 
 pub mod cpio;
 pub mod harness;
+pub mod netns;
 pub mod process;
 
 pub use harness::{Accel, Check, Guest, GuestRun};

@@ -39,8 +39,18 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// Whether a unix socket is bound at `path` and listening, read from /proc/net/unix so that
 /// checking does not connect (a vhost-user backend would take a probe for its front end).
 pub fn is_listening(path: &Path) -> bool {
+    is_listening_in(path, Path::new("/proc/net/unix"))
+}
+
+/// Like [`is_listening`], in the network namespace of process `pid` (the table of unix sockets
+/// is per namespace: a daemon started in another namespace lists its socket only there).
+pub fn is_listening_for(path: &Path, pid: u32) -> bool {
+    is_listening_in(path, Path::new(&format!("/proc/{pid}/net/unix")))
+}
+
+fn is_listening_in(path: &Path, table: &Path) -> bool {
     const ACCEPTCON: u32 = 0x0001_0000;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+    let Ok(table) = std::fs::read_to_string(table) else {
         return false;
     };
     let want = path.to_string_lossy();
@@ -91,7 +101,8 @@ impl Daemon {
     ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if is_listening(socket) {
+            let pid = self.child.as_ref().map(Child::id);
+            if is_listening(socket) || pid.is_some_and(|p| is_listening_for(socket, p)) {
                 return Ok(());
             }
             if let Some(status) = self

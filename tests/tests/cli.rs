@@ -131,10 +131,6 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
 #[test]
 fn skeletons_say_they_do_not_serve_yet() {
     for (bin, args) in [
-        (
-            "netback",
-            &["--socket", "/tmp/x", "--vif", "bridge=br0"][..],
-        ),
         ("usbback", &["--socket", "/tmp/x"][..]),
         ("bridge", &["--port", "/tmp/x"][..]),
         ("vmm-min", &["--kernel", "/boot/vmlinuz"][..]),
