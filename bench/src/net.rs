@@ -54,9 +54,10 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum, default_values = ["tx", "rx"])]
     directions: Vec<Direction>,
 
-    /// Ethernet frame sizes in bytes without FCS (testpmd's --txpkts; 60 to 2000).
+    /// Ethernet frame sizes in bytes without FCS (testpmd's --txpkts, netback's
+    /// --null-frame-len; 60 to 1514).
     #[arg(long, value_delimiter = ',', default_values_t = [64u16, 1500],
-          value_parser = clap::value_parser!(u16).range(60..=2000))]
+          value_parser = clap::value_parser!(u16).range(60..=1514))]
     frame_sizes: Vec<u16>,
 
     /// Also write every run and the medians as JSON to this file.
@@ -68,7 +69,7 @@ pub struct Args {
     dpdk_dir: PathBuf,
 
     /// Extra keys for the tap row's vif string, which is
-    /// 'vifname=vbtNNNNN,mac=00:16:3e:00:be:01' (e.g. --tap-vif-extra 'script=/bin/true').
+    /// 'vifname=vbtNNNNN,mac=00:16:3e:00:be:01,script=none' (e.g. --tap-vif-extra 'mtu=9000').
     #[arg(long, value_name = "KEYS")]
     tap_vif_extra: Option<String>,
 
@@ -101,13 +102,14 @@ Needs root (network namespace, taps), dpdk-testpmd (scripts/bench-setup.sh) and 
 Examples:
   vback-bench net --repeat 3                   # the full table, medians of 3 (about 10 minutes)
   vback-bench net --only netback-null,dpdk-vhost --directions tx --frame-sizes 64 --seconds 3
-  vback-bench net --only netback-tap --tap-vif-extra 'script=/bin/true' --json tap.json
+  vback-bench net --only netback-tap --json tap.json
   vback-bench net --netback-arg=--log-level=debug --keep-logs  # netback's logs, kept";
 
 /// A backend under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// netback --host null: transmitted frames counted and dropped, received frames generated.
+    /// netback --host null: transmitted frames counted and dropped (--null-rx off); for rx,
+    /// a frame of the measured size in every posted buffer (--null-rx flood).
     NetbackNull,
     /// DPDK's vhost PMD (net_vhost) in a second dpdk-testpmd: the reference.
     DpdkVhost,
@@ -626,6 +628,13 @@ fn start_backend(
         Backend::NetbackNull => {
             let mut argv: Vec<OsString> = vec!["taskset".into(), "-c".into(), cpu.into()];
             argv.push(ctx.netback.clone().into());
+            // Guest → host: nothing for the guest (only the transmit path runs); host → guest:
+            // a frame of the measured size in every buffer the front end posts.
+            let null_rx = match dir {
+                Direction::Tx => "off",
+                Direction::Rx => "flood",
+            };
+            let len = size.to_string();
             argv.extend(
                 [
                     "--socket",
@@ -634,6 +643,10 @@ fn start_backend(
                     "null",
                     "--vif",
                     "",
+                    "--null-rx",
+                    null_rx,
+                    "--null-frame-len",
+                    &len,
                 ]
                 .map(OsString::from),
             );
@@ -652,7 +665,8 @@ fn start_backend(
                 .as_ref()
                 .map(|n| n.name.clone())
                 .unwrap_or_default();
-            let mut vif = format!("vifname={},mac=00:16:3e:00:be:01", ctx.ifname);
+            // No hotplug script: the tap stays alone in the namespace, brought up below.
+            let mut vif = format!("vifname={},mac=00:16:3e:00:be:01,script=none", ctx.ifname);
             if let Some(extra) = &ctx.args.tap_vif_extra {
                 vif.push(',');
                 vif.push_str(extra);
