@@ -486,7 +486,28 @@ impl Netns {
     fn create(name: String) -> Result<Netns, NetError> {
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name])?;
-        Ok(Netns { name })
+        let ns = Netns { name };
+        // No IPv6 autoconfiguration: the kernel then sends nothing of its own through the tap,
+        // so its counters hold only the benchmark's frames.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
+            .args([
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ])
+            .output()
+            .map_err(|err| NetError::Spawn {
+                what: "sysctl (procps)".into(),
+                err,
+            })?;
+        if !out.status.success() {
+            return Err(NetError::Net(format!(
+                "disabling IPv6 in namespace {}: {}",
+                ns.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(ns)
     }
 }
 
