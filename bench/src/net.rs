@@ -1039,9 +1039,20 @@ fn compute(
     }
 }
 
-/// The median run by packet rate, and how many runs failed (with the first error); all
-/// failed: the first error.
-fn median(runs: &[Result<Run, NetError>]) -> Result<(Run, usize, Option<String>), String> {
+/// The runs of one backend on one workload, summed up.
+#[derive(Debug, Clone)]
+struct Summary {
+    /// The median run by packet rate.
+    median: Run,
+    /// The highest packet rate of all runs (the run the machine disturbed least).
+    best_mpps: f64,
+    /// Runs that failed, and the first error.
+    failed: usize,
+    first_err: Option<String>,
+}
+
+/// Sums up runs; all failed: the first error.
+fn summarize(runs: &[Result<Run, NetError>]) -> Result<Summary, String> {
     let mut ok: Vec<&Run> = runs.iter().filter_map(|r| r.as_ref().ok()).collect();
     let first_err = runs
         .iter()
@@ -1050,11 +1061,12 @@ fn median(runs: &[Result<Run, NetError>]) -> Result<(Run, usize, Option<String>)
         return Err(first_err.unwrap_or_else(|| "no run".into()));
     }
     ok.sort_by(|a, b| a.mpps.total_cmp(&b.mpps));
-    Ok((
-        (*ok[ok.len() / 2]).clone(),
-        runs.len() - ok.len(),
+    Ok(Summary {
+        median: (*ok[ok.len() / 2]).clone(),
+        best_mpps: ok.last().map_or(0.0, |r| r.mpps),
+        failed: runs.len() - ok.len(),
         first_err,
-    ))
+    })
 }
 
 /// Mpps with three decimals, or more digits for a trickle (the null host side's generator).
@@ -1110,9 +1122,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | backend | Mpps | Gbit/s | backend CPU ns/packet | backend CPU | client CPU | vs dpdk-vhost |"
+        "| workload | backend | Mpps | best Mpps | Gbit/s | backend CPU ns/packet | backend CPU | client CPU | vs dpdk-vhost |"
     );
-    let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &dir in &args.directions {
         for &size in &args.frame_sizes {
@@ -1143,29 +1155,32 @@ pub fn run(args: &Args) -> Result<(), String> {
                     runs[k].push(r);
                 }
             }
-            let medians: Vec<_> = runs.iter().map(|r| median(r)).collect();
+            let medians: Vec<_> = runs.iter().map(|r| summarize(r)).collect();
             let reference = backends
                 .iter()
                 .position(|&b| b == Backend::DpdkVhost)
-                .and_then(|k| medians[k].as_ref().ok().map(|m| m.0.mpps));
+                .and_then(|k| medians[k].as_ref().ok().map(|sum| sum.median.mpps));
             for (k, &b) in backends.iter().enumerate() {
                 let label = format!("{} {size} B ({})", dir.name(), dir.arrow());
                 match &medians[k] {
-                    Ok((m, failed, err)) => {
-                        let note = if *failed > 0 {
+                    Ok(sum) => {
+                        let m = &sum.median;
+                        let note = if sum.failed > 0 {
                             format!(
-                                " ({failed} of {} runs failed: {})",
+                                " ({} of {} runs failed: {})",
+                                sum.failed,
                                 args.repeat,
-                                err.as_deref().unwrap_or("")
+                                sum.first_err.as_deref().unwrap_or("")
                             )
                         } else {
                             String::new()
                         };
                         let _ = writeln!(
                             table,
-                            "| {label} | {} | {}{note} | {:.2} | {} | {} | {} | {} |",
+                            "| {label} | {} | {}{note} | {} | {:.2} | {} | {} | {} | {} |",
                             b.name(),
                             show_mpps(m.mpps),
+                            show_mpps(sum.best_mpps),
                             m.gbps,
                             m.ns_per_packet.map_or("-".into(), |n| format!("{n:.0}")),
                             m.backend_cpu
@@ -1182,7 +1197,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                     Err(e) => {
                         let _ = writeln!(
                             table,
-                            "| {label} | {} | {} | - | - | - | - | - |",
+                            "| {label} | {} | {} | - | - | - | - | - | - |",
                             b.name(),
                             e.replace('|', "/")
                         );
@@ -1190,7 +1205,8 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
                 rows.push(json!({
                     "workload": workload, "direction": dir.name(), "frame_size": size, "backend": b.name(),
-                    "median": match &medians[k] { Ok((m, _, _)) => m.to_json(), Err(e) => json!({"error": e}) },
+                    "median": match &medians[k] { Ok(sum) => sum.median.to_json(), Err(e) => json!({"error": e}) },
+                    "best_mpps": medians[k].as_ref().ok().map(|sum| sum.best_mpps),
                     "runs": runs[k].iter().map(|r| match r { Ok(r) => r.to_json(), Err(e) => json!({"error": e.to_string()}) }).collect::<Vec<_>>(),
                 }));
             }
@@ -1235,6 +1251,37 @@ vbt123: 6400 100    0    7    0     0          0         0     1500      25    0
             })
         );
         assert_eq!(parse_net_dev(table, "vbt12"), None);
+    }
+
+    #[test]
+    fn summary_takes_the_median_and_the_best_run_and_counts_failures() {
+        let run = |mpps: f64| Run {
+            mpps,
+            gbps: 0.0,
+            ns_per_packet: None,
+            backend_cpu: None,
+            client_cpu: None,
+            packets: 0,
+            seconds: 1.0,
+            testpmd_pps: 0.0,
+            extra: Value::Null,
+        };
+        let runs = vec![
+            Ok(run(1.0)),
+            Err(NetError::NoStats("no report".into())),
+            Ok(run(3.0)),
+            Ok(run(2.0)),
+        ];
+        let s = summarize(&runs).unwrap();
+        assert_eq!(s.median.mpps, 2.0);
+        assert_eq!(s.best_mpps, 3.0);
+        assert_eq!(s.failed, 1);
+        assert_eq!(s.first_err.as_deref(), Some("no report"));
+        let all_failed = vec![Err(NetError::NotAvailable("netback: no tap".into()))];
+        assert_eq!(
+            summarize(&all_failed).unwrap_err(),
+            "not available: netback: no tap"
+        );
     }
 
     #[test]
