@@ -95,7 +95,8 @@ forwarding core on CPU 1) on a fresh socket, skips --warmup seconds, then measur
                  Gbit/s counts Ethernet frames without FCS
   CPU ns/packet  the backend process's utime+stime (/proc/PID/stat) per packet
   backend CPU, client CPU   the share of one CPU each process got (less than 100% for a busy
-                 poller means other work took the CPU: compare such runs with care)
+                 poller means other work took the CPU: compare such runs with care); \"waited\":
+                 the backend's time runnable but off the CPU (/proc/PID/task/*/schedstat)
 Needs root (network namespace, taps), dpdk-testpmd (scripts/bench-setup.sh) and a release build:
   cargo build --release -p netback -p vback-bench
 
@@ -243,6 +244,24 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// Nanoseconds the threads of a process spent runnable but waiting for a CPU (the second
+/// field of /proc/PID/task/TID/schedstat, summed): how much other work kept it off its CPU.
+fn run_delay_ns(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = 0u64;
+    for t in tasks.flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        sum += s
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(sum)
 }
 
 /// Counters of one interface as seen from a process's network namespace
@@ -608,6 +627,7 @@ struct Run {
     gbps: f64,
     ns_per_packet: Option<f64>,
     backend_cpu: Option<f64>,
+    backend_wait: Option<f64>,
     client_cpu: Option<f64>,
     packets: u64,
     seconds: f64,
@@ -619,7 +639,7 @@ impl Run {
     fn to_json(&self) -> Value {
         json!({
             "mpps": self.mpps, "gbit_per_s": self.gbps, "backend_cpu_ns_per_packet": self.ns_per_packet,
-            "backend_cpu": self.backend_cpu, "client_cpu": self.client_cpu, "packets": self.packets,
+            "backend_cpu": self.backend_cpu, "backend_wait": self.backend_wait, "client_cpu": self.client_cpu, "packets": self.packets,
             "seconds": self.seconds, "testpmd_reported_pps": self.testpmd_pps, "extra": self.extra,
         })
     }
@@ -631,6 +651,7 @@ struct Sample {
     t: Instant,
     stats: PortStats,
     backend_ticks: Option<u64>,
+    backend_wait_ns: Option<u64>,
     client_ticks: Option<u64>,
     tap: Option<DevStats>,
 }
@@ -925,6 +946,7 @@ fn collect(
                     t,
                     stats,
                     backend_ticks: be_pid.and_then(cpu_ticks),
+                    backend_wait_ns: be_pid.and_then(run_delay_ns),
                     client_ticks: fe.pid.and_then(cpu_ticks),
                     tap: tap_dev(be_pid),
                 });
@@ -1031,6 +1053,10 @@ fn compute(
             .filter(|_| packets > 0)
             .map(|c| c * 1e9 / packets as f64),
         backend_cpu: be_cpu.map(|c| c / secs),
+        backend_wait: b
+            .backend_wait_ns
+            .zip(a.backend_wait_ns)
+            .map(|(y, x)| y.saturating_sub(x) as f64 / 1e9 / secs),
         client_cpu: fe_cpu.map(|c| c / secs),
         packets,
         seconds: secs,
@@ -1183,8 +1209,12 @@ pub fn run(args: &Args) -> Result<(), String> {
                             show_mpps(sum.best_mpps),
                             m.gbps,
                             m.ns_per_packet.map_or("-".into(), |n| format!("{n:.0}")),
-                            m.backend_cpu
-                                .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
+                            match (m.backend_cpu, m.backend_wait) {
+                                (Some(c), Some(w)) =>
+                                    format!("{:.0}% (waited {:.0}%)", c * 100.0, w * 100.0),
+                                (Some(c), None) => format!("{:.0}%", c * 100.0),
+                                _ => "-".into(),
+                            },
                             m.client_cpu
                                 .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
                             match reference {
@@ -1260,6 +1290,7 @@ vbt123: 6400 100    0    7    0     0          0         0     1500      25    0
             gbps: 0.0,
             ns_per_packet: None,
             backend_cpu: None,
+            backend_wait: None,
             client_cpu: None,
             packets: 0,
             seconds: 1.0,
@@ -1289,6 +1320,8 @@ vbt123: 6400 100    0    7    0     0          0         0     1500      25    0
         // This test's own process has run for a while: utime + stime are readable.
         assert!(cpu_ticks(std::process::id()).is_some());
         assert_eq!(cpu_ticks(u32::MAX), None);
+        assert!(run_delay_ns(std::process::id()).is_some());
+        assert_eq!(run_delay_ns(u32::MAX), None);
     }
 
     #[test]
@@ -1302,6 +1335,7 @@ vbt123: 6400 100    0    7    0     0          0         0     1500      25    0
                 ..PortStats::default()
             },
             backend_ticks: Some(ticks),
+            backend_wait_ns: Some(secs * 100_000_000),
             client_ticks: None,
             tap: None,
         };
@@ -1314,5 +1348,7 @@ vbt123: 6400 100    0    7    0     0          0         0     1500      25    0
         assert!((r.backend_cpu.unwrap() - cpu / 4.0).abs() < 1e-9);
         assert!((r.ns_per_packet.unwrap() - cpu * 1e9 / 8e6).abs() < 1e-6);
         assert_eq!(r.packets, 8_000_000);
+        // 0.1 s of waiting per second of the window.
+        assert!((r.backend_wait.unwrap() - 0.1).abs() < 1e-9);
     }
 }
