@@ -8,7 +8,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 /// `virtio_net_hdr_v1` (VERSION_1: always with `num_buffers`).
 pub const HDR_LEN: u64 = 12;
@@ -50,7 +50,13 @@ where
         return Err("longer than 64 KiB plus headers");
     }
     let mut h = [0u8; HDR_LEN as usize];
-    if !read_stream(mem, descs, 0, &mut h) {
+    // Usually the first descriptor holds the whole header: one read.
+    let first = descs.clone().next();
+    let read = match first {
+        Some(d) if u64::from(d.len()) >= HDR_LEN => mem.read_slice(&mut h, d.addr()).is_ok(),
+        _ => read_stream(mem, descs, 0, &mut h),
+    };
+    if !read {
         return Err("the virtio-net header is unreadable");
     }
     let (flags, gso_type) = (h[0], h[1]);
@@ -93,13 +99,23 @@ where
     M: GuestMemoryBackend,
     I: Iterator<Item = Descriptor> + Clone,
 {
-    let room = chain_len(descs.clone(), true);
     let need = HDR_LEN + frame.len() as u64;
+    let mut hdr = [0u8; HDR_LEN as usize];
+    hdr[10] = 1; // num_buffers
+    // Usually one writable buffer holds it all: two writes, no walk.
+    if let Some(d) = descs.clone().next()
+        && d.is_write_only()
+        && u64::from(d.len()) >= need
+    {
+        let at = d.addr().checked_add(HDR_LEN)?;
+        mem.write_slice(&hdr, d.addr()).ok()?;
+        mem.write_slice(frame, at).ok()?;
+        return u32::try_from(need).ok();
+    }
+    let room = chain_len(descs.clone(), true);
     if room < need {
         return None;
     }
-    let mut hdr = [0u8; HDR_LEN as usize];
-    hdr[10] = 1; // num_buffers
     if !write_stream(mem, descs.clone(), 0, &hdr) || !write_stream(mem, descs, HDR_LEN, frame) {
         return None;
     }
