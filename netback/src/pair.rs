@@ -137,6 +137,19 @@ pub struct Pair {
     last_drop: Option<&'static str>,
 }
 
+impl Drop for Pair {
+    fn drop(&mut self) {
+        // Let go of the registered tap file now: a ring's files are otherwise released
+        // asynchronously after it closes, and the tap would outlive netback for a moment (a
+        // restarted netback would find its interface busy).
+        if let Some(r) = self.ring.as_ref()
+            && self.fixed
+        {
+            let _ = r.submitter().unregister_files();
+        }
+    }
+}
+
 impl std::fmt::Debug for Pair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pair")

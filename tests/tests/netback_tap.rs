@@ -80,6 +80,19 @@ fn receiver_mbps(out: &str) -> f64 {
     }
 }
 
+/// The tap goes with netback's last file (the kernel may take a moment to tear it down).
+fn assert_gone(ns: &Netns, ifname: &str) {
+    let mut links = String::new();
+    for _ in 0..50 {
+        links = ns.sh("ip -o link show").unwrap();
+        if !links.contains(ifname) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{ifname} outlived netback: {links}");
+}
+
 #[test]
 fn bridge_mode_guests_reach_the_lan_and_each_other() {
     let _guests = shared();
@@ -162,10 +175,7 @@ check peer 'for i in $(seq 90); do ping -c 1 -W 1 10.231.0.12 >/dev/null 2>&1 &&
         );
         assert!(d.log().contains("vif-bridge offline"), "{}", d.log());
     }
-    assert!(
-        !dom0.sh("ip -o link show").unwrap().contains("vif1.0"),
-        "the tap is gone with netback"
-    );
+    assert_gone(&dom0, "vif1.0");
 }
 
 /// Xen's routed mode, with two queue pairs: the LAN reaches the guest through the host's proxy
@@ -482,6 +492,5 @@ fn a_failing_script_is_reported_and_leaves_nothing_behind() {
         "{err}"
     );
     assert!(err.contains("taken down"), "{err}");
-    let links = dom0.sh("ip -o link show").unwrap();
-    assert!(!links.contains("vif7.0"), "{links}");
+    assert_gone(&dom0, "vif7.0");
 }
