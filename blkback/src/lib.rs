@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod disk;
+pub mod qcow2;
 pub mod stats;
 pub mod vhost;
 pub mod virtio;
