@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vback_common::engine::{Completion, Engine, Op, Submit};
+use vback_common::sync::lock;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
@@ -28,6 +29,52 @@ const POLL_MAX_IN_FLIGHT: usize = 2;
 
 /// With deeper queues, how long to wait for the driver's next requests to batch them.
 const DEEP_POLL: std::time::Duration = std::time::Duration::from_micros(4);
+
+/// Largest bounce buffer of the qcow2 synchronous path.
+const SYNC_CHUNK: u64 = 1 << 20;
+
+/// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
+fn gather(iov: &[libc::iovec], mut skip: usize, dst: &mut [u8]) {
+    let mut out = 0;
+    for v in iov {
+        if out == dst.len() {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(dst.len() - out);
+        let src = v.iov_base.cast::<u8>().wrapping_add(skip).cast_const();
+        // SAFETY: the iovec was built by the chain parser from a guest buffer of `iov_len`
+        // bytes that the slot's memory reference keeps mapped; `skip + n <= iov_len`, and `dst`
+        // is a separate host buffer of at least `out + n` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst[out..].as_mut_ptr(), n) };
+        out += n;
+        skip = 0;
+    }
+}
+
+/// Copies `src` into the iovecs' data, starting `skip` bytes in.
+fn scatter(iov: &[libc::iovec], mut skip: usize, src: &[u8]) {
+    let mut done = 0;
+    for v in iov {
+        if done == src.len() {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(src.len() - done);
+        let dst = v.iov_base.cast::<u8>().wrapping_add(skip);
+        // SAFETY: as in `gather`: a mapped, device-writable guest buffer of `iov_len` bytes,
+        // written at `skip..skip + n`, from a separate host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), dst, n) };
+        done += n;
+        skip = 0;
+    }
+}
 
 /// Guest memory as the vhost-user framework hands it to us.
 pub type Mem = GuestMemoryMmap<()>;
@@ -412,9 +459,23 @@ impl Worker {
                     self.count_rw(write, len);
                     return self.finish_now(idx, Status::Ok, data, vring);
                 }
+                let mut offset = sector * SECTOR;
+                if let Some(img) = &dev.disk.qcow2 {
+                    // qcow2: data clusters mapped in one piece go to the engine like raw
+                    // requests (zero copy); everything else takes the synchronous path.
+                    let mapped = lock(img).map_direct(offset, len, write);
+                    match mapped {
+                        Ok(Some(host)) => offset = host,
+                        Ok(None) => return self.qcow2_sync_rw(idx, write, offset, len, vring),
+                        Err(e) => {
+                            log::warn!("queue {}: {e}", self.queue);
+                            return self.finish_now(idx, Status::IoErr, 0, vring);
+                        }
+                    }
+                }
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = if write { Kind::Write } else { Kind::Read };
-                slot.offset = sector * SECTOR;
+                slot.offset = offset;
                 slot.remaining = len;
                 slot.total = len;
                 slot.iov_start = 0;
@@ -427,6 +488,19 @@ impl Worker {
                 if null {
                     QueueStats::add(&self.stats().flushes, 1);
                     return self.finish_now(idx, Status::Ok, 0, vring);
+                }
+                if let Some(img) = &dev.disk.qcow2 {
+                    let st = match lock(img).flush() {
+                        Ok(()) => {
+                            QueueStats::add(&self.stats().flushes, 1);
+                            Status::Ok
+                        }
+                        Err(e) => {
+                            log::error!("queue {}: flush failed: {e}", self.queue);
+                            Status::IoErr
+                        }
+                    };
+                    return self.finish_now(idx, st, 0, vring);
                 }
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = Kind::Flush;
@@ -463,6 +537,32 @@ impl Worker {
                     DiskKind::Null => {
                         self.count_discard(zero);
                         self.finish_now(idx, Status::Ok, 0, vring);
+                    }
+                    DiskKind::Qcow2 => {
+                        let r = match &dev.disk.qcow2 {
+                            Some(img) => {
+                                let mut g = lock(img);
+                                g.discard(offset, len, zero).and_then(|()| {
+                                    if dev.writeback.load(Ordering::Relaxed) {
+                                        Ok(())
+                                    } else {
+                                        g.flush()
+                                    }
+                                })
+                            }
+                            None => Ok(()),
+                        };
+                        let st = match r {
+                            Ok(()) => {
+                                self.count_discard(zero);
+                                Status::Ok
+                            }
+                            Err(e) => {
+                                log::warn!("queue {}: {e}", self.queue);
+                                Status::IoErr
+                            }
+                        };
+                        self.finish_now(idx, st, 0, vring);
                     }
                     DiskKind::Block => {
                         // Block-device ioctls are synchronous; they run on the queue's thread.
@@ -509,6 +609,46 @@ impl Worker {
                         self.queue_io(idx, vring);
                     }
                 }
+            }
+        }
+    }
+
+    /// A qcow2 read or write that is not one host extent of the image: done here, on the
+    /// queue's thread, in chunks of at most [`SYNC_CHUNK`] bytes through a bounce buffer.
+    fn qcow2_sync_rw(&mut self, idx: u32, write: bool, offset: u64, len: u64, vring: &Vring) {
+        let dev = self.dev.clone();
+        let Some(img) = &dev.disk.qcow2 else {
+            return self.finish_now(idx, Status::IoErr, 0, vring);
+        };
+        let mut buf = vec![0u8; len.min(SYNC_CHUNK) as usize];
+        let mut g = lock(img);
+        let mut done = 0u64;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = (len - done).min(SYNC_CHUNK) as usize;
+            let iov = &self.slots[idx as usize].iov;
+            result = if write {
+                gather(iov, done as usize, &mut buf[..n]);
+                g.write(offset + done, &buf[..n])
+            } else {
+                g.read(offset + done, &mut buf[..n]).map(|()| {
+                    scatter(iov, done as usize, &buf[..n]);
+                })
+            };
+            done += n as u64;
+        }
+        if result.is_ok() && write && !dev.writeback.load(Ordering::Relaxed) {
+            result = g.flush();
+        }
+        drop(g);
+        match result {
+            Ok(()) => {
+                self.count_rw(write, len);
+                self.finish_now(idx, Status::Ok, if write { 0 } else { len }, vring);
+            }
+            Err(e) => {
+                log::warn!("queue {}: {e}", self.queue);
+                self.finish_now(idx, Status::IoErr, 0, vring);
             }
         }
     }
@@ -821,6 +961,7 @@ mod tests {
                 read_only,
                 direct: true,
                 lock: LockMode::None,
+                qcow2: Default::default(),
             },
         )
         .unwrap();
@@ -1206,6 +1347,125 @@ mod tests {
         assert_eq!(
             r.worker.dev.stats[0].reads.load(Ordering::Relaxed),
             u64::from(QSIZE / 2)
+        );
+    }
+
+    #[test]
+    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-F",
+                "raw",
+                "-b",
+            ])
+            .arg(&base)
+            .arg(&top)
+            .output()
+            .expect("qemu-img is required (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = rig(Some(&format!("tap:qcow2:{}", top.display())), false);
+        assert_eq!(r.worker.dev.disk.kind, DiskKind::Qcow2);
+        assert_eq!(r.worker.dev.disk.capacity(), 1 << 20);
+        let m = r.m();
+        // An allocating write of 2 KiB into the middle of a cluster (copy-on-write from base),
+        // from two guest buffers.
+        m.write_slice(&[0xab; 1024], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[0xcd; 1024], GuestAddress(0x11000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 9);
+        let (st, _) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x10000, 1024, 0),
+            (0x11000, 1024, 0),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!(st, 0);
+        {
+            let mut img = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
+            assert!(
+                img.map_direct(4096, 4096, false).unwrap().is_some(),
+                "cluster 1 is now data in the image: reads go to the engine"
+            );
+            assert!(img.map_direct(0, 512, false).unwrap().is_none());
+        }
+        let expect = |abs: usize, first: u8| match abs {
+            0..4096 => first,
+            4096..4608 => 0x11,
+            4608..5632 => 0xab,
+            5632..6656 => 0xcd,
+            _ => 0x11,
+        };
+        // Cluster 1 alone (one engine read), then clusters 0 and 1 (synchronous).
+        for (sector, len) in [(8u64, 4096u32), (0, 8192)] {
+            r.header(0x1000, VIRTIO_BLK_T_IN, sector);
+            let (st, n) = r.submit(&[(0x1000, 16, 0), (0x20000, len, W), (STATUS, 1, W)]);
+            assert_eq!((st, n), (0, len + 1));
+            let mut got = vec![0u8; len as usize];
+            m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+            for (i, b) in got.iter().enumerate() {
+                let abs = sector as usize * 512 + i;
+                assert_eq!(*b, expect(abs, 0x11), "byte {abs}");
+            }
+        }
+        // An in-place overwrite through the engine, write-zeroes over cluster 0 (hiding the
+        // backing data), a flush.
+        m.write_slice(&[0x77; 512], GuestAddress(0x10000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x10000, 512, 0), (STATUS, 1, W)])
+                .0,
+            0
+        );
+        r.header(0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        m.write_obj(0u64, GuestAddress(0x1010)).unwrap();
+        m.write_obj(8u32, GuestAddress(0x1018)).unwrap();
+        m.write_obj(0u32, GuestAddress(0x101c)).unwrap();
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
+        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(r.submit(&[(0x1000, 16, 0), (STATUS, 1, W)]).0, 0);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 8192, W), (STATUS, 1, W)])
+                .0,
+            0
+        );
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+        for (abs, b) in got.iter().enumerate() {
+            let want = if (4096..4608).contains(&abs) {
+                0x77
+            } else {
+                expect(abs, 0)
+            };
+            assert_eq!(*b, want, "byte {abs}");
+        }
+        drop(r);
+        let out = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            std::fs::read(&base).unwrap().iter().all(|&b| b == 0x11),
+            "the backing file is unchanged"
         );
     }
 
