@@ -3,7 +3,8 @@
 //! - [`harness`]: boot a throw-away Linux guest in QEMU with vhost-user devices, run a shell
 //!   script (a batch of named checks) inside, get its output and status back;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
-//!   stop them, read their logs.
+//!   stop them, read their logs;
+//! - [`qcow2_ops`]: the seeded operation stream of the qcow2 crash test.
 //!
 //! Nothing here skips silently: a missing QEMU, kernel or tool is an error that fails the test
 //! with the command that fixes it.
@@ -11,6 +12,7 @@
 pub mod cpio;
 pub mod harness;
 pub mod process;
+pub mod qcow2_ops;
 
 pub use harness::{Accel, Check, Guest, GuestRun};
 
