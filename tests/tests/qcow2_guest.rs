@@ -109,6 +109,18 @@ check umount 'cd / && umount /mnt && echo unmounted'
     assert!(q["discards"].as_u64().unwrap() > 0, "{stats}");
     assert_eq!(q["errors"], 0, "{stats}");
 
+    let status: Value = ControlClient::connect(&ctl)
+        .unwrap()
+        .call("status", Value::Null)
+        .unwrap();
+    assert_eq!(status["device"]["kind"], "qcow2", "{status}");
+    assert_eq!(status["device"]["qcow2"]["cluster_size"], 65536, "{status}");
+    assert_eq!(
+        status["device"]["qcow2"]["backing_chain"][0],
+        std::fs::canonicalize(&base).unwrap().display().to_string(),
+        "{status}"
+    );
+
     daemon.terminate(Duration::from_secs(10));
     let check = Command::new("qemu-img")
         .args(["check", s(&top)])
