@@ -273,11 +273,6 @@ impl Image {
                     "the image is marked corrupt; repair it with `qemu-img check -r all` or open it read-only",
                 ));
             }
-            if h.incompatible & header::INCOMPAT_DIRTY != 0 {
-                return Err(refuse(
-                    "the dirty bit is set (lazy refcounts were not written back); repair with `qemu-img check -r all` or open it read-only",
-                ));
-            }
             if h.nb_snapshots > 0 {
                 return Err(refuse(
                     "the image has internal snapshots (writing them is not supported); open it read-only",
@@ -416,6 +411,15 @@ impl Image {
             decompressed: None,
         };
         if opts.writable {
+            if h.incompatible & header::INCOMPAT_DIRTY != 0 {
+                // Lazy refcounts were not written back before the image was last closed: rebuild
+                // them from the tables, as QEMU does when it opens a dirty image for writing.
+                log::warn!(
+                    "{}: the dirty bit is set; rebuilding the refcounts",
+                    path.display()
+                );
+                img.repair_refcounts()?;
+            }
             // Clusters with a refcount may lie past the end of the file (reserved, or written
             // but not yet durable before a crash): never hand those out again.
             let last = img.last_referenced_cluster()?;
@@ -950,6 +954,100 @@ impl Image {
             }
         }
         Ok(0)
+    }
+
+    /// Recomputes every refcount from the metadata (header, L1, L2 and refcount tables, data
+    /// and compressed clusters), writes them, and clears the dirty bit. For images whose
+    /// refcounts were left stale (lazy refcounts and a crash); no snapshots (refused earlier).
+    fn repair_refcounts(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let file_len = self.layers[0]
+            .file
+            .metadata()
+            .map_err(|e| Qcow2Error::Io {
+                path: self.path().to_owned(),
+                op: "read the size",
+                offset: 0,
+                source: e,
+            })?
+            .len();
+        let clusters = file_len.div_ceil(cs);
+        let mut want = vec![0u64; clusters as usize];
+        let mut refer = |this: &Image, start: u64, len: u64, what: &str| -> Result<()> {
+            let first = start / cs;
+            let last = (start + len.max(1) - 1) / cs;
+            if last >= clusters {
+                return Err(this.corrupt(
+                    0,
+                    format!("{what} at {start:#x} lies past the end of the file"),
+                ));
+            }
+            for c in first..=last {
+                want[c as usize] += 1;
+            }
+            Ok(())
+        };
+        let h = self.top().h.clone();
+        refer(self, 0, cs, "the header")?;
+        refer(
+            self,
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            "the L1 table",
+        )?;
+        refer(
+            self,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "the refcount table",
+        )?;
+        for rb in self.reftable.clone() {
+            let rb = rb & OFFSET_MASK;
+            if rb != 0 {
+                refer(self, rb, cs, "a refcount block")?;
+            }
+        }
+        let l1 = self.top().l1.clone();
+        for (i, e) in l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            refer(self, l2, cs, "an L2 table")?;
+            let guest = i as u64 * h.l2_entries() * cs;
+            for j in 0..h.l2_entries() {
+                let (ext, _) = self.lookup(0, guest + j * cs)?;
+                match ext {
+                    Ext::Data { host, .. } => refer(self, host, cs, "a data cluster")?,
+                    Ext::Zero { cluster, .. } if cluster != 0 => {
+                        refer(self, cluster, cs, "a zero cluster")?;
+                    }
+                    Ext::Compressed { host, sectors } => {
+                        let start = host & !511;
+                        refer(self, start, sectors * 512, "a compressed cluster")?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // New refcount blocks go past everything referenced.
+        self.end = self.end.max(clusters * cs);
+        let mut c = 0u64;
+        while c < clusters {
+            let v = want[c as usize];
+            let mut n = 1;
+            while c + n < clusters && want[(c + n) as usize] == v {
+                n += 1;
+            }
+            self.set_refcounts(c * cs, n, v)?;
+            c += n;
+        }
+        self.sync()?;
+        let incompatible = h.incompatible & !header::INCOMPAT_DIRTY;
+        self.write_at(&incompatible.to_be_bytes(), 72, "clear the dirty bit")?;
+        self.sync()?;
+        self.top_mut().h.incompatible = incompatible;
+        Ok(())
     }
 
     /// Moves the refcount table to a larger one at the end of the file.
