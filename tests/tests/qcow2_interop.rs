@@ -825,3 +825,126 @@ fn a_dirty_image_left_by_a_crashed_qemu_is_repaired_on_writable_open() {
             .all(|&b| b == 0x43)
     );
 }
+
+fn vbimg(args: &[&str]) -> (i32, String) {
+    let bin = vback_tests::process::workspace_bin("vbimg").unwrap();
+    let out = Command::new(bin).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn qemu_check_code(p: &Path) -> i32 {
+    Command::new("qemu-img")
+        .args(["check", s(p)])
+        .output()
+        .unwrap()
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+#[test]
+fn vbimg_create_info_check_and_resize_agree_with_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&qemu_img(&["info", "--output=json", s(p)])).unwrap()
+    };
+
+    // create: what vbimg makes, qemu-img accepts and describes the same way, and uses.
+    let base = d.join("base.raw");
+    File::create(&base).unwrap().set_len(3 * MIB).unwrap();
+    for (name, args, cs) in [
+        ("a.qcow2", vec!["100M"], 65536),
+        // 512-byte clusters and 1 GiB: the L1 table needs more than one refcount block.
+        ("b.qcow2", vec!["1G", "--cluster-size", "512"], 512),
+        ("c.qcow2", vec!["100M", "--cluster-size", "2M"], 2 << 20),
+        ("d.qcow2", vec!["-b", "base.raw", "-F", "raw"], 65536),
+    ] {
+        let p = d.join(name);
+        let mut a = vec!["create", s(&p)];
+        a.extend_from_slice(&args);
+        let (code, out) = vbimg(&a);
+        assert_eq!(code, 0, "{name}: {out}");
+        assert_eq!(qemu_check_code(&p), 0, "{name}: qemu-img check");
+        let q = json(&p);
+        assert_eq!(q["cluster-size"], cs, "{name}: {q}");
+        if name == "d.qcow2" {
+            assert_eq!(q["virtual-size"], 3 * MIB, "{q}");
+            assert_eq!(q["backing-filename"], "base.raw", "{q}");
+            assert_eq!(q["backing-filename-format"], "raw", "{q}");
+        }
+        qemu_io(&p, &["write -P 0x66 1M 200k", "write -z 2M 64k"]);
+        if q["virtual-size"].as_u64().unwrap() <= 100 * MIB {
+            assert_reads_like_qemu(&p, name);
+        }
+        assert_eq!(qemu_check_code(&p), 0, "{name}: after qemu-io");
+    }
+
+    // info: the same facts as qemu-img for qemu-img's images.
+    let src = d.join("s.raw");
+    File::create(&src).unwrap().set_len(5 * MIB).unwrap();
+    for (name, opts) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("zstd.qcow2", "compression_type=zstd,refcount_bits=1"),
+        ("ext.qcow2", "extended_l2=on,cluster_size=128k"),
+    ] {
+        let p = d.join(name);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&p), "5M"]);
+        let q = json(&p);
+        let (code, out) = vbimg(&["info", s(&p)]);
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for key in ["virtual-size", "cluster-size", "format"] {
+            assert_eq!(v[key], q[key], "{name} {key}: {v} vs {q}");
+        }
+        let (vd, qd) = (&v["format-specific"]["data"], &q["format-specific"]["data"]);
+        for key in ["compat", "compression-type", "refcount-bits"] {
+            assert_eq!(vd[key], qd[key], "{name} {key}: {vd} vs {qd}");
+        }
+        assert_eq!(
+            vd["extended-l2"],
+            qd["extended-l2"].as_bool().unwrap_or(false),
+            "{name}"
+        );
+    }
+
+    // check: clean, leaked and corrupt images get qemu-img's exit status.
+    let p = d.join("chk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+    qemu_io(&p, &["write -P 1 0 1M"]);
+    assert_eq!(vbimg(&["check", s(&p)]).0, 0);
+    let mut h = vec![0u8; 64];
+    File::open(&p).unwrap().read_exact_at(&mut h, 0).unwrap();
+    let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let l1 = u64::from_be_bytes(h[40..48].try_into().unwrap());
+    let mut e = [0u8; 8];
+    File::open(&p).unwrap().read_exact_at(&mut e, rt).unwrap();
+    let rb = u64::from_be_bytes(e);
+    // Cluster 0 (the header) counted twice: a leak.
+    patch(&p, rb, &2u16.to_be_bytes());
+    assert_eq!(qemu_check_code(&p), 3);
+    let (code, out) = vbimg(&["check", s(&p)]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("1 leaked clusters"), "{out}");
+    // The L1 table's refcount dropped to 0: corruption.
+    patch(&p, rb, &1u16.to_be_bytes());
+    patch(&p, rb + 2 * (l1 / 65536), &0u16.to_be_bytes());
+    assert_eq!(qemu_check_code(&p), 2);
+    let (code, out) = vbimg(&["check", s(&p)]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("refcount 0, referenced 1 times"), "{out}");
+
+    // resize: qemu-img sees the new size, and the image checks clean.
+    let p = d.join("a.qcow2");
+    assert_eq!(vbimg(&["resize", s(&p), "300G"]).0, 0);
+    assert_eq!(json(&p)["virtual-size"], 300u64 << 30);
+    assert_eq!(qemu_check_code(&p), 0);
+    assert_ne!(vbimg(&["resize", s(&p), "1G"]).0, 0, "shrinking is refused");
+}

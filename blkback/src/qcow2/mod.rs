@@ -16,6 +16,7 @@
 //! therefore leak clusters (reserved, or freed-but-not-yet-decremented), which `qemu-img check
 //! -r leaks` repairs, but never leave an entry pointing at a cluster with refcount 0.
 
+mod create;
 pub mod header;
 pub mod l2;
 
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vback_common::lock::{LockMode, lock_image_patiently};
 
+pub use create::create;
 pub use header::{Compression, Header, HeaderError};
 use l2::{COPIED, Ext, L2Cache, OFFSET_MASK, ZERO, decode_l2};
 
@@ -184,6 +186,21 @@ pub struct Info {
     pub backing_chain: Vec<PathBuf>,
     /// L2 tables the caches may hold in total.
     pub cache_tables: usize,
+}
+
+/// What [`Image::check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Clusters whose refcount is higher than their references (repairable leaks).
+    pub leaks: u64,
+    /// Clusters whose refcount is lower than their references (corruption).
+    pub errors: u64,
+    /// The first errors, as sentences.
+    pub messages: Vec<String>,
+    /// Host clusters in use.
+    pub allocated_clusters: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
 }
 
 /// An open qcow2 image and its backing chain.
@@ -956,10 +973,10 @@ impl Image {
         Ok(0)
     }
 
-    /// Recomputes every refcount from the metadata (header, L1, L2 and refcount tables, data
-    /// and compressed clusters), writes them, and clears the dirty bit. For images whose
-    /// refcounts were left stale (lazy refcounts and a crash); no snapshots (refused earlier).
-    fn repair_refcounts(&mut self) -> Result<()> {
+    /// How many times the metadata references each host cluster of the top image (header, L1,
+    /// refcount table and blocks, L2 tables, data and compressed clusters), up to the end of
+    /// the file.
+    fn count_references(&mut self) -> Result<Vec<u64>> {
         let cs = self.cluster_size();
         let file_len = self.layers[0]
             .file
@@ -1008,28 +1025,86 @@ impl Image {
             }
         }
         let l1 = self.top().l1.clone();
-        for (i, e) in l1.iter().enumerate() {
+        for e in &l1 {
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
             refer(self, l2, cs, "an L2 table")?;
-            let guest = i as u64 * h.l2_entries() * cs;
-            for j in 0..h.l2_entries() {
-                let (ext, _) = self.lookup(0, guest + j * cs)?;
-                match ext {
-                    Ext::Data { host, .. } => refer(self, host, cs, "a data cluster")?,
-                    Ext::Zero { cluster, .. } if cluster != 0 => {
-                        refer(self, cluster, cs, "a zero cluster")?;
+            let table = self.table(0, l2)?.clone();
+            let step = if h.extended_l2() { 2 } else { 1 };
+            for j in 0..h.l2_entries() as usize {
+                let e = table[j * step];
+                if e & l2::COMPRESSED != 0 {
+                    if let Ok((Ext::Compressed { host, sectors }, _)) =
+                        decode_l2(e, None, h.cluster_bits, h.version, 0)
+                    {
+                        refer(self, host & !511, sectors * 512, "a compressed cluster")?;
                     }
-                    Ext::Compressed { host, sectors } => {
-                        let start = host & !511;
-                        refer(self, start, sectors * 512, "a compressed cluster")?;
-                    }
-                    _ => {}
+                } else if e & OFFSET_MASK != 0 {
+                    let host = e & OFFSET_MASK & !(cs - 1);
+                    refer(self, host, cs, "a data cluster")?;
                 }
             }
         }
+        Ok(want)
+    }
+
+    /// The stored refcount of every host cluster below `clusters`.
+    fn stored_refcounts(&mut self, clusters: u64) -> Result<Vec<u64>> {
+        let (cs, _, per_block) = self.refcount_geometry();
+        let order = self.top().h.refcount_order;
+        let mut out = vec![0u64; clusters as usize];
+        let mut block = vec![0u8; cs as usize];
+        for (rti, rb) in self.reftable.clone().into_iter().enumerate() {
+            let rb = rb & OFFSET_MASK;
+            let first = rti as u64 * per_block;
+            if rb == 0 || first >= clusters {
+                continue;
+            }
+            self.pread_layer(0, &mut block, rb)?;
+            for i in 0..per_block.min(clusters - first) {
+                out[(first + i) as usize] = Self::get_entry(&block, i, order);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compares the stored refcounts with the references, as `qemu-img check` does: clusters
+    /// with a refcount higher than their references are leaks, lower are errors.
+    pub fn check(&mut self) -> Result<CheckReport> {
+        let want = self.count_references()?;
+        let have = self.stored_refcounts(want.len() as u64)?;
+        let cs = self.cluster_size();
+        let mut r = CheckReport::default();
+        for (c, (&w, &h)) in want.iter().zip(&have).enumerate() {
+            if w > 0 {
+                r.allocated_clusters += 1;
+            }
+            if h > w {
+                r.leaks += 1;
+            } else if h < w {
+                r.errors += 1;
+                if r.messages.len() < 20 {
+                    r.messages.push(format!(
+                        "cluster {c} (offset {:#x}): refcount {h}, referenced {w} times",
+                        c as u64 * cs
+                    ));
+                }
+            }
+        }
+        r.total_clusters = self.size().div_ceil(cs);
+        Ok(r)
+    }
+
+    /// Recomputes every refcount from the metadata (header, L1, L2 and refcount tables, data
+    /// and compressed clusters), writes them, and clears the dirty bit. For images whose
+    /// refcounts were left stale (lazy refcounts and a crash); no snapshots (refused earlier).
+    fn repair_refcounts(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let h = self.top().h.clone();
+        let want = self.count_references()?;
+        let clusters = want.len() as u64;
         // New refcount blocks go past everything referenced.
         self.end = self.end.max(clusters * cs);
         let mut c = 0u64;
