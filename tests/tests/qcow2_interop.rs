@@ -153,6 +153,13 @@ fn every_variant_reads_like_qemu_img_convert() {
             convert("zstd.qcow2", &["-c", "-o", "compression_type=zstd"]),
         ),
         (
+            "zstd, 512 B clusters",
+            convert(
+                "z512.qcow2",
+                &["-c", "-o", "compression_type=zstd,cluster_size=512"],
+            ),
+        ),
+        (
             "compressed, 512 B clusters",
             convert("c512z.qcow2", &["-c", "-o", "cluster_size=512"]),
         ),

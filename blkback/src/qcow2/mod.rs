@@ -263,8 +263,12 @@ fn decompress(kind: Compression, input: &[u8], out: &mut [u8]) -> std::result::R
         Compression::Zstd => {
             use std::io::Read;
             let mut src = input;
-            let mut d = ruzstd::decoding::StreamingDecoder::new(&mut src)
-                .map_err(|e| format!("invalid zstd frame: {e}"))?;
+            // QEMU compresses each cluster on its own: a window larger than the cluster is
+            // hostile, and would make the decoder allocate it.
+            let window = (2 * out.len() as u64).max(1 << 20);
+            let mut d =
+                ruzstd::decoding::StreamingDecoder::new_with_max_window_size(&mut src, window)
+                    .map_err(|e| format!("invalid zstd frame: {e}"))?;
             d.read_exact(out)
                 .map_err(|e| format!("invalid zstd data: {e}"))
         }
