@@ -33,6 +33,40 @@ const DEEP_POLL: std::time::Duration = std::time::Duration::from_micros(4);
 /// Largest bounce buffer of the qcow2 synchronous path.
 const SYNC_CHUNK: u64 = 1 << 20;
 
+/// Where a qcow2 read or write goes.
+enum Route {
+    /// One engine operation at this host offset.
+    Direct(u64),
+    /// Engine operations for the slot's pieces, one after the other.
+    Pieces,
+    /// The synchronous path.
+    Sync,
+}
+
+/// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
+const MAX_PIECES: usize = 16;
+
+/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
+fn select_iov(all: &[libc::iovec], mut skip: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+    out.clear();
+    for v in all {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        out.push(libc::iovec {
+            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: n,
+        });
+        len -= n;
+        skip = 0;
+    }
+}
+
 /// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
 fn gather(iov: &[libc::iovec], mut skip: usize, dst: &mut [u8]) {
     let mut out = 0;
@@ -122,6 +156,12 @@ struct Slot {
     buffered: bool,
     fallocate: Option<(u64, u64, i32)>,
     mem: Option<Arc<Mem>>,
+    /// qcow2: the request's host pieces (offset, length) when its clusters are not
+    /// consecutive in the image; `piece` is the one in flight. Empty otherwise.
+    pieces: Vec<(u64, u64)>,
+    piece: usize,
+    /// qcow2 pieces: the request's whole iovec list (`iov` holds the current piece's part).
+    all_iov: Vec<libc::iovec>,
 }
 
 /// A queue's worker.
@@ -183,6 +223,9 @@ impl Worker {
                     buffered: false,
                     fallocate: None,
                     mem: None,
+                    pieces: Vec::with_capacity(MAX_PIECES),
+                    piece: 0,
+                    all_iov: Vec::new(),
                 })
                 .collect(),
             free: (0..slots as u32).rev().collect(),
@@ -460,14 +503,42 @@ impl Worker {
                     return self.finish_now(idx, Status::Ok, data, vring);
                 }
                 let mut offset = sector * SECTOR;
+                self.slots[idx as usize].pieces.clear();
                 if let Some(img) = &dev.disk.qcow2 {
-                    // qcow2: data clusters mapped in one piece go to the engine like raw
-                    // requests (zero copy); everything else takes the synchronous path.
-                    let mapped = lock(img).map_direct(offset, len, write);
-                    match mapped {
-                        Ok(Some(host)) => offset = host,
-                        Ok(None) => return self.qcow2_sync_rw(idx, write, offset, len, vring),
+                    // qcow2: data clusters go to the engine like raw requests (zero copy), in
+                    // one piece or (clusters not consecutive in the image) a few, one after the
+                    // other; everything else takes the synchronous path.
+                    let mut g = lock(img);
+                    let slot = &mut self.slots[idx as usize];
+                    let route = g.map_direct(offset, len, write).and_then(|direct| {
+                        Ok(match direct {
+                            Some(host) => Route::Direct(host),
+                            None => {
+                                if g.map_extents(offset, len, write, MAX_PIECES, &mut slot.pieces)?
+                                {
+                                    Route::Pieces
+                                } else {
+                                    Route::Sync
+                                }
+                            }
+                        })
+                    });
+                    drop(g);
+                    match route {
+                        Ok(Route::Direct(host)) => offset = host,
+                        Ok(Route::Pieces) => {
+                            slot.all_iov.clone_from(&slot.iov);
+                            slot.piece = 0;
+                            let (host, n) = slot.pieces[0];
+                            select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
+                            offset = host;
+                        }
+                        Ok(Route::Sync) => {
+                            slot.pieces.clear();
+                            return self.qcow2_sync_rw(idx, write, offset, len, vring);
+                        }
                         Err(e) => {
+                            slot.pieces.clear();
                             log::warn!("queue {}: {e}", self.queue);
                             return self.finish_now(idx, Status::IoErr, 0, vring);
                         }
@@ -476,7 +547,7 @@ impl Worker {
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = if write { Kind::Write } else { Kind::Read };
                 slot.offset = offset;
-                slot.remaining = len;
+                slot.remaining = slot.pieces.first().map_or(len, |p| p.1);
                 slot.total = len;
                 slot.iov_start = 0;
                 slot.buffered = !dev.disk.direct;
@@ -771,6 +842,19 @@ impl Worker {
                             n = 0;
                         }
                     }
+                    if let Some(v) = vring {
+                        self.queue_io(idx, v);
+                    }
+                    return;
+                } else if slot.piece + 1 < slot.pieces.len() {
+                    // The next piece of a qcow2 request whose clusters are not consecutive.
+                    slot.piece += 1;
+                    let skip: u64 = slot.pieces[..slot.piece].iter().map(|p| p.1).sum();
+                    let (host, n) = slot.pieces[slot.piece];
+                    select_iov(&slot.all_iov, skip as usize, n as usize, &mut slot.iov);
+                    slot.iov_start = 0;
+                    slot.offset = host;
+                    slot.remaining = n;
                     if let Some(v) = vring {
                         self.queue_io(idx, v);
                     }
@@ -1466,6 +1550,100 @@ mod tests {
         assert!(
             std::fs::read(&base).unwrap().iter().all(|&b| b == 0x11),
             "the backing file is unchanged"
+        );
+    }
+
+    #[test]
+    fn qcow2_clusters_out_of_order_go_to_the_engine_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .arg(&img)
+            .arg("1M")
+            .output()
+            .expect("qemu-img is required (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = rig(Some(&format!("qcow2:{}", img.display())), false);
+        let m = r.m();
+        // Cluster 2, then cluster 1: the image holds them in the opposite order.
+        for (sector, byte) in [(16u64, 0x22u8), (8, 0x11)] {
+            m.write_slice(&[byte; 4096], GuestAddress(0x10000)).unwrap();
+            r.header(0x1000, VIRTIO_BLK_T_OUT, sector);
+            assert_eq!(
+                r.submit(&[(0x1000, 16, 0), (0x10000, 4096, 0), (STATUS, 1, W)])
+                    .0,
+                0
+            );
+        }
+        {
+            let mut g = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
+            assert_eq!(g.map_direct(4096, 8192, false).unwrap(), None);
+            let mut pieces = Vec::new();
+            assert!(g.map_extents(4096, 8192, true, 16, &mut pieces).unwrap());
+            assert_eq!(pieces.len(), 2, "{pieces:?}");
+            assert!(pieces[0].0 > pieces[1].0, "{pieces:?}");
+            assert!(!g.map_extents(4096, 8192, true, 1, &mut pieces).unwrap());
+        }
+        // An in-place write over both clusters from three guest buffers (pieces split inside
+        // a buffer), then a read of both into two buffers.
+        m.write_slice(&[0x33; 1024], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[0x44; 6144], GuestAddress(0x12000)).unwrap();
+        m.write_slice(&[0x55; 1024], GuestAddress(0x14000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
+        let (st, _) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x10000, 1024, 0),
+            (0x12000, 6144, 0),
+            (0x14000, 1024, 0),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!(st, 0);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 8);
+        let (st, n) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x20000, 2048, W),
+            (0x22000, 6144, W),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!((st, n), (0, 8193));
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got[..2048], GuestAddress(0x20000))
+            .unwrap();
+        m.read_slice(&mut got[2048..], GuestAddress(0x22000))
+            .unwrap();
+        assert!(got[..1024].iter().all(|&b| b == 0x33));
+        assert!(got[1024..7168].iter().all(|&b| b == 0x44));
+        assert!(got[7168..].iter().all(|&b| b == 0x55));
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.read_bytes.load(Ordering::Relaxed), 8192);
+        drop(r);
+        let out = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let raw = dir.path().join("p.raw");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&img)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let all = std::fs::read(&raw).unwrap();
+        assert!(
+            all[4096..12288] == got[..],
+            "qemu-img reads what the guest wrote"
         );
     }
 

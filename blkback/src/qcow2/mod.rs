@@ -693,6 +693,46 @@ impl Image {
         Ok(start)
     }
 
+    /// Like [`Image::map_direct`], for ranges that are data in the top image but not at
+    /// consecutive host offsets: fills `extents` with (host offset, length) pieces in guest
+    /// order and returns true if the whole range is data (referenced once, for a write) in at
+    /// most `max` pieces. The worker queues them one after the other on the engine.
+    pub fn map_extents(
+        &mut self,
+        guest: u64,
+        len: u64,
+        write: bool,
+        max: usize,
+        extents: &mut Vec<(u64, u64)>,
+    ) -> Result<bool> {
+        extents.clear();
+        if len == 0 || guest.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Ok(false);
+        }
+        let mut pos = 0;
+        while pos < len {
+            let (ext, run) = self.lookup(0, guest + pos)?;
+            let Ext::Data { host, copied } = ext else {
+                return Ok(false);
+            };
+            if write && !copied {
+                return Ok(false);
+            }
+            let take = run.min(len - pos);
+            if let Some((h, l)) = extents.last_mut()
+                && *h + *l == host
+            {
+                *l += take;
+            } else if extents.len() == max {
+                return Ok(false);
+            } else {
+                extents.push((host, take));
+            }
+            pos += take;
+        }
+        Ok(true)
+    }
+
     // ---- reads ----
 
     /// Reads guest bytes at `guest` into `buf` (through the whole chain).
