@@ -1,6 +1,7 @@
 //! A real guest on a qcow2 disk served by blkback, over a raw backing file: the guest sees the
 //! backing data, writes (allocating clusters) and verifies with fio, makes and fills an ext4
-//! file system, reads it back after dropping its caches, trims it; afterwards `qemu-img check`
+//! file system, reads it back after dropping its caches, trims it, sees an online resize and
+//! writes into the new space; afterwards `qemu-img check`
 //! is clean, `qemu-img` reads the guest's file system content, and the backing file is unchanged.
 
 use std::path::Path;
@@ -62,9 +63,17 @@ fn guest_on_a_qcow2_overlay_over_a_backing_file() {
     )
     .unwrap();
 
+    let ctl2 = ctl.clone();
     let run = Guest::new()
         .vhost_blk(&sock, "")
         .timeout(Duration::from_secs(300))
+        .on_host("resize", move || {
+            let reply = ControlClient::connect(&ctl2)
+                .unwrap()
+                .call("resize", serde_json::json!({"size": "160M"}))
+                .unwrap();
+            assert_eq!(reply["guest_notified"], true, "{reply}");
+        })
         .run(
             r#"
 check present 'wait_dev /dev/vda && cat /sys/block/vda/size && head -c 19 /dev/vda; echo'
@@ -79,6 +88,9 @@ check reread 'cd / && umount /mnt && echo 3 > /proc/sys/vm/drop_caches && mount 
 check fstrim 'dd if=/dev/zero of=/mnt/big bs=1M count=32 2>/dev/null && sync && rm /mnt/big && \
   sync && fstrim -v /mnt'
 check umount 'cd / && umount /mnt && echo unmounted'
+check resize 'before=$(cat /sys/block/vda/size); echo VBACK-HOST:resize; i=0; \
+  while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; \
+  cat /sys/block/vda/size; dd if=/dev/urandom of=/dev/vda bs=1M seek=150 count=4 oflag=direct 2>/dev/null && echo grown-written'
 "#,
         )
         .unwrap_or_else(|e| {
@@ -88,7 +100,15 @@ check umount 'cd / && umount /mnt && echo unmounted'
             )
         });
     eprintln!("{}", run.summary());
-    run.assert_checks(&["present", "fio", "mkfs", "reread", "fstrim", "umount"]);
+    run.assert_checks(&[
+        "present", "fio", "mkfs", "reread", "fstrim", "umount", "resize",
+    ]);
+    let resized: Vec<&str> = run.check("resize").output.lines().collect();
+    assert_eq!(
+        resized,
+        [(160 * MIB / 512).to_string().as_str(), "grown-written"],
+        "the guest sees the online resize and writes past the old end"
+    );
     let present: Vec<&str> = run.check("present").output.lines().collect();
     assert_eq!(present[0], (128 * MIB / 512).to_string());
     assert_eq!(
@@ -141,4 +161,5 @@ check umount 'cd / && umount /mnt && echo unmounted'
     qemu_img(&["convert", "-O", "raw", s(&top), s(&raw)]);
     let img = std::fs::read(&raw).unwrap();
     assert_eq!(&img[1080..1082], &[0x53, 0xef], "ext4 superblock magic");
+    assert_eq!(img.len() as u64, 160 * MIB, "qemu-img sees the grown image");
 }
