@@ -42,7 +42,7 @@ fn every_binary_has_a_complete_help() {
                 "--backing-depth",
             ][..],
         ),
-        ("vbimg", &["create", "info", "check", "resize"][..]),
+        ("vbimg", &["create", "info", "check", "resize", "convert"][..]),
         (
             "netback",
             &[

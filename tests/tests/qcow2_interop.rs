@@ -948,6 +948,57 @@ fn vbimg_create_info_check_and_resize_agree_with_qemu_img() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("refcount 0, referenced 1 times"), "{out}");
 
+    // convert: a zstd-compressed qemu-img image to raw and to qcow2, with progress; qemu-img
+    // compares them identical to the source data, and the qcow2 output checks clean.
+    let data = source(d);
+    let comp = d.join("comp.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        s(&data),
+        s(&comp),
+    ]);
+    let out_raw = d.join("out.raw");
+    let (code, out) = vbimg(&["convert", "-f", "qcow2", "-O", "raw", s(&comp), s(&out_raw)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(std::fs::read(&out_raw).unwrap() == std::fs::read(&data).unwrap());
+    let out_q = d.join("out.qcow2");
+    let (code, out) = vbimg(&[
+        "convert",
+        "-p",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "--cluster-size",
+        "4K",
+        s(&data),
+        s(&out_q),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(100.00/100%)"), "progress: {out}");
+    assert_eq!(qemu_check_code(&out_q), 0);
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&out_q), s(&data)]);
+    assert_eq!(json(&out_q)["cluster-size"], 4096);
+    assert_ne!(
+        vbimg(&[
+            "convert",
+            "-f",
+            "vmdk",
+            "-O",
+            "raw",
+            s(&comp),
+            s(&d.join("x"))
+        ])
+        .0,
+        0,
+        "formats are named, never guessed"
+    );
+
     // resize: qemu-img sees the new size, and the image checks clean.
     let p = d.join("a.qcow2");
     assert_eq!(vbimg(&["resize", s(&p), "300G"]).0, 0);

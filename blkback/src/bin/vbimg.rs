@@ -46,6 +46,26 @@ enum Cmd {
         /// The image.
         file: PathBuf,
     },
+    /// Copy an image's guest content into a new qcow2 or raw image (zero ranges stay
+    /// unallocated), like `qemu-img convert`.
+    Convert {
+        /// The source image.
+        src: PathBuf,
+        /// The new image (must not exist).
+        dst: PathBuf,
+        /// The source's format, raw or qcow2 (never probed).
+        #[arg(short = 'f', long = "format")]
+        src_format: String,
+        /// The new image's format, qcow2 or raw.
+        #[arg(short = 'O', long = "output-format", default_value = "qcow2")]
+        out_format: String,
+        /// Cluster size of a qcow2 output.
+        #[arg(long, default_value = "64K")]
+        cluster_size: String,
+        /// Show progress on stderr, as qemu-img -p does.
+        #[arg(short = 'p', long)]
+        progress: bool,
+    },
     /// Grow an image to SIZE (shrinking is refused).
     Resize {
         /// The image.
@@ -61,7 +81,8 @@ Examples:
   vbimg create -b base.qcow2 -F qcow2 overlay.qcow2
   vbimg info overlay.qcow2
   vbimg check overlay.qcow2; echo $?
-  vbimg resize overlay.qcow2 30G";
+  vbimg resize overlay.qcow2 30G
+  vbimg convert -p -f raw -O qcow2 disk.raw disk.qcow2";
 
 fn size(s: &str) -> Result<u64, String> {
     vback_common::spec::parse_size(s).map_err(|e| e.to_string())
@@ -185,6 +206,21 @@ fn run(cmd: Cmd) -> Result<u8, String> {
                 0
             })
         }
+        Cmd::Convert {
+            src,
+            dst,
+            src_format,
+            out_format,
+            cluster_size,
+            progress,
+        } => convert(
+            &src,
+            &dst,
+            &src_format,
+            &out_format,
+            &cluster_size,
+            progress,
+        ),
         Cmd::Resize { file, size: s } => {
             let mut img = open(&file, true)?;
             img.resize(size(&s)?).map_err(|e| e.to_string())?;
@@ -192,6 +228,88 @@ fn run(cmd: Cmd) -> Result<u8, String> {
             Ok(0)
         }
     }
+}
+
+/// Where converted data comes from or goes to.
+enum Side {
+    Qcow2(Box<Image>),
+    Raw(std::fs::File),
+}
+
+fn convert(
+    src: &Path,
+    dst: &Path,
+    src_format: &str,
+    out_format: &str,
+    cluster_size: &str,
+    progress: bool,
+) -> Result<u8, String> {
+    use std::os::unix::fs::FileExt;
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let (mut input, total) = match src_format {
+        "qcow2" => {
+            let img = open(src, false)?;
+            let n = img.size();
+            (Side::Qcow2(Box::new(img)), n)
+        }
+        "raw" => {
+            let f = std::fs::File::open(src).map_err(|e| io(src, e))?;
+            lock_image_patiently(&f, src, LockMode::Shared, std::time::Duration::from_secs(1))
+                .map_err(|e| e.to_string())?;
+            let n = f.metadata().map_err(|e| io(src, e))?.len();
+            (Side::Raw(f), n)
+        }
+        f => return Err(format!("source format `{f}` is not raw or qcow2")),
+    };
+    let mut output = match out_format {
+        "qcow2" => {
+            qcow2::create(dst, total, size(cluster_size)?, None).map_err(|e| e.to_string())?;
+            Side::Qcow2(Box::new(open(dst, true)?))
+        }
+        "raw" => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| io(dst, e))?;
+            f.set_len(total).map_err(|e| io(dst, e))?;
+            Side::Raw(f)
+        }
+        f => return Err(format!("output format `{f}` is not qcow2 or raw")),
+    };
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut done = 0u64;
+    let mut shown = -1i64;
+    while done < total {
+        let n = (total - done).min(CHUNK) as usize;
+        let chunk = &mut buf[..n];
+        match &mut input {
+            Side::Qcow2(img) => img.read(done, chunk).map_err(|e| e.to_string())?,
+            Side::Raw(f) => f.read_exact_at(chunk, done).map_err(|e| io(src, e))?,
+        }
+        // Zero ranges are left unallocated (a hole in a raw file).
+        if chunk.iter().any(|&b| b != 0) {
+            match &mut output {
+                Side::Qcow2(img) => img.write(done, chunk).map_err(|e| e.to_string())?,
+                Side::Raw(f) => f.write_all_at(chunk, done).map_err(|e| io(dst, e))?,
+            }
+        }
+        done += n as u64;
+        let pct = (done * 10000 / total.max(1)) as i64;
+        if progress && pct != shown {
+            shown = pct;
+            eprint!("\r    ({:.2}/100%)", pct as f64 / 100.0);
+        }
+    }
+    match output {
+        Side::Qcow2(mut img) => img.close().map_err(|e| e.to_string())?,
+        Side::Raw(f) => f.sync_all().map_err(|e| io(dst, e))?,
+    }
+    if progress {
+        eprintln!("\r    (100.00/100%)");
+    }
+    Ok(0)
 }
 
 fn main() -> ExitCode {
