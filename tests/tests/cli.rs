@@ -42,7 +42,10 @@ fn every_binary_has_a_complete_help() {
                 "--backing-depth",
             ][..],
         ),
-        ("vbimg", &["create", "info", "check", "resize", "convert"][..]),
+        (
+            "vbimg",
+            &["create", "info", "check", "resize", "convert"][..],
+        ),
         (
             "netback",
             &[
