@@ -70,12 +70,30 @@ enum Pattern {
     RandRead,
     RandWrite,
     SeqRead,
+    SeqWrite,
 }
+
+/// What the backends serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// No storage (blkback null:, qsd null-co).
+    Null,
+    /// The raw test file.
+    File,
+    /// A fully allocated qcow2 image converted from the test file (blkback tap:qcow2:, qsd's
+    /// qcow2 driver over a file node with O_DIRECT and io_uring).
+    Qcow2,
+    /// A new, empty qcow2 image of [`FRESH_SIZE`] for each run: every write allocates.
+    Qcow2Fresh,
+}
+
+/// Virtual size of the fresh qcow2 image (large enough that a run never wraps around).
+const FRESH_SIZE: u64 = 64 << 30;
 
 #[derive(Debug, Clone, Copy)]
 struct Workload {
     name: &'static str,
-    null: bool,
+    target: Target,
     pattern: Pattern,
     bs: usize,
     qd: usize,
@@ -84,51 +102,79 @@ struct Workload {
 const WORKLOADS: &[Workload] = &[
     Workload {
         name: "null-randread-qd1",
-        null: true,
+        target: Target::Null,
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 1,
     },
     Workload {
         name: "null-randread-qd32",
-        null: true,
+        target: Target::Null,
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 32,
     },
     Workload {
         name: "file-randread-qd1",
-        null: false,
+        target: Target::File,
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 1,
     },
     Workload {
         name: "file-randread-qd32",
-        null: false,
+        target: Target::File,
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 32,
     },
     Workload {
         name: "file-randwrite-qd1",
-        null: false,
+        target: Target::File,
         pattern: Pattern::RandWrite,
         bs: 4096,
         qd: 1,
     },
     Workload {
         name: "file-randwrite-qd32",
-        null: false,
+        target: Target::File,
         pattern: Pattern::RandWrite,
         bs: 4096,
         qd: 32,
     },
     Workload {
         name: "file-seqread-128k-qd8",
-        null: false,
+        target: Target::File,
         pattern: Pattern::SeqRead,
         bs: 128 << 10,
+        qd: 8,
+    },
+    Workload {
+        name: "qcow2-randread-qd1",
+        target: Target::Qcow2,
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "qcow2-randread-qd32",
+        target: Target::Qcow2,
+        pattern: Pattern::RandRead,
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "qcow2-randwrite-qd32",
+        target: Target::Qcow2,
+        pattern: Pattern::RandWrite,
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "qcow2-firstwrite-64k-qd8",
+        target: Target::Qcow2Fresh,
+        pattern: Pattern::SeqWrite,
+        bs: 64 << 10,
         qd: 8,
     },
 ];
@@ -212,7 +258,7 @@ fn drive(
     let mut seq = 0u64;
     let mut next_offset = |rng: &mut Rng| -> u64 {
         match w.pattern {
-            Pattern::SeqRead => {
+            Pattern::SeqRead | Pattern::SeqWrite => {
                 let o = (seq % blocks) * w.bs as u64;
                 seq += 1;
                 o
@@ -224,7 +270,9 @@ fn drive(
         // SAFETY: slot < qd, so the buffer lies inside the mapped region.
         let buf = unsafe { base.add(slot * w.bs) };
         match w.pattern {
-            Pattern::RandWrite => q.write(off, buf, w.bs, slot, ReqFlags::empty()),
+            Pattern::RandWrite | Pattern::SeqWrite => {
+                q.write(off, buf, w.bs, slot, ReqFlags::empty())
+            }
             _ => q.read(off, buf, w.bs, slot, ReqFlags::empty()),
         }
     };
@@ -282,6 +330,7 @@ fn host_fio(file: &Path, w: &Workload, secs: u64) -> Result<Result1, String> {
         Pattern::RandRead => "randread",
         Pattern::RandWrite => "randwrite",
         Pattern::SeqRead => "read",
+        Pattern::SeqWrite => "write",
     };
     let out = pinned(&which("fio").ok_or("fio not found (scripts/setup.sh installs it)")?)
         .args([
@@ -302,7 +351,7 @@ fn host_fio(file: &Path, w: &Workload, secs: u64) -> Result<Result1, String> {
     let v: Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("fio output: {e}: {}", String::from_utf8_lossy(&out.stderr)))?;
     let job = &v["jobs"][0];
-    let side = if w.pattern == Pattern::RandWrite {
+    let side = if matches!(w.pattern, Pattern::RandWrite | Pattern::SeqWrite) {
         &job["write"]
     } else {
         &job["read"]
@@ -329,16 +378,24 @@ fn start_blkback(dir: &Path, disk: &str, extra: &[String]) -> Result<Daemon, Str
     Ok(d)
 }
 
-fn start_qsd(dir: &Path, file: Option<&Path>, size: u64) -> Result<Daemon, String> {
+fn start_qsd(dir: &Path, target: Target, file: &Path, size: u64) -> Result<Daemon, String> {
     let sock = dir.join("qsd.sock");
     let qsd = which("qemu-storage-daemon").ok_or("qemu-storage-daemon not found (qemu-utils)")?;
     let mut cmd = pinned(&qsd);
-    match file {
-        Some(f) => cmd.arg("--blockdev").arg(format!(
-            "driver=file,node-name=d0,filename={},cache.direct=on,aio=io_uring",
-            f.display()
-        )),
-        None => cmd.arg("--blockdev").arg(format!(
+    let file_node = |node: &str| {
+        format!(
+            "driver=file,node-name={node},filename={},cache.direct=on,aio=io_uring",
+            file.display()
+        )
+    };
+    match target {
+        Target::File => cmd.arg("--blockdev").arg(file_node("d0")),
+        Target::Qcow2 | Target::Qcow2Fresh => cmd
+            .arg("--blockdev")
+            .arg(file_node("f0"))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=d0,file=f0"),
+        Target::Null => cmd.arg("--blockdev").arg(format!(
             "driver=null-co,node-name=d0,size={size},read-zeroes=off"
         )),
     };
@@ -402,6 +459,24 @@ pub fn run(args: &Args) -> Result<(), String> {
     fill(&file, args.size)?;
     let file_disk = format!("file:{}", file.display());
     let null_disk = format!("null:{}", args.size);
+    let qcow2 = dir.join("bench.qcow2");
+    let qcow2_disk = format!("tap:qcow2:{}", qcow2.display());
+    let fresh = dir.join("fresh.qcow2");
+    let fresh_disk = format!("tap:qcow2:{}", fresh.display());
+    let qemu_img = |a: &[&str]| -> Result<(), String> {
+        let out = Command::new("qemu-img")
+            .args(a)
+            .output()
+            .map_err(|e| format!("qemu-img (qemu-utils): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "qemu-img {a:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
     let selected: Vec<&Workload> = WORKLOADS
         .iter()
         .filter(|w| args.only.is_empty() || args.only.iter().any(|o| o == w.name))
@@ -409,6 +484,21 @@ pub fn run(args: &Args) -> Result<(), String> {
     if selected.is_empty() {
         let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
         return Err(format!("no such workload; known: {}", names.join(", ")));
+    }
+    if selected.iter().any(|w| w.target == Target::Qcow2) {
+        eprintln!("converting it to a fully allocated qcow2 image ...");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            &file.to_string_lossy(),
+            &qcow2.to_string_lossy(),
+        ])?;
+        // qemu-img writes through the page cache: write it back now, or the first backend's
+        // O_DIRECT reads pay for it.
+        std::fs::File::open(&qcow2)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{}: {e}", qcow2.display()))?;
     }
 
     // Idle RSS of blkback with a file disk and one front end connected then gone.
@@ -431,27 +521,48 @@ pub fn run(args: &Args) -> Result<(), String> {
         );
         let client_poll = !args.client_irq;
         // The same workload against each backend in turn, each started fresh.
-        let measure = |daemon: Result<Daemon, String>, sock: &str| {
-            let mut d = daemon?;
-            let r = drive(&dir.join(sock), w, args.size, args.seconds, client_poll);
+        let capacity = if w.target == Target::Qcow2Fresh {
+            FRESH_SIZE
+        } else {
+            args.size
+        };
+        let measure = |daemon: &dyn Fn() -> Result<Daemon, String>, sock: &str| {
+            if w.target == Target::Qcow2Fresh {
+                let _ = std::fs::remove_file(&fresh);
+                qemu_img(&[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    &fresh.to_string_lossy(),
+                    &FRESH_SIZE.to_string(),
+                ])?;
+            }
+            let mut d = daemon()?;
+            let r = drive(&dir.join(sock), w, capacity, args.seconds, client_poll);
             d.terminate(Duration::from_secs(5));
             r
         };
-        let (bb_disk, qsd_file) = if w.null {
-            (&null_disk, None)
-        } else {
-            (&file_disk, Some(file.as_path()))
+        let (bb_disk, qsd_file) = match w.target {
+            Target::Null => (&null_disk, file.as_path()),
+            Target::File => (&file_disk, file.as_path()),
+            Target::Qcow2 => (&qcow2_disk, qcow2.as_path()),
+            Target::Qcow2Fresh => (&fresh_disk, fresh.as_path()),
         };
         let (mut bbs, mut qss, mut fios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.repeat {
             bbs.push(measure(
-                start_blkback(dir, bb_disk, &args.blkback_args),
+                &|| start_blkback(dir, bb_disk, &args.blkback_args),
                 "blkback.sock",
             ));
-            qss.push(measure(start_qsd(dir, qsd_file, args.size), "qsd.sock"));
-            fios.push(match qsd_file {
-                Some(f) => host_fio(f, w, args.seconds),
-                None => Err("-".to_string()),
+            qss.push(measure(
+                &|| start_qsd(dir, w.target, qsd_file, args.size),
+                "qsd.sock",
+            ));
+            // Host fio measures the raw file only (the limit of the raw rows).
+            fios.push(match w.target {
+                Target::File => host_fio(&file, w, args.seconds),
+                _ => Err("-".to_string()),
             });
         }
         let (bb, qs, fio) = (median(bbs), median(qss), median(fios));

@@ -53,7 +53,22 @@ impl BlkControl {
 impl ControlHandler for BlkControl {
     fn status(&self) -> Value {
         let dev = self.backend.device();
+        let qcow2 = dev.disk.qcow2.as_ref().map(|img| {
+            let img = vback_common::sync::lock(img);
+            let i = img.info();
+            json!({
+                "version": i.version,
+                "cluster_size": i.cluster_size,
+                "refcount_bits": i.refcount_bits,
+                "extended_l2": i.extended_l2,
+                "compression": i.compression,
+                "backing_chain": i.backing_chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "l2_cache_tables": i.cache_tables,
+                "l2_cached_now": img.cached_tables(),
+            })
+        });
         json!({
+            "qcow2": qcow2,
             "disk": dev.disk.uname.to_string(),
             "kind": dev.disk.kind.name(),
             "size": dev.disk.capacity(),

@@ -9,14 +9,15 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use vback_common::engine::EngineFiles;
 use vback_common::lock::{LockError, LockMode, lock_image_patiently};
 use vback_common::spec::{DiskUname, ImageFormat};
 
+use crate::qcow2::{self, Image, Qcow2Error};
 use crate::virtio::SECTOR;
 
 /// Why a disk could not be opened or changed.
@@ -54,6 +55,9 @@ pub enum DiskError {
     /// A resize that cannot be done.
     #[error("resize refused: {0}")]
     Resize(String),
+    /// The qcow2 image (or its backing chain) was refused.
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
 }
 
 /// The kind of storage.
@@ -65,6 +69,8 @@ pub enum DiskKind {
     Block,
     /// No storage: every request succeeds without I/O.
     Null,
+    /// A qcow2 image (with its backing chain).
+    Qcow2,
 }
 
 impl DiskKind {
@@ -74,12 +80,13 @@ impl DiskKind {
             DiskKind::File => "file",
             DiskKind::Block => "block-device",
             DiskKind::Null => "null",
+            DiskKind::Qcow2 => "qcow2",
         }
     }
 }
 
 /// How to open the disk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DiskOptions {
     /// The guest may not write.
     pub read_only: bool,
@@ -87,6 +94,8 @@ pub struct DiskOptions {
     pub direct: bool,
     /// Locking mode.
     pub lock: LockMode,
+    /// qcow2: metadata cache budget in bytes and backing chain policy.
+    pub qcow2: qcow2::OpenOptions,
 }
 
 /// An open disk.
@@ -106,6 +115,8 @@ pub struct Disk {
     pub physical_block: u32,
     /// Whether discard does anything (punch holes, BLKDISCARD).
     pub discard: bool,
+    /// The qcow2 metadata, for [`DiskKind::Qcow2`] (the engine files are the image's).
+    pub qcow2: Option<Mutex<Image>>,
     capacity: AtomicU64,
 }
 
@@ -170,6 +181,7 @@ impl Disk {
                     read_only: opts.read_only,
                     physical_block: 512,
                     discard: true,
+                    qcow2: None,
                     capacity: AtomicU64::new(*size),
                 });
             }
@@ -180,12 +192,8 @@ impl Disk {
             DiskUname::Phy(path) => (path.clone(), true),
             DiskUname::Image {
                 format: ImageFormat::Qcow2,
-                ..
-            } => {
-                return Err(unsupported(
-                    "qcow2 images are not supported yet (issue #4); convert with `qemu-img convert -O raw` and use file:",
-                ));
-            }
+                path,
+            } => (path.clone(), false),
             DiskUname::Image {
                 format: ImageFormat::Vmdk,
                 ..
@@ -246,7 +254,7 @@ impl Disk {
                     uname,
                     DiskOptions {
                         direct: false,
-                        ..opts
+                        ..opts.clone()
                     },
                 );
             }
@@ -261,7 +269,30 @@ impl Disk {
         } else {
             None
         };
-        let (size, physical_block, discard) = if is_block {
+        let is_qcow2 = matches!(
+            uname,
+            DiskUname::Image {
+                format: ImageFormat::Qcow2,
+                ..
+            }
+        );
+        let image = if is_qcow2 {
+            let meta_fd = buffered
+                .as_deref()
+                .unwrap_or(&main)
+                .try_clone()
+                .map_err(|e| io("open", e))?;
+            let q = qcow2::OpenOptions {
+                writable: !opts.read_only,
+                ..opts.qcow2.clone()
+            };
+            Some(Image::open(&path, meta_fd, &q)?)
+        } else {
+            None
+        };
+        let (size, physical_block, discard) = if let Some(img) = &image {
+            (img.size(), (meta.blksize() as u32).clamp(512, 65536), true)
+        } else if is_block {
             let size = ioctl_u64(&main, BLKGETSIZE64).map_err(|e| io("read the size of", e))?;
             let pbs = ioctl_u64(&main, BLKPBSZGET).unwrap_or(512) as u32;
             (size, pbs, block_discard_supported(&meta))
@@ -276,7 +307,9 @@ impl Disk {
             );
         }
         Ok(Disk {
-            kind: if is_block {
+            kind: if image.is_some() {
+                DiskKind::Qcow2
+            } else if is_block {
                 DiskKind::Block
             } else {
                 DiskKind::File
@@ -294,6 +327,7 @@ impl Disk {
                 512
             },
             discard,
+            qcow2: image.map(Mutex::new),
             capacity: AtomicU64::new(size - size % SECTOR),
         })
     }
@@ -332,6 +366,19 @@ impl Disk {
         }
         let new = match (self.kind, &self.files) {
             (DiskKind::Null, _) => size.unwrap_or(old),
+            (DiskKind::Qcow2, _) => {
+                let Some(img) = &self.qcow2 else {
+                    return Ok(old);
+                };
+                let mut img = vback_common::sync::lock(img);
+                if let Some(s) = size {
+                    if self.read_only {
+                        return Err(DiskError::Resize("the disk is read-only".into()));
+                    }
+                    img.resize(s)?;
+                }
+                img.size() - img.size() % SECTOR
+            }
             (DiskKind::File, Some(f)) => {
                 let path = self.path().map(Path::to_path_buf).unwrap_or_default();
                 let io = |op, source| DiskError::Io {
@@ -446,6 +493,7 @@ mod tests {
             } else {
                 LockMode::Exclusive
             },
+            qcow2: Default::default(),
         }
     }
 
@@ -504,10 +552,7 @@ mod tests {
                 format!("file:{}/missing", dir.path().display()),
                 "cannot open",
             ),
-            (
-                format!("tap:qcow:{}", p.display()),
-                "qcow2 images are not supported yet",
-            ),
+            (format!("tap:qcow:{}", p.display()), "not a qcow2 image"),
             ("tap:cdrom:/x.iso".to_string(), "cdrom backend"),
             ("npiv:1,1".to_string(), "Fibre Channel"),
         ] {

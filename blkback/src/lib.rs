@@ -1,8 +1,9 @@
 //! blkback: a vhost-user-blk backend on io_uring, Xen's blkback for KVM guests.
 //!
 //! - [`virtio`]: the virtio-blk request model and configuration space (transport-free);
-//! - [`disk`]: opening what backs the disk (raw files, block devices, the null device), locks,
-//!   resize;
+//! - [`disk`]: opening what backs the disk (raw files, qcow2 images, block devices, the null
+//!   device), locks, resize;
+//! - [`qcow2`]: the qcow2 format layer (metadata, allocation, backing chains);
 //! - [`worker`]: one worker per queue, turning requests into io_uring operations;
 //! - [`vhost`]: the only module that knows vhost-user;
 //! - [`control`]: `status`, `stats` and `resize` on the control socket.
@@ -11,6 +12,7 @@
 
 pub mod control;
 pub mod disk;
+pub mod qcow2;
 pub mod stats;
 pub mod vhost;
 pub mod virtio;
@@ -58,6 +60,9 @@ pub struct Config {
     pub engine: EngineChoice,
     /// Busy-poll window after activity (zero: never poll).
     pub poll: std::time::Duration,
+    /// qcow2 images: metadata cache size and backing chain policy (`writable` is set from
+    /// `mode`).
+    pub qcow2: qcow2::OpenOptions,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -93,6 +98,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
             read_only,
             direct: !config.page_cache,
             lock,
+            qcow2: config.qcow2.clone(),
         },
     )?;
     let serial_text = config

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vback_common::engine::{Completion, Engine, Op, Submit};
+use vback_common::sync::lock;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
@@ -28,6 +29,86 @@ const POLL_MAX_IN_FLIGHT: usize = 2;
 
 /// With deeper queues, how long to wait for the driver's next requests to batch them.
 const DEEP_POLL: std::time::Duration = std::time::Duration::from_micros(4);
+
+/// Largest bounce buffer of the qcow2 synchronous path.
+const SYNC_CHUNK: u64 = 1 << 20;
+
+/// Where a qcow2 read or write goes.
+enum Route {
+    /// One engine operation at this host offset.
+    Direct(u64),
+    /// Engine operations for the slot's pieces, one after the other.
+    Pieces,
+    /// The synchronous path.
+    Sync,
+}
+
+/// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
+const MAX_PIECES: usize = 16;
+
+/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
+fn select_iov(all: &[libc::iovec], mut skip: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
+    out.clear();
+    for v in all {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        out.push(libc::iovec {
+            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+            iov_len: n,
+        });
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
+fn gather(iov: &[libc::iovec], mut skip: usize, dst: &mut [u8]) {
+    let mut out = 0;
+    for v in iov {
+        if out == dst.len() {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(dst.len() - out);
+        let src = v.iov_base.cast::<u8>().wrapping_add(skip).cast_const();
+        // SAFETY: the iovec was built by the chain parser from a guest buffer of `iov_len`
+        // bytes that the slot's memory reference keeps mapped; `skip + n <= iov_len`, and `dst`
+        // is a separate host buffer of at least `out + n` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst[out..].as_mut_ptr(), n) };
+        out += n;
+        skip = 0;
+    }
+}
+
+/// Copies `src` into the iovecs' data, starting `skip` bytes in.
+fn scatter(iov: &[libc::iovec], mut skip: usize, src: &[u8]) {
+    let mut done = 0;
+    for v in iov {
+        if done == src.len() {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(src.len() - done);
+        let dst = v.iov_base.cast::<u8>().wrapping_add(skip);
+        // SAFETY: as in `gather`: a mapped, device-writable guest buffer of `iov_len` bytes,
+        // written at `skip..skip + n`, from a separate host buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), dst, n) };
+        done += n;
+        skip = 0;
+    }
+}
 
 /// Guest memory as the vhost-user framework hands it to us.
 pub type Mem = GuestMemoryMmap<()>;
@@ -75,6 +156,12 @@ struct Slot {
     buffered: bool,
     fallocate: Option<(u64, u64, i32)>,
     mem: Option<Arc<Mem>>,
+    /// qcow2: the request's host pieces (offset, length) when its clusters are not
+    /// consecutive in the image; `piece` is the one in flight. Empty otherwise.
+    pieces: Vec<(u64, u64)>,
+    piece: usize,
+    /// qcow2 pieces: the request's whole iovec list (`iov` holds the current piece's part).
+    all_iov: Vec<libc::iovec>,
 }
 
 /// A queue's worker.
@@ -136,6 +223,9 @@ impl Worker {
                     buffered: false,
                     fallocate: None,
                     mem: None,
+                    pieces: Vec::with_capacity(MAX_PIECES),
+                    piece: 0,
+                    all_iov: Vec::new(),
                 })
                 .collect(),
             free: (0..slots as u32).rev().collect(),
@@ -412,10 +502,52 @@ impl Worker {
                     self.count_rw(write, len);
                     return self.finish_now(idx, Status::Ok, data, vring);
                 }
+                let mut offset = sector * SECTOR;
+                self.slots[idx as usize].pieces.clear();
+                if let Some(img) = &dev.disk.qcow2 {
+                    // qcow2: data clusters go to the engine like raw requests (zero copy), in
+                    // one piece or (clusters not consecutive in the image) a few, one after the
+                    // other; everything else takes the synchronous path.
+                    let mut g = lock(img);
+                    let slot = &mut self.slots[idx as usize];
+                    let route = g.map_direct(offset, len, write).and_then(|direct| {
+                        Ok(match direct {
+                            Some(host) => Route::Direct(host),
+                            None => {
+                                if g.map_extents(offset, len, write, MAX_PIECES, &mut slot.pieces)?
+                                {
+                                    Route::Pieces
+                                } else {
+                                    Route::Sync
+                                }
+                            }
+                        })
+                    });
+                    drop(g);
+                    match route {
+                        Ok(Route::Direct(host)) => offset = host,
+                        Ok(Route::Pieces) => {
+                            slot.all_iov.clone_from(&slot.iov);
+                            slot.piece = 0;
+                            let (host, n) = slot.pieces[0];
+                            select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
+                            offset = host;
+                        }
+                        Ok(Route::Sync) => {
+                            slot.pieces.clear();
+                            return self.qcow2_sync_rw(idx, write, offset, len, vring);
+                        }
+                        Err(e) => {
+                            slot.pieces.clear();
+                            log::warn!("queue {}: {e}", self.queue);
+                            return self.finish_now(idx, Status::IoErr, 0, vring);
+                        }
+                    }
+                }
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = if write { Kind::Write } else { Kind::Read };
-                slot.offset = sector * SECTOR;
-                slot.remaining = len;
+                slot.offset = offset;
+                slot.remaining = slot.pieces.first().map_or(len, |p| p.1);
                 slot.total = len;
                 slot.iov_start = 0;
                 slot.buffered = !dev.disk.direct;
@@ -427,6 +559,19 @@ impl Worker {
                 if null {
                     QueueStats::add(&self.stats().flushes, 1);
                     return self.finish_now(idx, Status::Ok, 0, vring);
+                }
+                if let Some(img) = &dev.disk.qcow2 {
+                    let st = match lock(img).flush() {
+                        Ok(()) => {
+                            QueueStats::add(&self.stats().flushes, 1);
+                            Status::Ok
+                        }
+                        Err(e) => {
+                            log::error!("queue {}: flush failed: {e}", self.queue);
+                            Status::IoErr
+                        }
+                    };
+                    return self.finish_now(idx, st, 0, vring);
                 }
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = Kind::Flush;
@@ -463,6 +608,32 @@ impl Worker {
                     DiskKind::Null => {
                         self.count_discard(zero);
                         self.finish_now(idx, Status::Ok, 0, vring);
+                    }
+                    DiskKind::Qcow2 => {
+                        let r = match &dev.disk.qcow2 {
+                            Some(img) => {
+                                let mut g = lock(img);
+                                g.discard(offset, len, zero).and_then(|()| {
+                                    if dev.writeback.load(Ordering::Relaxed) {
+                                        Ok(())
+                                    } else {
+                                        g.flush()
+                                    }
+                                })
+                            }
+                            None => Ok(()),
+                        };
+                        let st = match r {
+                            Ok(()) => {
+                                self.count_discard(zero);
+                                Status::Ok
+                            }
+                            Err(e) => {
+                                log::warn!("queue {}: {e}", self.queue);
+                                Status::IoErr
+                            }
+                        };
+                        self.finish_now(idx, st, 0, vring);
                     }
                     DiskKind::Block => {
                         // Block-device ioctls are synchronous; they run on the queue's thread.
@@ -509,6 +680,46 @@ impl Worker {
                         self.queue_io(idx, vring);
                     }
                 }
+            }
+        }
+    }
+
+    /// A qcow2 read or write that is not one host extent of the image: done here, on the
+    /// queue's thread, in chunks of at most [`SYNC_CHUNK`] bytes through a bounce buffer.
+    fn qcow2_sync_rw(&mut self, idx: u32, write: bool, offset: u64, len: u64, vring: &Vring) {
+        let dev = self.dev.clone();
+        let Some(img) = &dev.disk.qcow2 else {
+            return self.finish_now(idx, Status::IoErr, 0, vring);
+        };
+        let mut buf = vec![0u8; len.min(SYNC_CHUNK) as usize];
+        let mut g = lock(img);
+        let mut done = 0u64;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = (len - done).min(SYNC_CHUNK) as usize;
+            let iov = &self.slots[idx as usize].iov;
+            result = if write {
+                gather(iov, done as usize, &mut buf[..n]);
+                g.write(offset + done, &buf[..n])
+            } else {
+                g.read(offset + done, &mut buf[..n]).map(|()| {
+                    scatter(iov, done as usize, &buf[..n]);
+                })
+            };
+            done += n as u64;
+        }
+        if result.is_ok() && write && !dev.writeback.load(Ordering::Relaxed) {
+            result = g.flush();
+        }
+        drop(g);
+        match result {
+            Ok(()) => {
+                self.count_rw(write, len);
+                self.finish_now(idx, Status::Ok, if write { 0 } else { len }, vring);
+            }
+            Err(e) => {
+                log::warn!("queue {}: {e}", self.queue);
+                self.finish_now(idx, Status::IoErr, 0, vring);
             }
         }
     }
@@ -631,6 +842,19 @@ impl Worker {
                             n = 0;
                         }
                     }
+                    if let Some(v) = vring {
+                        self.queue_io(idx, v);
+                    }
+                    return;
+                } else if slot.piece + 1 < slot.pieces.len() {
+                    // The next piece of a qcow2 request whose clusters are not consecutive.
+                    slot.piece += 1;
+                    let skip: u64 = slot.pieces[..slot.piece].iter().map(|p| p.1).sum();
+                    let (host, n) = slot.pieces[slot.piece];
+                    select_iov(&slot.all_iov, skip as usize, n as usize, &mut slot.iov);
+                    slot.iov_start = 0;
+                    slot.offset = host;
+                    slot.remaining = n;
                     if let Some(v) = vring {
                         self.queue_io(idx, v);
                     }
@@ -821,6 +1045,7 @@ mod tests {
                 read_only,
                 direct: true,
                 lock: LockMode::None,
+                qcow2: Default::default(),
             },
         )
         .unwrap();
@@ -1206,6 +1431,219 @@ mod tests {
         assert_eq!(
             r.worker.dev.stats[0].reads.load(Ordering::Relaxed),
             u64::from(QSIZE / 2)
+        );
+    }
+
+    #[test]
+    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-F",
+                "raw",
+                "-b",
+            ])
+            .arg(&base)
+            .arg(&top)
+            .output()
+            .expect("qemu-img is required (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = rig(Some(&format!("tap:qcow2:{}", top.display())), false);
+        assert_eq!(r.worker.dev.disk.kind, DiskKind::Qcow2);
+        assert_eq!(r.worker.dev.disk.capacity(), 1 << 20);
+        let m = r.m();
+        // An allocating write of 2 KiB into the middle of a cluster (copy-on-write from base),
+        // from two guest buffers.
+        m.write_slice(&[0xab; 1024], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[0xcd; 1024], GuestAddress(0x11000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 9);
+        let (st, _) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x10000, 1024, 0),
+            (0x11000, 1024, 0),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!(st, 0);
+        {
+            let mut img = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
+            assert!(
+                img.map_direct(4096, 4096, false).unwrap().is_some(),
+                "cluster 1 is now data in the image: reads go to the engine"
+            );
+            assert!(img.map_direct(0, 512, false).unwrap().is_none());
+        }
+        let expect = |abs: usize, first: u8| match abs {
+            0..4096 => first,
+            4096..4608 => 0x11,
+            4608..5632 => 0xab,
+            5632..6656 => 0xcd,
+            _ => 0x11,
+        };
+        // Cluster 1 alone (one engine read), then clusters 0 and 1 (synchronous).
+        for (sector, len) in [(8u64, 4096u32), (0, 8192)] {
+            r.header(0x1000, VIRTIO_BLK_T_IN, sector);
+            let (st, n) = r.submit(&[(0x1000, 16, 0), (0x20000, len, W), (STATUS, 1, W)]);
+            assert_eq!((st, n), (0, len + 1));
+            let mut got = vec![0u8; len as usize];
+            m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+            for (i, b) in got.iter().enumerate() {
+                let abs = sector as usize * 512 + i;
+                assert_eq!(*b, expect(abs, 0x11), "byte {abs}");
+            }
+        }
+        // An in-place overwrite through the engine, write-zeroes over cluster 0 (hiding the
+        // backing data), a flush.
+        m.write_slice(&[0x77; 512], GuestAddress(0x10000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x10000, 512, 0), (STATUS, 1, W)])
+                .0,
+            0
+        );
+        r.header(0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        m.write_obj(0u64, GuestAddress(0x1010)).unwrap();
+        m.write_obj(8u32, GuestAddress(0x1018)).unwrap();
+        m.write_obj(0u32, GuestAddress(0x101c)).unwrap();
+        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
+        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(r.submit(&[(0x1000, 16, 0), (STATUS, 1, W)]).0, 0);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 8192, W), (STATUS, 1, W)])
+                .0,
+            0
+        );
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+        for (abs, b) in got.iter().enumerate() {
+            let want = if (4096..4608).contains(&abs) {
+                0x77
+            } else {
+                expect(abs, 0)
+            };
+            assert_eq!(*b, want, "byte {abs}");
+        }
+        drop(r);
+        let out = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            std::fs::read(&base).unwrap().iter().all(|&b| b == 0x11),
+            "the backing file is unchanged"
+        );
+    }
+
+    #[test]
+    fn qcow2_clusters_out_of_order_go_to_the_engine_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .arg(&img)
+            .arg("1M")
+            .output()
+            .expect("qemu-img is required (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut r = rig(Some(&format!("qcow2:{}", img.display())), false);
+        let m = r.m();
+        // Cluster 2, then cluster 1: the image holds them in the opposite order.
+        for (sector, byte) in [(16u64, 0x22u8), (8, 0x11)] {
+            m.write_slice(&[byte; 4096], GuestAddress(0x10000)).unwrap();
+            r.header(0x1000, VIRTIO_BLK_T_OUT, sector);
+            assert_eq!(
+                r.submit(&[(0x1000, 16, 0), (0x10000, 4096, 0), (STATUS, 1, W)])
+                    .0,
+                0
+            );
+        }
+        {
+            let mut g = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
+            assert_eq!(g.map_direct(4096, 8192, false).unwrap(), None);
+            let mut pieces = Vec::new();
+            assert!(g.map_extents(4096, 8192, true, 16, &mut pieces).unwrap());
+            assert_eq!(pieces.len(), 2, "{pieces:?}");
+            assert!(pieces[0].0 > pieces[1].0, "{pieces:?}");
+            assert!(!g.map_extents(4096, 8192, true, 1, &mut pieces).unwrap());
+        }
+        // An in-place write over both clusters from three guest buffers (pieces split inside
+        // a buffer), then a read of both into two buffers.
+        m.write_slice(&[0x33; 1024], GuestAddress(0x10000)).unwrap();
+        m.write_slice(&[0x44; 6144], GuestAddress(0x12000)).unwrap();
+        m.write_slice(&[0x55; 1024], GuestAddress(0x14000)).unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
+        let (st, _) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x10000, 1024, 0),
+            (0x12000, 6144, 0),
+            (0x14000, 1024, 0),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!(st, 0);
+        r.header(0x1000, VIRTIO_BLK_T_IN, 8);
+        let (st, n) = r.submit(&[
+            (0x1000, 16, 0),
+            (0x20000, 2048, W),
+            (0x22000, 6144, W),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!((st, n), (0, 8193));
+        let mut got = vec![0u8; 8192];
+        m.read_slice(&mut got[..2048], GuestAddress(0x20000))
+            .unwrap();
+        m.read_slice(&mut got[2048..], GuestAddress(0x22000))
+            .unwrap();
+        assert!(got[..1024].iter().all(|&b| b == 0x33));
+        assert!(got[1024..7168].iter().all(|&b| b == 0x44));
+        assert!(got[7168..].iter().all(|&b| b == 0x55));
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.read_bytes.load(Ordering::Relaxed), 8192);
+        drop(r);
+        let out = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let raw = dir.path().join("p.raw");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&img)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let all = std::fs::read(&raw).unwrap();
+        assert!(
+            all[4096..12288] == got[..],
+            "qemu-img reads what the guest wrote"
         );
     }
 

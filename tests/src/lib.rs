@@ -4,7 +4,8 @@
 //!   script (a batch of named checks) inside, get its output and status back;
 //! - [`netns`]: network namespaces (test hosts, bridges, veths) so no traffic leaves the machine;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
-//!   stop them, read their logs.
+//!   stop them, read their logs;
+//! - [`qcow2_ops`]: the seeded operation stream of the qcow2 crash test.
 //!
 //! Nothing here skips silently: a missing QEMU, kernel or tool is an error that fails the test
 //! with the command that fixes it.
@@ -13,6 +14,7 @@ pub mod cpio;
 pub mod harness;
 pub mod netns;
 pub mod process;
+pub mod qcow2_ops;
 
 pub use harness::{Accel, Check, Guest, GuestRun};
 

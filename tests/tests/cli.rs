@@ -36,7 +36,15 @@ fn every_binary_has_a_complete_help() {
                 "--control",
                 "--print-capabilities",
                 "tap:qcow:",
+                "--qcow2-cache-size",
+                "--backing-policy",
+                "--backing-dir",
+                "--backing-depth",
             ][..],
+        ),
+        (
+            "vbimg",
+            &["create", "info", "check", "resize", "convert"][..],
         ),
         (
             "netback",

@@ -1,0 +1,323 @@
+//! vbimg: qcow2 image tools built on blkback's format layer (the same code that serves guests).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use blkback::qcow2::{self, BackingPolicy, Image, OpenOptions};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use vback_common::lock::{LockMode, lock_image_patiently};
+
+/// qcow2 image tools: create, info, check, resize. They agree with `qemu-img` and take the
+/// same locks as QEMU and blkback, so an image in use is refused.
+#[derive(Debug, Parser)]
+#[command(version, after_help = AFTER_HELP)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create an empty qcow2 (version 3) image.
+    Create {
+        /// The new image (must not exist).
+        file: PathBuf,
+        /// Virtual size (e.g. 20G); default: the backing file's size.
+        size: Option<String>,
+        /// Cluster size, 512 bytes to 2 MiB.
+        #[arg(long, default_value = "64K")]
+        cluster_size: String,
+        /// Backing file, stored as given (relative names are relative to the new image).
+        #[arg(long, short = 'b', requires = "backing_format")]
+        backing: Option<String>,
+        /// The backing file's format (raw or qcow2): always recorded, never probed.
+        #[arg(long, short = 'F')]
+        backing_format: Option<String>,
+    },
+    /// Describe an image (JSON with qemu-img's key names).
+    Info {
+        /// The image.
+        file: PathBuf,
+    },
+    /// Check the refcounts against the metadata. Exit status as qemu-img's: 0 clean, 2
+    /// corruption, 3 leaked clusters only.
+    Check {
+        /// The image.
+        file: PathBuf,
+    },
+    /// Copy an image's guest content into a new qcow2 or raw image (zero ranges stay
+    /// unallocated), like `qemu-img convert`.
+    Convert {
+        /// The source image.
+        src: PathBuf,
+        /// The new image (must not exist).
+        dst: PathBuf,
+        /// The source's format, raw or qcow2 (never probed).
+        #[arg(short = 'f', long = "format")]
+        src_format: String,
+        /// The new image's format, qcow2 or raw.
+        #[arg(short = 'O', long = "output-format", default_value = "qcow2")]
+        out_format: String,
+        /// Cluster size of a qcow2 output.
+        #[arg(long, default_value = "64K")]
+        cluster_size: String,
+        /// Show progress on stderr, as qemu-img -p does.
+        #[arg(short = 'p', long)]
+        progress: bool,
+    },
+    /// Grow an image to SIZE (shrinking is refused).
+    Resize {
+        /// The image.
+        file: PathBuf,
+        /// The new virtual size.
+        size: String,
+    },
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  vbimg create base.qcow2 20G
+  vbimg create -b base.qcow2 -F qcow2 overlay.qcow2
+  vbimg info overlay.qcow2
+  vbimg check overlay.qcow2; echo $?
+  vbimg resize overlay.qcow2 30G
+  vbimg convert -p -f raw -O qcow2 disk.raw disk.qcow2";
+
+fn size(s: &str) -> Result<u64, String> {
+    vback_common::spec::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn open(path: &Path, writable: bool) -> Result<Image, String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = if writable {
+        LockMode::Exclusive
+    } else {
+        LockMode::Shared
+    };
+    lock_image_patiently(&f, path, mode, std::time::Duration::from_secs(1))
+        .map_err(|e| e.to_string())?;
+    Image::open(
+        path,
+        f,
+        &OpenOptions {
+            writable,
+            backing: BackingPolicy {
+                any_dir: true,
+                ..BackingPolicy::default()
+            },
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn backing_size(new: &Path, name: &str, fmt: &str) -> Result<u64, String> {
+    let p = Path::new(name);
+    let p = if p.is_absolute() {
+        p.to_owned()
+    } else {
+        new.parent().unwrap_or(Path::new(".")).join(p)
+    };
+    match fmt {
+        "qcow2" => Ok(open(&p, false)?.size()),
+        _ => std::fs::metadata(&p)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", p.display())),
+    }
+}
+
+fn run(cmd: Cmd) -> Result<u8, String> {
+    match cmd {
+        Cmd::Create {
+            file,
+            size: sz,
+            cluster_size,
+            backing,
+            backing_format,
+        } => {
+            let backing = backing.zip(backing_format);
+            let bytes = match (&sz, &backing) {
+                (Some(s), _) => size(s)?,
+                (None, Some((b, f))) => backing_size(&file, b, f)?,
+                (None, None) => return Err("a size is needed without a backing file".into()),
+            };
+            let b = backing.as_ref().map(|(b, f)| (b.as_str(), f.as_str()));
+            qcow2::create(&file, bytes, size(&cluster_size)?, b).map_err(|e| e.to_string())?;
+            Ok(0)
+        }
+        Cmd::Info { file } => {
+            let img = open(&file, false)?;
+            let i = img.info();
+            let actual = std::fs::metadata(&file)
+                .map(|m| m.len())
+                .unwrap_or_default();
+            let v = json!({
+                "filename": file.display().to_string(),
+                "format": "qcow2",
+                "virtual-size": i.size,
+                "actual-size-bytes": actual,
+                "cluster-size": i.cluster_size,
+                "format-specific": {
+                    "type": "qcow2",
+                    "data": {
+                        "compat": if i.version >= 3 { "1.1" } else { "0.10" },
+                        "compression-type": if i.compression == "deflate" { "zlib" } else { i.compression },
+                        "refcount-bits": i.refcount_bits,
+                        "extended-l2": i.extended_l2,
+                    }
+                },
+                "backing-chain": i.backing_chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Ok(0)
+        }
+        Cmd::Check { file } => {
+            let mut img = open(&file, false)?;
+            let r = img.check().map_err(|e| e.to_string())?;
+            for m in &r.messages {
+                println!("ERROR {m}");
+            }
+            if r.errors > 0 {
+                println!("{} errors were found on the image.", r.errors);
+            }
+            if r.leaks > 0 {
+                println!(
+                    "{} leaked clusters were found on the image (repair with `qemu-img check -r leaks`).",
+                    r.leaks
+                );
+            }
+            if r.errors == 0 && r.leaks == 0 {
+                println!("No errors were found on the image.");
+            }
+            println!(
+                "{}/{} clusters allocated",
+                r.allocated_clusters, r.total_clusters
+            );
+            Ok(if r.errors > 0 {
+                2
+            } else if r.leaks > 0 {
+                3
+            } else {
+                0
+            })
+        }
+        Cmd::Convert {
+            src,
+            dst,
+            src_format,
+            out_format,
+            cluster_size,
+            progress,
+        } => convert(
+            &src,
+            &dst,
+            &src_format,
+            &out_format,
+            &cluster_size,
+            progress,
+        ),
+        Cmd::Resize { file, size: s } => {
+            let mut img = open(&file, true)?;
+            img.resize(size(&s)?).map_err(|e| e.to_string())?;
+            img.close().map_err(|e| e.to_string())?;
+            Ok(0)
+        }
+    }
+}
+
+/// Where converted data comes from or goes to.
+enum Side {
+    Qcow2(Box<Image>),
+    Raw(std::fs::File),
+}
+
+fn convert(
+    src: &Path,
+    dst: &Path,
+    src_format: &str,
+    out_format: &str,
+    cluster_size: &str,
+    progress: bool,
+) -> Result<u8, String> {
+    use std::os::unix::fs::FileExt;
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let (mut input, total) = match src_format {
+        "qcow2" => {
+            let img = open(src, false)?;
+            let n = img.size();
+            (Side::Qcow2(Box::new(img)), n)
+        }
+        "raw" => {
+            let f = std::fs::File::open(src).map_err(|e| io(src, e))?;
+            lock_image_patiently(&f, src, LockMode::Shared, std::time::Duration::from_secs(1))
+                .map_err(|e| e.to_string())?;
+            let n = f.metadata().map_err(|e| io(src, e))?.len();
+            (Side::Raw(f), n)
+        }
+        f => return Err(format!("source format `{f}` is not raw or qcow2")),
+    };
+    let mut output = match out_format {
+        "qcow2" => {
+            qcow2::create(dst, total, size(cluster_size)?, None).map_err(|e| e.to_string())?;
+            Side::Qcow2(Box::new(open(dst, true)?))
+        }
+        "raw" => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)
+                .map_err(|e| io(dst, e))?;
+            f.set_len(total).map_err(|e| io(dst, e))?;
+            Side::Raw(f)
+        }
+        f => return Err(format!("output format `{f}` is not qcow2 or raw")),
+    };
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut done = 0u64;
+    let mut shown = -1i64;
+    while done < total {
+        let n = (total - done).min(CHUNK) as usize;
+        let chunk = &mut buf[..n];
+        match &mut input {
+            Side::Qcow2(img) => img.read(done, chunk).map_err(|e| e.to_string())?,
+            Side::Raw(f) => f.read_exact_at(chunk, done).map_err(|e| io(src, e))?,
+        }
+        // Zero ranges are left unallocated (a hole in a raw file).
+        if chunk.iter().any(|&b| b != 0) {
+            match &mut output {
+                Side::Qcow2(img) => img.write(done, chunk).map_err(|e| e.to_string())?,
+                Side::Raw(f) => f.write_all_at(chunk, done).map_err(|e| io(dst, e))?,
+            }
+        }
+        done += n as u64;
+        let pct = (done * 10000 / total.max(1)) as i64;
+        if progress && pct != shown {
+            shown = pct;
+            eprint!("\r    ({:.2}/100%)", pct as f64 / 100.0);
+        }
+    }
+    match output {
+        Side::Qcow2(mut img) => img.close().map_err(|e| e.to_string())?,
+        Side::Raw(f) => f.sync_all().map_err(|e| io(dst, e))?,
+    }
+    if progress {
+        eprintln!("\r    (100.00/100%)");
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse().cmd) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vbimg: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
