@@ -387,16 +387,7 @@ impl Pair {
             }
             // Empty: watch the ring for the poll window, then turn notifications back on and
             // look once more (the driver may have added chains before it saw them on).
-            if !self.poll.is_zero() {
-                if signal {
-                    notify_guest(&mut st, m);
-                    signal = false;
-                }
-                if self.poll_avail(&mut st, m) {
-                    continue;
-                }
-            }
-            if rearm(&mut st, m) {
+            if self.more_soon(&mut st, m, &mut signal) {
                 continue;
             }
             break;
@@ -409,6 +400,22 @@ impl Pair {
             tx.packets.fetch_add(packets, Ordering::Relaxed);
             tx.bytes.fetch_add(bytes, Ordering::Relaxed);
         }
+    }
+
+    /// The ring ran dry: interrupt the guest for what is done, watch the ring for the poll
+    /// window, then turn the driver's notifications back on. True if chains arrived meanwhile
+    /// (serve them instead of sleeping).
+    fn more_soon(&self, st: &mut VringState, m: &Mem, signal: &mut bool) -> bool {
+        if !self.poll.is_zero() {
+            if *signal {
+                notify_guest(st, m);
+                *signal = false;
+            }
+            if self.poll_avail(st, m) {
+                return true;
+            }
+        }
+        rearm(st, m)
     }
 
     /// Spins up to the poll window for new chains on the avail ring.
@@ -578,19 +585,8 @@ impl Pair {
                     break;
                 }
                 Rx::NoBuffers => {
-                    // Watch the ring for the poll window; then ask the guest to kick when it
-                    // adds buffers, and look again (it may have added them before
-                    // notifications were on).
-                    if !self.poll.is_zero() {
-                        if signal {
-                            notify_guest(&mut st, m);
-                            signal = false;
-                        }
-                        if self.poll_avail(&mut st, m) {
-                            continue;
-                        }
-                    }
-                    if rearm(&mut st, m) {
+                    // The guest has no buffers: the same wait as an empty transmit ring.
+                    if self.more_soon(&mut st, m, &mut signal) {
                         continue;
                     }
                     break;

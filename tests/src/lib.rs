@@ -2,6 +2,7 @@
 //!
 //! - [`harness`]: boot a throw-away Linux guest in QEMU with vhost-user devices, run a shell
 //!   script (a batch of named checks) inside, get its output and status back;
+//! - [`frontend`]: shared guest memory for tests that are their own vhost-user front end;
 //! - [`netns`]: network namespaces (test hosts, bridges, veths) so no traffic leaves the machine;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
 //!   stop them, read their logs;
@@ -11,6 +12,7 @@
 //! with the command that fixes it.
 
 pub mod cpio;
+pub mod frontend;
 pub mod harness;
 pub mod netns;
 pub mod process;

@@ -4,66 +4,19 @@
 //! raw bytes on the socket.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use vback_tests::frontend::SharedMemory;
 use vback_tests::process::{Daemon, blkback};
 use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 
 const MEM: u64 = 1 << 20;
-
-struct Region {
-    fd: OwnedFd,
-    addr: *mut libc::c_void,
-}
-
-impl Region {
-    fn new() -> Region {
-        // SAFETY: memfd_create with a NUL-terminated name; returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(c"vback-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as i64) }, 0);
-        // SAFETY: mapping MEM bytes of our memfd, shared, at an address the kernel chooses.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Region { fd, addr }
-    }
-
-    fn info(&self, gpa: u64, size: u64) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: self.addr as u64,
-            mmap_offset: 0,
-            mmap_handle: self.fd.as_raw_fd(),
-        }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping created in `new`.
-        unsafe { libc::munmap(self.addr, MEM as usize) };
-    }
-}
 
 /// Connects and negotiates features, with REPLY_ACK.
 fn negotiate(sock: &Path) -> Frontend {
@@ -113,7 +66,7 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
         &dir.path().join("b.log"),
     )
     .unwrap();
-    let region = Region::new();
+    let region = SharedMemory::new(MEM);
 
     // Overlapping memory regions.
     {
@@ -126,7 +79,7 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
     // Each bad request on a connection of its own: it must fail (an error reply, or the
     // daemon closing that connection), and the daemon must serve the next front end.
     type Bad = Box<dyn Fn(&mut Frontend, u64) -> bool>;
-    let va = region.addr as u64;
+    let va = region.addr() as u64;
     let ring = move |desc: u64| VringConfigData {
         queue_max_size: 64,
         queue_size: 64,
@@ -193,7 +146,7 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
         let _ = fe.set_vring_call(0, &call);
         let _ = fe.set_vring_kick(0, &kick);
         let _ = fe.set_vring_enable(0, true);
-        let avail = region.addr.cast::<u8>().wrapping_add(0x1000);
+        let avail = region.addr().wrapping_add(0x1000);
         // SAFETY: writing inside our own shared mapping (avail->idx at ring + 2).
         unsafe { avail.wrapping_add(2).cast::<u16>().write_unaligned(200) };
         // SAFETY: as above (avail->ring[0] at ring + 4).

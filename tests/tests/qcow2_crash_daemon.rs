@@ -5,17 +5,17 @@
 //! moment. After each kill `qemu-img check` may find leaked clusters but never corruption, and
 //! every write acknowledged before the last acknowledged flush reads back (through qemu-img).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use vback_tests::frontend::SharedMemory;
 use vback_tests::process::blkback;
 use vback_tests::qcow2_ops::{Qcow2Op, Qcow2Ops};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: u64 = 1 << 20;
@@ -28,77 +28,12 @@ const STATUS: u64 = 0x3100;
 const DATA: u64 = 0x10000;
 const FLUSH_EVERY: u64 = 8;
 
-struct Region {
-    fd: OwnedFd,
-    addr: *mut u8,
-}
-
-impl Region {
-    fn new() -> Region {
-        // SAFETY: memfd_create with a NUL-terminated name; returns a new descriptor or -1.
-        let fd = unsafe { libc::memfd_create(c"vback-crash".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as i64) }, 0);
-        // SAFETY: mapping MEM bytes of our memfd, shared, at an address the kernel chooses.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Region {
-            fd,
-            addr: addr.cast(),
-        }
-    }
-
-    fn put(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa + bytes.len() as u64 <= MEM);
-        let dst = self.addr.wrapping_add(gpa as usize);
-        // SAFETY: the range lies inside our MEM-byte mapping; the daemon only reads it.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
-    }
-
-    fn get8(&self, gpa: u64) -> u8 {
-        assert!(gpa < MEM);
-        let p = self.addr.wrapping_add(gpa as usize);
-        // SAFETY: inside the mapping; the daemon writes it, so read it volatile.
-        unsafe { p.read_volatile() }
-    }
-
-    fn used_idx(&self) -> u16 {
-        let p = self
-            .addr
-            .wrapping_add((USED + 2) as usize)
-            .cast::<AtomicU16>();
-        // SAFETY: the used ring's index, 2-byte aligned inside the (page-aligned) mapping and
-        // written by the daemon: read through an atomic.
-        let a = unsafe { &*p };
-        a.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping created in `new`.
-        unsafe { libc::munmap(self.addr.cast(), MEM as usize) };
-    }
-}
-
 /// A connected front end with one queue.
 struct Driver {
     _fe: Frontend,
     kick: EventFd,
     _call: EventFd,
-    mem: Region,
+    mem: SharedMemory,
     next: u16,
 }
 
@@ -112,16 +47,9 @@ impl Driver {
         let pf = fe.get_protocol_features().unwrap();
         fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
             .unwrap();
-        let mem = Region::new();
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM,
-            userspace_addr: mem.addr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.fd.as_raw_fd(),
-        }])
-        .unwrap();
-        let va = mem.addr as u64;
+        let mem = SharedMemory::new(MEM);
+        fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
+        let va = mem.addr() as u64;
         fe.set_vring_num(0, QSIZE).unwrap();
         fe.set_vring_addr(
             0,
@@ -184,7 +112,7 @@ impl Driver {
         std::sync::atomic::fence(Ordering::SeqCst);
         let _ = self.kick.write(1);
         let t0 = Instant::now();
-        while self.mem.used_idx() != self.next {
+        while self.mem.load_u16(USED + 2) != self.next {
             if t0.elapsed() > Duration::from_secs(1) {
                 return false;
             }
