@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vback_tests::frontend::SharedMemory;
 use vback_tests::process::blkback;
-use vback_tests::qcow2_ops::{Qcow2Op, Qcow2Ops};
+use vback_tests::qcow2_ops::{Qcow2Op, Qcow2Ops, assert_flushed_data_survived};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -229,27 +229,7 @@ fn kill_9_of_the_daemon_during_writes_never_corrupts_and_keeps_what_was_flushed(
             String::from_utf8_lossy(&out.stderr)
         );
         let now = std::fs::read(&current).unwrap();
-        let mut model = baseline.clone();
-        let mut ops = Qcow2Ops::new(seed, model.len() as u64);
-        for _ in 0..acked {
-            let op = ops.next().unwrap();
-            let (off, len) = op.range();
-            model[off as usize..(off + len) as usize].copy_from_slice(&op.data());
-        }
-        let mut unsure = vec![false; model.len() / 512];
-        for op in ops.take(FLUSH_EVERY as usize) {
-            let (off, len) = op.range();
-            for sector in off / 512..(off + len) / 512 {
-                unsure[sector as usize] = true;
-            }
-        }
-        for (sector, u) in unsure.iter().enumerate() {
-            let r = sector * 512..sector * 512 + 512;
-            assert!(
-                *u || now[r.clone()] == model[r],
-                "round {round}: sector {sector} lost data acknowledged by the flush after operation {acked}"
-            );
-        }
+        assert_flushed_data_survived(&baseline, &now, seed, acked, FLUSH_EVERY, round);
         baseline = now;
     }
     assert!(

@@ -661,7 +661,7 @@ fn the_metadata_cache_stays_within_its_budget() {
 
 #[test]
 fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
-    use vback_tests::qcow2_ops::Qcow2Ops;
+    use vback_tests::qcow2_ops::assert_flushed_data_survived;
     const FLUSH_EVERY: u64 = 8;
     let writer = env!("CARGO_BIN_EXE_qcow2-crash-writer");
     let dir = tempfile::tempdir().unwrap();
@@ -723,27 +723,7 @@ fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
         let now = std::fs::read(&current).unwrap();
         // Replay the acknowledged operations on the model; the ones after the last
         // acknowledged flush may or may not have landed: their sectors are not compared.
-        let mut model = baseline.clone();
-        let mut ops = Qcow2Ops::new(seed, model.len() as u64);
-        for _ in 0..acked {
-            let op = ops.next().unwrap();
-            let (off, len) = op.range();
-            model[off as usize..(off + len) as usize].copy_from_slice(&op.data());
-        }
-        let mut unsure = vec![false; model.len() / 512];
-        for op in ops.take(FLUSH_EVERY as usize) {
-            let (off, len) = op.range();
-            for sector in off / 512..(off + len) / 512 {
-                unsure[sector as usize] = true;
-            }
-        }
-        for (sector, u) in unsure.iter().enumerate() {
-            let r = sector * 512..sector * 512 + 512;
-            assert!(
-                *u || now[r.clone()] == model[r],
-                "round {round}: sector {sector} lost data acknowledged by flush {acked}"
-            );
-        }
+        assert_flushed_data_survived(&baseline, &now, seed, acked, FLUSH_EVERY, round);
         baseline = now;
     }
     assert!(
