@@ -1007,10 +1007,9 @@ mod tests {
     use vback_common::engine::{EngineChoice, open_engine};
     use vback_common::lock::LockMode;
     use vback_common::spec::DiskUname;
+    use vback_common::testing::MockQueue;
     use virtio_bindings::virtio_blk::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor;
     use vm_memory::GuestAddressSpace;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -1019,10 +1018,8 @@ mod tests {
 
     struct Rig {
         mem: GuestMemoryAtomic<Mem>,
-        vring: Vring,
+        q: MockQueue,
         worker: Worker,
-        next_desc: u16,
-        rings: (u64, u64, u64),
         _dir: tempfile::TempDir,
         image: std::path::PathBuf,
     }
@@ -1067,20 +1064,13 @@ mod tests {
         let mem =
             GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         // Rings well away from the buffers the tests use (fresh memory reads as zero).
-        let rings = (0x10_0000, 0x10_1000, 0x10_2000);
-        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring.set_queue_info(rings.0, rings.1, rings.2).unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let q = MockQueue::new(&mem, QSIZE, 0x10_0000);
         let mut worker = Worker::new(0, dev, engine, usize::from(QSIZE));
         worker.set_memory(mem.memory().into_inner());
         Rig {
             mem,
-            vring,
+            q,
             worker,
-            next_desc: 0,
-            rings,
             _dir: dir,
             image,
         }
@@ -1101,41 +1091,22 @@ mod tests {
         /// Writes a chain into the descriptor table and publishes its head on the avail ring,
         /// as a driver would.
         fn publish(&mut self, descs: &[(u64, u32, u16)]) {
-            let m = self.m();
-            let n = descs.len() as u16;
-            let (desc_table, avail, _) = self.rings;
-            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-                let i = i as u16;
-                let idx = (self.next_desc + i) % QSIZE;
-                let flags = if i < n - 1 { flags | 1 } else { flags };
-                let d = RawDescriptor::from(Descriptor::new(addr, len, flags, (idx + 1) % QSIZE));
-                m.write_obj(d, GuestAddress(desc_table + 16 * u64::from(idx)))
-                    .unwrap();
-            }
-            let avail_idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap();
-            m.write_obj(
-                self.next_desc,
-                GuestAddress(avail + 4 + 2 * u64::from(avail_idx % QSIZE)),
-            )
-            .unwrap();
-            m.write_obj(avail_idx.wrapping_add(1), GuestAddress(avail + 2))
-                .unwrap();
-            self.next_desc = (self.next_desc + n) % QSIZE;
+            self.q.publish(descs);
         }
 
         fn used_idx(&self) -> u16 {
-            self.m().read_obj(GuestAddress(self.rings.2 + 2)).unwrap()
+            self.q.used_idx()
         }
 
         /// Kicks the worker and runs it until the used index reaches `target`.
         fn run_until(&mut self, target: u16) {
-            self.worker.process_queue(&self.vring);
+            self.worker.process_queue(&self.q.vring);
             for _ in 0..2000 {
                 if self.used_idx() == target {
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
-                self.worker.handle_completions(&self.vring);
+                self.worker.handle_completions(&self.q.vring);
             }
             panic!(
                 "requests never completed (used index {} of {target})",
@@ -1151,10 +1122,7 @@ mod tests {
             let before = self.used_idx();
             self.publish(descs);
             self.run_until(before.wrapping_add(1));
-            let slot = u64::from(before % QSIZE);
-            let len: u32 = m
-                .read_obj(GuestAddress(self.rings.2 + 4 + 8 * slot + 4))
-                .unwrap();
+            let (_, len) = self.q.used(before);
             (m.read_obj(GuestAddress(STATUS)).unwrap(), len)
         }
     }
@@ -1358,7 +1326,7 @@ mod tests {
         ];
         for (what, kind, sector, descs, want) in cases {
             r.header(0x1000, kind, sector);
-            let nd = r.next_desc;
+            let nd = r.q.next_desc();
             let (st, _) = r.submit(&descs);
             assert_eq!(st, want, "{what} (descriptors from {nd})");
         }
@@ -1652,19 +1620,22 @@ mod tests {
         let mut r = rig(None, false);
         let m = r.m();
         // An avail index far beyond the ring: nothing can be popped; the worker returns.
-        m.write_obj(200u16, GuestAddress(r.rings.1 + 2)).unwrap();
-        r.worker.process_queue(&r.vring);
+        m.write_obj(200u16, GuestAddress(r.q.avail_addr() + 2))
+            .unwrap();
+        r.worker.process_queue(&r.q.vring);
         assert_eq!(r.used_idx(), 0);
 
         // A head index beyond the queue: the chain is empty, returned unanswered.
         let mut r = rig(None, false);
         let m = r.m();
-        m.write_obj(999u16, GuestAddress(r.rings.1 + 4)).unwrap();
-        m.write_obj(1u16, GuestAddress(r.rings.1 + 2)).unwrap();
-        r.worker.process_queue(&r.vring);
+        m.write_obj(999u16, GuestAddress(r.q.avail_addr() + 4))
+            .unwrap();
+        m.write_obj(1u16, GuestAddress(r.q.avail_addr() + 2))
+            .unwrap();
+        r.worker.process_queue(&r.q.vring);
         assert_eq!(r.worker.free.len(), usize::from(QSIZE), "no slot leaked");
         // The queue still works afterwards.
-        r.next_desc = 0;
+        r.q.set_next_desc(0);
         r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
         let before = r.used_idx();
         r.publish(&[(0x1000, 16, 0), (STATUS, 1, W)]);

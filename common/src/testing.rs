@@ -86,6 +86,21 @@ impl MockQueue {
         head
     }
 
+    /// Guest address of the avail ring (tests that write hostile rings by hand).
+    pub fn avail_addr(&self) -> u64 {
+        self.rings.1
+    }
+
+    /// The descriptor-table slot the next chain is written from.
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
+    }
+
+    /// Writes the next chain from descriptor-table slot `slot`.
+    pub fn set_next_desc(&mut self, slot: u16) {
+        self.next_desc = slot % self.size;
+    }
+
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
         self.m()
