@@ -46,9 +46,15 @@ enum Route {
 /// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
 const MAX_PIECES: usize = 16;
 
-/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
-fn select_iov(all: &[libc::iovec], mut skip: usize, mut len: usize, out: &mut Vec<libc::iovec>) {
-    out.clear();
+/// Calls `f(address, length, offset)` for each piece of the iovec list `all` that covers `len`
+/// bytes from `skip` (`offset`: where the piece starts within those `len` bytes).
+fn for_each_piece(
+    all: &[libc::iovec],
+    mut skip: usize,
+    mut len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) {
+    let mut done = 0;
     for v in all {
         if len == 0 {
             break;
@@ -58,56 +64,41 @@ fn select_iov(all: &[libc::iovec], mut skip: usize, mut len: usize, out: &mut Ve
             continue;
         }
         let n = (v.iov_len - skip).min(len);
-        out.push(libc::iovec {
-            iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
-            iov_len: n,
-        });
+        f(v.iov_base.cast::<u8>().wrapping_add(skip), n, done);
+        done += n;
         len -= n;
         skip = 0;
     }
 }
 
+/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
+fn select_iov(all: &[libc::iovec], skip: usize, len: usize, out: &mut Vec<libc::iovec>) {
+    out.clear();
+    for_each_piece(all, skip, len, |p, n, _| {
+        out.push(libc::iovec {
+            iov_base: p.cast(),
+            iov_len: n,
+        });
+    });
+}
+
 /// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
-fn gather(iov: &[libc::iovec], mut skip: usize, dst: &mut [u8]) {
-    let mut out = 0;
-    for v in iov {
-        if out == dst.len() {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(dst.len() - out);
-        let src = v.iov_base.cast::<u8>().wrapping_add(skip).cast_const();
-        // SAFETY: the iovec was built by the chain parser from a guest buffer of `iov_len`
-        // bytes that the slot's memory reference keeps mapped; `skip + n <= iov_len`, and `dst`
-        // is a separate host buffer of at least `out + n` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst[out..].as_mut_ptr(), n) };
-        out += n;
-        skip = 0;
-    }
+fn gather(iov: &[libc::iovec], skip: usize, dst: &mut [u8]) {
+    for_each_piece(iov, skip, dst.len(), |src, n, at| {
+        // SAFETY: the iovec was built by the chain parser from a guest buffer that the slot's
+        // memory reference keeps mapped, and `src..src + n` lies inside it; `dst` is a separate
+        // host buffer of at least `at + n` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst[at..].as_mut_ptr(), n) };
+    });
 }
 
 /// Copies `src` into the iovecs' data, starting `skip` bytes in.
-fn scatter(iov: &[libc::iovec], mut skip: usize, src: &[u8]) {
-    let mut done = 0;
-    for v in iov {
-        if done == src.len() {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(src.len() - done);
-        let dst = v.iov_base.cast::<u8>().wrapping_add(skip);
-        // SAFETY: as in `gather`: a mapped, device-writable guest buffer of `iov_len` bytes,
-        // written at `skip..skip + n`, from a separate host buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), dst, n) };
-        done += n;
-        skip = 0;
-    }
+fn scatter(iov: &[libc::iovec], skip: usize, src: &[u8]) {
+    for_each_piece(iov, skip, src.len(), |dst, n, at| {
+        // SAFETY: as in `gather`: a mapped, device-writable guest buffer, written at
+        // `dst..dst + n`, from a separate host buffer of at least `at + n` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), dst, n) };
+    });
 }
 
 /// Guest memory as the vhost-user framework hands it to us.

@@ -4,6 +4,7 @@
 //!   script (a batch of named checks) inside, get its output and status back;
 //! - [`frontend`]: shared guest memory for tests that are their own vhost-user front end;
 //! - [`netns`]: network namespaces (test hosts, bridges, veths) so no traffic leaves the machine;
+//! - [`qemu_tools`]: qemu-img and qemu-io, the independent judges of images;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
 //!   stop them, read their logs;
 //! - [`qcow2_ops`]: the seeded operation stream of the qcow2 crash test.
@@ -17,6 +18,7 @@ pub mod harness;
 pub mod netns;
 pub mod process;
 pub mod qcow2_ops;
+pub mod qemu_tools;
 
 pub use harness::{Accel, Check, Guest, GuestRun};
 

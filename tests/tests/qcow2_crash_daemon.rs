@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use vback_tests::frontend::SharedMemory;
 use vback_tests::process::blkback;
 use vback_tests::qcow2_ops::{Qcow2Op, Qcow2Ops, assert_flushed_data_survived};
+use vback_tests::qemu_tools::path_str as s;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
@@ -120,10 +121,6 @@ impl Driver {
         }
         self.mem.get8(STATUS) == 0
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

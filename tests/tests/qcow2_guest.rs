@@ -4,7 +4,6 @@
 //! writes into the new space; afterwards `qemu-img check`
 //! is clean, `qemu-img` reads the guest's file system content, and the backing file is unchanged.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,27 +11,10 @@ use serde_json::Value;
 use vback_common::control::ControlClient;
 use vback_tests::Guest;
 use vback_tests::process::blkback;
+use vback_tests::qemu_tools::{path_str as s, qcow2_overlay, qemu_img};
 
 const MIB: u64 = 1 << 20;
 const MARKER: &[u8] = b"backing-file-marker";
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required (apt-get install qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn guest_on_a_qcow2_overlay_over_a_backing_file() {
@@ -43,17 +25,7 @@ fn guest_on_a_qcow2_overlay_over_a_backing_file() {
     base_data.resize(128 * MIB as usize, 0x5a);
     std::fs::write(&base, &base_data).unwrap();
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        s(&base),
-        s(&top),
-    ]);
+    qcow2_overlay(&base, "raw", &top, None, None);
     let (sock, ctl) = (d.join("vda.sock"), d.join("vda.ctl"));
     let disk = format!("tap:qcow:{}", top.display());
     let mut daemon = blkback(

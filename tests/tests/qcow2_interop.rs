@@ -18,41 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blkback::qcow2::{BackingPolicy, Image, OpenOptions};
+use vback_tests::qemu_tools::{path_str as s, qcow2_create, qcow2_overlay, qemu_img, qemu_io};
 
 const MIB: u64 = 1 << 20;
-
-fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is required (apt-get install qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run("qemu-img", args)
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    let p = img.to_str().unwrap();
-    args.push(p);
-    run("qemu-io", &args);
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// 8 MiB of test data: incompressible and compressible 4 KiB blocks, and zero runs.
 fn source(dir: &Path) -> PathBuf {
@@ -187,34 +155,13 @@ fn every_variant_reads_like_qemu_img_convert() {
 
     // preallocation=metadata, then partly written.
     let pm = d.join("prealloc.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        s(&pm),
-        "8M",
-    ]);
+    qcow2_create(&pm, Some("preallocation=metadata"), "8M");
     qemu_io(&pm, &["write -P 0x5a 100k 300k", "write -z 2M 64k"]);
     cases.push(("preallocation=metadata", pm));
 
     // Extended L2 over a raw backing file: subclusters allocated, zero and unallocated.
     let ext = d.join("ext.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "-F",
-        "raw",
-        "-b",
-        s(&src),
-        s(&ext),
-    ]);
+    qcow2_overlay(&src, "raw", &ext, Some("extended_l2=on"), None);
     qemu_io(
         &ext,
         &[
@@ -230,17 +177,7 @@ fn every_variant_reads_like_qemu_img_convert() {
     // A 3-deep chain: top -> mid -> base (qcow2, compressed) with writes at every level.
     let base = convert("base.qcow2", &["-c"]);
     let mid = d.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        s(&base),
-        s(&mid),
-    ]);
+    qcow2_overlay(&base, "qcow2", &mid, None, None);
     qemu_io(
         &mid,
         &[
@@ -250,20 +187,7 @@ fn every_variant_reads_like_qemu_img_convert() {
         ],
     );
     let top = d.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        "-F",
-        "qcow2",
-        "-b",
-        s(&mid),
-        s(&top),
-        "10M",
-    ]);
+    qcow2_overlay(&mid, "qcow2", &top, Some("cluster_size=4096"), Some("10M"));
     qemu_io(
         &top,
         &[
@@ -362,17 +286,7 @@ fn writes_discards_zeroes_and_resize_leave_images_qemu_img_accepts() {
         let base = d.join(format!("w{n}-base.qcow2"));
         if what == "over a backing chain" {
             qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(&base)]);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                s(&base),
-                s(&img),
-            ]);
+            qcow2_overlay(&base, "qcow2", &img, None, None);
         } else {
             let mut args = vec!["convert", "-O", "qcow2"];
             args.extend_from_slice(&opts);
@@ -494,17 +408,7 @@ fn malformed_images_and_refused_chains_fail_at_open() {
     // A loop: a -> b -> a.
     let a = fresh("a.qcow2");
     let b = d.join("b.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        s(&a),
-        s(&b),
-    ]);
+    qcow2_overlay(&a, "qcow2", &b, None, None);
     qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", s(&b), s(&a)]);
     cases.push(("backing loop", a, "loops"));
 
@@ -512,17 +416,7 @@ fn malformed_images_and_refused_chains_fail_at_open() {
     let base = d.join("base.raw");
     File::create(&base).unwrap().set_len(MIB).unwrap();
     let nofmt = d.join("nofmt.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        s(&base),
-        s(&nofmt),
-    ]);
+    qcow2_overlay(&base, "raw", &nofmt, None, None);
     let h = header(&nofmt);
     let ext = h
         .windows(4)
@@ -536,17 +430,7 @@ fn malformed_images_and_refused_chains_fail_at_open() {
     let far_base = other.path().join("far.raw");
     File::create(&far_base).unwrap().set_len(MIB).unwrap();
     let far = d.join("far.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        s(&far_base),
-        s(&far),
-    ]);
+    qcow2_overlay(&far_base, "raw", &far, None, None);
     cases.push((
         "backing outside the allowed directories",
         far.clone(),
@@ -559,17 +443,7 @@ fn malformed_images_and_refused_chains_fail_at_open() {
     let mut fmt = "raw";
     for i in 1..18 {
         let p = d.join(format!("deep{i}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            fmt,
-            "-b",
-            s(&prev),
-            s(&p),
-        ]);
+        qcow2_overlay(&prev, fmt, &p, None, None);
         prev = p;
         fmt = "qcow2";
     }
@@ -628,16 +502,7 @@ fn the_metadata_cache_stays_within_its_budget() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("big.qcow2");
     // 4 KiB clusters: each L2 table maps 2 MiB; 64 MiB of data needs 32 tables.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&p),
-        "64M",
-    ]);
+    qcow2_create(&p, Some("cluster_size=4096"), "64M");
     qemu_io(&p, &["write -P 0x33 0 64M"]);
     let f = File::open(&p).unwrap();
     let mut img = Image::open(
@@ -668,17 +533,7 @@ fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
     let d = dir.path();
     let base = source(d);
     let img = d.join("crash.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        s(&base),
-        s(&img),
-    ]);
+    qcow2_overlay(&base, "raw", &img, None, None);
     let base_before = std::fs::read(&base).unwrap();
     let current = d.join("now.raw");
     let mut baseline = base_before.clone();
@@ -740,16 +595,7 @@ fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
 fn a_dirty_image_left_by_a_crashed_qemu_is_repaired_on_writable_open() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("lazy.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on,cluster_size=4096",
-        s(&p),
-        "16M",
-    ]);
+    qcow2_create(&p, Some("lazy_refcounts=on,cluster_size=4096"), "16M");
     // qemu-io's `abort` kills QEMU's block layer without closing the image: with lazy
     // refcounts the dirty bit stays set and the refcounts on disk are stale.
     let _ = Command::new("qemu-io")
