@@ -449,15 +449,6 @@ impl Daemon {
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
     {
         let source = self.args.listen_source()?;
-        let (listener, created_path, control_fd) = match &source {
-            ListenSource::Path(p) => (
-                bind_unix(p).map_err(DaemonError::Bind)?,
-                Some(p.clone()),
-                None,
-            ),
-            ListenSource::Fd(fd) => (inherited_listener(*fd)?, None, None),
-            ListenSource::Activation { fd, control } => (inherited_listener(*fd)?, None, *control),
-        };
         let listen_desc = match &source {
             ListenSource::Path(p) => p.display().to_string(),
             ListenSource::Fd(fd) => format!("fd {fd}"),
@@ -470,6 +461,12 @@ impl Daemon {
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
         });
+        // The control socket first: whoever waits for the vhost-user socket (a hotplug script,
+        // a test) can talk to the control socket once it sees it.
+        let control_fd = match &source {
+            ListenSource::Activation { control, .. } => *control,
+            _ => None,
+        };
         let _control_server = match (&self.args.control, control_fd) {
             (Some(p), _) => Some(
                 ControlServer::start(p, state.clone(), self.control.clone())
@@ -481,6 +478,14 @@ impl Daemon {
                 self.control.clone(),
             )),
             (None, None) => None,
+        };
+        let (listener, created_path) = match &source {
+            ListenSource::Path(p) => (
+                bind_unix(p).map_err(DaemonError::Bind)?,
+                Some(p.clone()),
+            ),
+            ListenSource::Fd(fd) => (inherited_listener(*fd)?, None),
+            ListenSource::Activation { fd, .. } => (inherited_listener(*fd)?, None),
         };
         if self.handle_signals {
             install_signal_handlers(self.stop.clone())?;

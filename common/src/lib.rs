@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod engine;
 pub mod lock;
 pub mod notify;
+pub mod ring;
 pub mod shim;
 pub mod socket;
 pub mod spec;

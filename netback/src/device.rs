@@ -2,13 +2,12 @@
 //! `virtio_net_hdr` then the frame) and writing a received frame into a receive chain.
 //! Malformed frames are reported with a reason and dropped by the caller, never trusted.
 
-use vback_common::chain::{chain_len, read_stream, write_stream};
+use vback_common::ring::{HostMap, iov_read, iov_write};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
 /// `virtio_net_hdr_v1` (VERSION_1: always with `num_buffers`).
 pub const HDR_LEN: u64 = 12;
@@ -26,38 +25,42 @@ pub struct TxFrame {
     pub gso_type: u8,
 }
 
-/// Checks a transmit chain. `gso_allowed` says whether the driver negotiated host TSO.
-pub fn check_tx<M, I>(mem: &M, descs: I, gso_allowed: bool) -> Result<TxFrame, &'static str>
-where
-    M: GuestMemoryBackend,
-    I: Iterator<Item = Descriptor> + Clone,
-{
-    let mut readable = 0u64;
-    for d in descs.clone() {
-        if d.is_write_only() {
-            return Err("a transmit chain with a device-writable descriptor");
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) && d.len() > 0 {
-            return Err("a descriptor outside guest memory");
-        }
-        readable += u64::from(d.len());
+/// Checks a transmit chain (the descriptors `ring::SplitRing::pop` took) and collects its
+/// host ranges, header included, into `iov` (at most `max`). `gso_allowed` says whether the
+/// driver negotiated host TSO.
+pub fn tx_frame(
+    map: &HostMap<'_>,
+    descs: &[Descriptor],
+    gso_allowed: bool,
+    iov: &mut Vec<libc::iovec>,
+    max: usize,
+) -> Result<TxFrame, &'static str> {
+    iov.clear();
+    let readable = map.iovecs(descs, false, iov, max)?;
+    if readable < HDR_LEN + MIN_FRAME {
+        return Err("shorter than a virtio-net header and an Ethernet header");
     }
+    let mut h = [0u8; HDR_LEN as usize];
+    // SAFETY: `map.iovecs` made the iovecs from guest memory that `map` borrows (mapped).
+    if !unsafe { iov_read(iov, 0, &mut h) } {
+        return Err("the virtio-net header is unreadable");
+    }
+    check_header(&h, readable, gso_allowed)
+}
+
+/// Checks a transmit frame's `virtio_net_hdr_v1` `h`; `readable` is the chain's length with the
+/// header. `gso_allowed` says whether the driver negotiated host TSO.
+pub fn check_header(
+    h: &[u8; HDR_LEN as usize],
+    readable: u64,
+    gso_allowed: bool,
+) -> Result<TxFrame, &'static str> {
     if readable < HDR_LEN + MIN_FRAME {
         return Err("shorter than a virtio-net header and an Ethernet header");
     }
     let len = readable - HDR_LEN;
     if len > MAX_FRAME {
         return Err("longer than 64 KiB plus headers");
-    }
-    let mut h = [0u8; HDR_LEN as usize];
-    // Usually the first descriptor holds the whole header: one read.
-    let first = descs.clone().next();
-    let read = match first {
-        Some(d) if u64::from(d.len()) >= HDR_LEN => mem.read_slice(&mut h, d.addr()).is_ok(),
-        _ => read_stream(mem, descs, 0, &mut h),
-    };
-    if !read {
-        return Err("the virtio-net header is unreadable");
     }
     let (flags, gso_type) = (h[0], h[1]);
     let gso_size = u16::from_le_bytes([h[4], h[5]]);
@@ -93,30 +96,37 @@ where
 }
 
 /// Writes `frame` into a receive chain with a header saying one buffer, no offloads. Returns
-/// the used length, or `None` if the chain cannot hold it (the frame is then dropped).
-pub fn fill_rx<M, I>(mem: &M, descs: I, frame: &[u8]) -> Option<u32>
-where
-    M: GuestMemoryBackend,
-    I: Iterator<Item = Descriptor> + Clone,
-{
+/// the used length, or `None` if the chain cannot hold it (the frame is then dropped). `iov` is
+/// scratch space.
+pub fn fill_rx(
+    map: &HostMap<'_>,
+    descs: &[Descriptor],
+    frame: &[u8],
+    iov: &mut Vec<libc::iovec>,
+) -> Option<u32> {
     let need = HDR_LEN + frame.len() as u64;
     let mut hdr = [0u8; HDR_LEN as usize];
     hdr[10] = 1; // num_buffers
-    // Usually one writable buffer holds it all: two writes, no walk.
-    if let Some(d) = descs.clone().next()
+    // Usually one writable buffer holds it all: two copies, no walk.
+    if let Some(d) = descs.first()
         && d.is_write_only()
         && u64::from(d.len()) >= need
     {
-        let at = d.addr().checked_add(HDR_LEN)?;
-        mem.write_slice(&hdr, d.addr()).ok()?;
-        mem.write_slice(frame, at).ok()?;
+        let at = d.addr().0;
+        if !map.write(at, &hdr) || !map.write(at + HDR_LEN, frame) {
+            return None;
+        }
         return u32::try_from(need).ok();
     }
-    let room = chain_len(descs.clone(), true);
+    iov.clear();
+    let room = map.iovecs(descs, true, iov, 1024).ok()?;
     if room < need {
         return None;
     }
-    if !write_stream(mem, descs.clone(), 0, &hdr) || !write_stream(mem, descs, HDR_LEN, frame) {
+    // SAFETY: `map.iovecs` made the iovecs from writable guest memory that `map` borrows.
+    let hdr_ok = unsafe { iov_write(iov, 0, &hdr) };
+    // SAFETY: as above.
+    if !hdr_ok || !unsafe { iov_write(iov, HDR_LEN as usize, frame) } {
         return None;
     }
     u32::try_from(need).ok()
@@ -142,6 +152,10 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+    fn tx(m: &GuestMemoryMmap<()>, d: &[Descriptor], gso: bool) -> Result<TxFrame, &'static str> {
+        tx_frame(&HostMap::new(m), d, gso, &mut Vec::new(), 64)
+    }
+
     fn mem() -> GuestMemoryMmap<()> {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
     }
@@ -165,7 +179,7 @@ mod tests {
         ];
         hdr(&m, 0, 0, 0, 0, 0);
         assert_eq!(
-            check_tx(&m, ok.clone().into_iter(), false),
+            tx(&m, &ok, false),
             Ok(TxFrame {
                 len: 60,
                 gso_type: 0
@@ -194,7 +208,7 @@ mod tests {
             ),
         ] {
             hdr(&m, f, g, s, cs, co);
-            let e = check_tx(&m, ok.clone().into_iter(), gso_ok).unwrap_err();
+            let e = tx(&m, &ok, gso_ok).unwrap_err();
             assert!(e.contains(want), "{what}: {e}");
         }
         hdr(&m, 0, 0, 0, 0, 0);
@@ -202,31 +216,23 @@ mod tests {
             Descriptor::new(0x1000, 12, 0, 0),
             Descriptor::new(0x2000, 10, 0, 0),
         ];
-        assert!(check_tx(&m, short.into_iter(), false).is_err());
+        assert!(tx(&m, &short, false).is_err());
         let outside = vec![
             Descriptor::new(0x1000, 12, 0, 0),
             Descriptor::new(0xff00, 0x200, 0, 0),
         ];
-        assert!(
-            check_tx(&m, outside.into_iter(), false)
-                .unwrap_err()
-                .contains("outside")
-        );
+        assert!(tx(&m, &outside, false).unwrap_err().contains("outside"));
         let writable = vec![
             Descriptor::new(0x1000, 12, 0, 0),
             Descriptor::new(0x2000, 60, 2, 0),
         ];
-        assert!(check_tx(&m, writable.into_iter(), false).is_err());
+        assert!(tx(&m, &writable, false).is_err());
         let huge = vec![
             Descriptor::new(0x1000, 12, 0, 0),
             Descriptor::new(0x0, 0xffff, 0, 0),
             Descriptor::new(0x0, 0x100, 0, 0),
         ];
-        assert!(
-            check_tx(&m, huge.into_iter(), true)
-                .unwrap_err()
-                .contains("longer")
-        );
+        assert!(tx(&m, &huge, true).unwrap_err().contains("longer"));
     }
 
     #[test]
@@ -236,9 +242,15 @@ mod tests {
         assert_eq!(f.len(), 70);
         assert_eq!(null_frame(10).len(), 60);
         let d = vec![Descriptor::new(0x3000, 1526, 2, 0)];
-        assert_eq!(fill_rx(&m, d.into_iter(), &f), Some(12 + f.len() as u32));
+        assert_eq!(
+            fill_rx(&HostMap::new(&m), &d, &f, &mut Vec::new()),
+            Some(12 + f.len() as u32)
+        );
         assert_eq!(m.read_obj::<u16>(GuestAddress(0x3000 + 10)).unwrap(), 1);
         let small = vec![Descriptor::new(0x3000, 20, 2, 0)];
-        assert_eq!(fill_rx(&m, small.into_iter(), &f), None);
+        assert_eq!(
+            fill_rx(&HostMap::new(&m), &small, &f, &mut Vec::new()),
+            None
+        );
     }
 }

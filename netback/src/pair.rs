@@ -1,7 +1,10 @@
 //! One queue pair's data path: the transmit loop (guest → host), the receive loop (host →
 //! guest) and the rate limits of both directions. Each pair is served by its own thread.
 //!
-//! Transmit: chains are validated ([`check_tx`]), charged to the `rate=` credit and written to
+//! The rings are served through [`SplitRing`]: direct pointers into guest memory, the used
+//! index published once per batch, and the driver's notification suppression honoured.
+//!
+//! Transmit: chains are validated ([`tx_frame`]), charged to the `rate=` credit and written to
 //! the tap as they are (the guest's `virtio_net_hdr_v1` is the tap's vnet header), up to 64 per
 //! batch through one io_uring submission: one system call per batch, no copy in netback.
 //! Receive: the tap's next frame is read straight into the guest's buffers (several with
@@ -18,13 +21,12 @@ use std::time::Duration;
 use io_uring::{IoUring, opcode, types};
 use serde_json::{Value, json};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::device::{HDR_LEN, check_tx, fill_rx};
+use crate::device::{HDR_LEN, fill_rx, tx_frame};
 use crate::rate::{CreditLimiter, Nanos, Verdict};
-use vback_common::chain::{chain_len, collect_iovecs};
+use vback_common::ring::{RingError, SplitRing, iov_write};
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
 pub(crate) type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<Mem>>;
@@ -36,6 +38,8 @@ const TX_BATCH: usize = 64;
 const MAX_SEGS: usize = 128;
 /// Receive chains one frame may span (64 KiB in buffers of at least 1 KiB, as Linux posts).
 const MAX_RX_CHAINS: usize = 80;
+/// Buffers one received frame may fill (readv's limit).
+const MAX_RX_IOV: usize = 1024;
 
 /// Counters of one direction of one queue pair.
 #[derive(Debug, Default)]
@@ -135,6 +139,8 @@ pub struct Pair {
     /// Host segmentation offload negotiated (GSO frames from the guest are acceptable).
     pub gso_ok: bool,
     last_drop: Option<&'static str>,
+    /// Why the rings could not be served (logged once).
+    broken: Option<RingError>,
 }
 
 impl Drop for Pair {
@@ -221,6 +227,7 @@ impl Pair {
             mergeable: true,
             gso_ok: false,
             last_drop: None,
+            broken: None,
         })
     }
 
@@ -280,51 +287,66 @@ impl Pair {
         }
     }
 
+    /// A ring for one burst on `st`'s queue, or `None` if the queue is not served now (not
+    /// started, reset by a front end that went away, or broken: then it is logged).
+    fn ring<'m>(&mut self, st: &VringState, mem: &'m Mem, dir: Dir) -> Option<SplitRing<'m>> {
+        match SplitRing::new(st.get_queue(), mem) {
+            Ok(r) => Some(r),
+            Err(RingError::NotReady) => None,
+            Err(e) => {
+                if self.broken != Some(e) {
+                    log::error!(
+                        "queue pair {}: the {} queue cannot be served: {e}",
+                        self.index,
+                        dir.name()
+                    );
+                    self.broken = Some(e);
+                }
+                None
+            }
+        }
+    }
+
     /// Serves the transmit queue until it is empty or the rate limit stalls it. The vring lock is
-    /// taken once per batch, each chain is walked once, counters are added once per batch, and
-    /// with a poll window the queue is watched for that long before notifications go back on.
+    /// taken once per call, each chain is walked once, the used index is published and the
+    /// guest interrupted (if it asks to be) once per batch, and with a poll window the queue is
+    /// watched for that long before notifications go back on.
     pub fn process_tx(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let stats = self.stats.clone();
         let tx = &stats.tx;
-        let m: &Mem = mem;
         let (mut packets, mut bytes) = (0u64, 0u64);
-        let mut signal = false;
         let mut st = vring.get_mut();
-        if !st.get_queue().ready() {
-            return; // not started, or reset by a front end that went away
-        }
-        let _ = st.get_queue_mut().disable_notification(m);
+        let Some(mut ring) = self.ring(&st, mem, Dir::Tx) else {
+            return;
+        };
+        ring.disable_notification();
         loop {
             let mut n = 0;
             let mut handled = 0;
             let mut stalled = false;
             while n < TX_BATCH && handled < 4 * TX_BATCH {
-                let q = st.get_queue_mut();
-                let Some(chain) = q.pop_descriptor_chain(m) else {
+                let Some((head, walked)) = ring.pop(&mut self.descs, MAX_SEGS) else {
                     break;
                 };
                 handled += 1;
-                let head = chain.head_index();
-                self.descs.clear();
-                let mut too_long = false;
-                for d in chain {
-                    if self.descs.len() == MAX_SEGS {
-                        too_long = true;
-                        break;
-                    }
-                    self.descs.push(d);
-                }
-                let checked = if too_long {
-                    Err("a transmit chain of more than 128 segments")
-                } else {
-                    check_tx(m, self.descs.iter().copied(), self.gso_ok)
-                };
+                let checked = walked.map_err(|e| e.what()).and_then(|()| {
+                    tx_frame(
+                        ring.map(),
+                        &self.descs,
+                        self.gso_ok,
+                        &mut self.slots[n].iov,
+                        MAX_SEGS,
+                    )
+                });
                 let frame = match checked {
                     Ok(f) => f,
                     Err(reason) => {
+                        // Returned empty, after the frames before it (chains are used in the
+                        // order they came: VIRTIO_F_IN_ORDER).
+                        self.flush_tx(&mut ring, n);
+                        n = 0;
                         self.drop_frame(Dir::Tx, reason);
-                        let _ = q.add_used(m, head, 0);
-                        signal = true;
+                        ring.push_used(head, 0);
                         continue;
                     }
                 };
@@ -332,7 +354,7 @@ impl Pair {
                     match l.check(now(), frame.len) {
                         Verdict::Send => l.charge(frame.len),
                         Verdict::StallUntil(t) => {
-                            q.go_to_previous_position();
+                            ring.unpop(1);
                             tx.stalls.fetch_add(1, Ordering::Relaxed);
                             Self::arm(&mut self.tx_timer, t);
                             stalled = true;
@@ -344,57 +366,34 @@ impl Pair {
                     HostIo::Null { .. } => {
                         packets += 1;
                         bytes += frame.len;
-                        let _ = q.add_used(m, head, 0);
-                        signal = true;
+                        ring.push_used(head, 0);
                     }
                     HostIo::Tap(_) => {
                         let slot = &mut self.slots[n];
-                        slot.iov.clear();
-                        // Cannot fail: check_tx saw every descriptor inside guest memory, and
-                        // the chain has at most MAX_SEGS descriptors.
-                        let _ = collect_iovecs(
-                            m,
-                            self.descs.iter().copied(),
-                            false,
-                            0,
-                            HDR_LEN + frame.len,
-                            &mut slot.iov,
-                            MAX_SEGS,
-                        );
                         slot.head = head;
                         slot.len = frame.len;
                         n += 1;
                     }
                 }
             }
-            if n > 0 {
-                self.write_batch(n);
-                let q = st.get_queue_mut();
-                for slot in &self.slots[..n] {
-                    let _ = q.add_used(m, slot.head, 0);
-                }
-                signal = true;
-            }
+            let full = n == TX_BATCH;
+            self.flush_tx(&mut ring, n);
             if stalled {
                 break;
             }
-            if n == TX_BATCH || handled == 4 * TX_BATCH {
-                if signal {
-                    notify_guest(&mut st, m);
-                    signal = false;
-                }
+            if full || handled == 4 * TX_BATCH {
+                notify_guest(&st, &mut ring);
                 continue;
             }
             // Empty: watch the ring for the poll window, then turn notifications back on and
             // look once more (the driver may have added chains before it saw them on).
-            if self.more_soon(&mut st, m, &mut signal) {
+            if self.more_soon(&st, &mut ring) {
                 continue;
             }
             break;
         }
-        if signal {
-            notify_guest(&mut st, m);
-        }
+        notify_guest(&st, &mut ring);
+        ring.finish(st.get_queue_mut());
         drop(st);
         if packets > 0 {
             tx.packets.fetch_add(packets, Ordering::Relaxed);
@@ -402,30 +401,39 @@ impl Pair {
         }
     }
 
+    /// Writes the frames in slots `0..n` to the host and returns their chains.
+    fn flush_tx(&mut self, ring: &mut SplitRing<'_>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.write_batch(n);
+        for slot in &self.slots[..n] {
+            ring.push_used(slot.head, 0);
+        }
+    }
+
     /// The ring ran dry: interrupt the guest for what is done, watch the ring for the poll
     /// window, then turn the driver's notifications back on. True if chains arrived meanwhile
     /// (serve them instead of sleeping).
-    fn more_soon(&self, st: &mut VringState, m: &Mem, signal: &mut bool) -> bool {
+    fn more_soon(&self, st: &VringState, ring: &mut SplitRing<'_>) -> bool {
         if !self.poll.is_zero() {
-            if *signal {
-                notify_guest(st, m);
-                *signal = false;
-            }
-            if self.poll_avail(st, m) {
+            notify_guest(st, ring);
+            if self.poll_avail(ring) {
                 return true;
             }
         }
-        rearm(st, m)
+        if ring.enable_notification() {
+            ring.disable_notification();
+            return true;
+        }
+        false
     }
 
     /// Spins up to the poll window for new chains on the avail ring.
-    fn poll_avail(&self, st: &mut VringState, m: &Mem) -> bool {
-        let q = st.get_queue_mut();
+    fn poll_avail(&self, ring: &mut SplitRing<'_>) -> bool {
         let start = std::time::Instant::now();
         loop {
-            if q.avail_idx(m, std::sync::atomic::Ordering::Acquire)
-                .is_ok_and(|i| i.0 != q.next_avail())
-            {
+            if ring.refresh() != 0 {
                 return true;
             }
             if start.elapsed() >= self.poll {
@@ -518,25 +526,28 @@ impl Pair {
     }
 
     /// The receive window ended: publishes a held frame.
-    pub fn rx_timer_fired(&mut self, vring: &Vring) {
+    pub fn rx_timer_fired(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let _ = self.rx_timer.wait();
         if let Some(l) = self.rx_limit.as_mut() {
             l.timer_fired(now());
         }
-        if let Some(h) = self.held.take() {
-            if let Some(l) = self.rx_limit.as_mut() {
-                l.charge(h.len);
-            }
-            let mut st = vring.get_mut();
-            for (head, len) in h.used {
-                let _ = st.add_used(head, len);
-            }
-            self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
-            self.stats.rx.bytes.fetch_add(h.len, Ordering::Relaxed);
-            if st.needs_notification().unwrap_or(true) {
-                let _ = st.signal_used_queue();
-            }
+        let Some(h) = self.held.take() else {
+            return;
+        };
+        if let Some(l) = self.rx_limit.as_mut() {
+            l.charge(h.len);
         }
+        let mut st = vring.get_mut();
+        let Some(mut ring) = self.ring(&st, mem, Dir::Rx) else {
+            return;
+        };
+        for (head, len) in h.used {
+            ring.push_used(head, len);
+        }
+        self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
+        self.stats.rx.bytes.fetch_add(h.len, Ordering::Relaxed);
+        notify_guest(&st, &mut ring);
+        ring.finish(st.get_queue_mut());
     }
 
     /// Moves frames from the host into the receive queue until the host has none, the guest has
@@ -545,58 +556,44 @@ impl Pair {
         if self.held.is_some() {
             return;
         }
-        let m: &Mem = mem;
-        let mut signal = false;
         let mut st = vring.get_mut();
-        if !st.get_queue().ready() {
-            return; // frames wait in the tap until a front end starts the ring
-        }
-        let _ = st.get_queue_mut().disable_notification(m);
-        let mut since_signal = 0;
+        // Frames wait in the tap until a front end starts the ring.
+        let Some(mut ring) = self.ring(&st, mem, Dir::Rx) else {
+            return;
+        };
+        ring.disable_notification();
         let (mut packets, mut bytes) = (0u64, 0u64);
-        let used_at_start = st.get_queue().next_used();
         loop {
-            match self.receive_one(&mut st, mem) {
+            match self.receive_one(&mut ring) {
                 Rx::Done(n) => {
                     packets += 1;
                     bytes += n;
-                    signal = true;
-                    since_signal += 1;
                     // Let the guest start on a long burst.
-                    if since_signal == 64 {
-                        notify_guest(&mut st, m);
-                        signal = false;
-                        since_signal = 0;
+                    if ring.unnotified() >= 64 {
+                        notify_guest(&st, &mut ring);
                     }
-                    continue;
                 }
-                Rx::Dropped => {
-                    signal = true;
-                    continue;
-                }
+                Rx::Dropped => {}
                 Rx::Held => {
-                    signal = true;
-                    let _ = st.get_queue_mut().enable_notification(m);
+                    ring.enable_notification();
                     break;
                 }
                 Rx::HostEmpty => {
                     // A new frame wakes us (the tap is edge-triggered); new buffers too.
-                    let _ = st.get_queue_mut().enable_notification(m);
+                    ring.enable_notification();
                     break;
                 }
                 Rx::NoBuffers => {
                     // The guest has no buffers: the same wait as an empty transmit ring.
-                    if self.more_soon(&mut st, m, &mut signal) {
+                    if self.more_soon(&st, &mut ring) {
                         continue;
                     }
                     break;
                 }
             }
         }
-        // Chains returned empty (bad buffers) need the guest's attention too.
-        if signal || st.get_queue().next_used() != used_at_start {
-            notify_guest(&mut st, m);
-        }
+        notify_guest(&st, &mut ring);
+        ring.finish(st.get_queue_mut());
         drop(st);
         if packets > 0 {
             self.stats.rx.packets.fetch_add(packets, Ordering::Relaxed);
@@ -604,180 +601,153 @@ impl Pair {
         }
     }
 
-    fn receive_one(&mut self, st: &mut VringState, mem: &Arc<Mem>) -> Rx {
-        match &self.io {
-            HostIo::Null { flood, .. } => {
-                if *flood {
-                    self.null_one(st, mem)
-                } else {
-                    Rx::HostEmpty
-                }
+    fn receive_one(&mut self, ring: &mut SplitRing<'_>) -> Rx {
+        let fd = match &self.io {
+            HostIo::Null { flood: true, .. } => return self.null_one(ring),
+            HostIo::Null { flood: false, .. } => return Rx::HostEmpty,
+            HostIo::Tap(fd) => *fd,
+        };
+        self.rx_iov.clear();
+        self.rx_chains.clear();
+        let mut cap = 0u64;
+        while cap < self.rx_max && self.rx_chains.len() < MAX_RX_CHAINS {
+            if !self.rx_chains.is_empty() && !self.mergeable {
+                break;
             }
-            HostIo::Tap(fd) => {
-                let fd = *fd;
-                self.rx_iov.clear();
-                self.rx_chains.clear();
-                let mut cap = 0u64;
-                while cap < self.rx_max && self.rx_chains.len() < MAX_RX_CHAINS {
-                    if !self.rx_chains.is_empty() && !self.mergeable {
-                        break;
-                    }
-                    let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
-                        break;
-                    };
-                    let head = chain.head_index();
-                    let before = self.rx_iov.len();
-                    let room = chain_len(chain.clone(), true);
-                    if room < HDR_LEN
-                        || !collect_iovecs(&**mem, chain, true, 0, room, &mut self.rx_iov, 1024)
-                    {
-                        // A chain we cannot use: return it empty so the guest gets it back.
-                        self.rx_iov.truncate(before);
-                        self.drop_frame(
-                            Dir::Rx,
-                            "a receive chain with no room for a header, or outside guest memory",
-                        );
-                        let _ = st.get_queue_mut().add_used(&**mem, head, 0);
-                        continue;
-                    }
+            let Some((head, walked)) = ring.pop(&mut self.descs, MAX_SEGS) else {
+                break;
+            };
+            let before = self.rx_iov.len();
+            let room = walked.map_err(|e| e.what()).and_then(|()| {
+                ring.map()
+                    .iovecs(&self.descs, true, &mut self.rx_iov, MAX_RX_IOV)
+            });
+            match room {
+                Ok(room) if room >= HDR_LEN => {
                     self.rx_chains.push((head, room));
                     cap += room;
                 }
-                if self.rx_chains.is_empty() {
-                    return Rx::NoBuffers;
-                }
-                // SAFETY: every iovec describes writable guest memory (checked by
-                // collect_iovecs) that `mem` keeps mapped during the call.
-                let r = unsafe {
-                    libc::readv(fd, self.rx_iov.as_ptr(), self.rx_iov.len().min(1024) as i32)
-                };
-                if r <= 0 {
-                    for _ in 0..self.rx_chains.len() {
-                        st.get_queue_mut().go_to_previous_position();
-                    }
-                    if r < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.raw_os_error() != Some(libc::EAGAIN) {
-                            log::warn!("queue pair {}: reading the tap: {e}", self.index);
-                        }
-                    }
-                    return Rx::HostEmpty;
-                }
-                let n = r as u64;
-                // Which chains hold the frame; return the rest to the ring.
-                let mut left = n;
-                let mut used = 0;
-                let mut lens: Vec<(u16, u32)> = Vec::new();
-                for &(head, room) in &self.rx_chains {
-                    if left == 0 {
+                bad => {
+                    self.rx_iov.truncate(before);
+                    if !self.rx_chains.is_empty() {
+                        // Chains are used in the order they came (VIRTIO_F_IN_ORDER): this one
+                        // waits until the frame in the ones before it is done.
+                        ring.unpop(1);
                         break;
                     }
-                    let take = left.min(room);
-                    lens.push((head, take as u32));
-                    left -= take;
-                    used += 1;
+                    // A chain we cannot use: return it empty so the guest gets it back.
+                    self.drop_frame(
+                        Dir::Rx,
+                        bad.err()
+                            .unwrap_or("a receive chain with no room for a virtio-net header"),
+                    );
+                    ring.push_used(head, 0);
                 }
-                for _ in used..self.rx_chains.len() {
-                    st.get_queue_mut().go_to_previous_position();
-                }
-                // num_buffers, in the first chain's header (the tap leaves it alone).
-                write_num_buffers(&self.rx_iov, used as u16);
-                let frame_len = n.saturating_sub(HDR_LEN);
-                if let Some(l) = self.rx_limit.as_mut() {
-                    match l.check(now(), frame_len) {
-                        Verdict::Send => l.charge(frame_len),
-                        Verdict::StallUntil(t) => {
-                            self.stats.rx.stalls.fetch_add(1, Ordering::Relaxed);
-                            Self::arm(&mut self.rx_timer, t);
-                            self.held = Some(HeldRx {
-                                used: lens,
-                                len: frame_len,
-                            });
-                            return Rx::Held;
-                        }
-                    }
-                }
-                for (head, len) in lens {
-                    let _ = st.get_queue_mut().add_used(&**mem, head, len);
-                }
-                Rx::Done(frame_len)
             }
         }
+        if self.rx_chains.is_empty() {
+            return Rx::NoBuffers;
+        }
+        // SAFETY: every iovec describes writable guest memory (checked by `HostMap::iovecs`)
+        // that the ring's borrow of the memory keeps mapped during the call.
+        let r = unsafe {
+            libc::readv(
+                fd,
+                self.rx_iov.as_ptr(),
+                self.rx_iov.len().min(MAX_RX_IOV) as i32,
+            )
+        };
+        if r <= 0 {
+            ring.unpop(self.rx_chains.len() as u16);
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EAGAIN) {
+                    log::warn!("queue pair {}: reading the tap: {e}", self.index);
+                }
+            }
+            return Rx::HostEmpty;
+        }
+        let n = r as u64;
+        // Which chains hold the frame; return the rest to the ring.
+        let mut left = n;
+        let mut used = 0;
+        let mut lens: Vec<(u16, u32)> = Vec::new();
+        for &(head, room) in &self.rx_chains {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(room);
+            lens.push((head, take as u32));
+            left -= take;
+            used += 1;
+        }
+        ring.unpop((self.rx_chains.len() - used) as u16);
+        // num_buffers, in the first chain's header (the tap leaves it alone).
+        // SAFETY: as for the readv above.
+        unsafe { iov_write(&self.rx_iov, 10, &(used as u16).to_le_bytes()) };
+        let frame_len = n.saturating_sub(HDR_LEN);
+        if let Some(l) = self.rx_limit.as_mut() {
+            match l.check(now(), frame_len) {
+                Verdict::Send => l.charge(frame_len),
+                Verdict::StallUntil(t) => {
+                    self.stats.rx.stalls.fetch_add(1, Ordering::Relaxed);
+                    Self::arm(&mut self.rx_timer, t);
+                    self.held = Some(HeldRx {
+                        used: lens,
+                        len: frame_len,
+                    });
+                    return Rx::Held;
+                }
+            }
+        }
+        for (head, len) in lens {
+            ring.push_used(head, len);
+        }
+        Rx::Done(frame_len)
     }
 
     /// The null side's generator tick: one frame into the receive queue.
     pub fn generate(&mut self, vring: &Vring, mem: &Arc<Mem>) {
         let mut st = vring.get_mut();
-        if !st.get_queue().ready() {
+        let Some(mut ring) = self.ring(&st, mem, Dir::Rx) else {
             return;
+        };
+        if let Rx::Done(n) = self.null_one(&mut ring) {
+            self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
+            self.stats.rx.bytes.fetch_add(n, Ordering::Relaxed);
         }
-        match self.null_one(&mut st, mem) {
-            Rx::Done(n) => {
-                self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
-                self.stats.rx.bytes.fetch_add(n, Ordering::Relaxed);
-                notify_guest(&mut st, mem);
-            }
-            Rx::Dropped => notify_guest(&mut st, mem),
-            _ => {}
-        }
+        notify_guest(&st, &mut ring);
+        ring.finish(st.get_queue_mut());
     }
 
     /// One generated frame into the next receive buffer.
-    fn null_one(&mut self, st: &mut VringState, mem: &Arc<Mem>) -> Rx {
+    fn null_one(&mut self, ring: &mut SplitRing<'_>) -> Rx {
         let HostIo::Null { frame, .. } = &self.io else {
             return Rx::HostEmpty;
         };
-        let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&**mem) else {
+        let Some((head, walked)) = ring.pop(&mut self.descs, MAX_SEGS) else {
             return Rx::NoBuffers; // no buffer: the frame is not generated
         };
-        let head = chain.head_index();
         let flen = frame.len() as u64;
-        let filled = fill_rx(&**mem, chain, frame);
-        let _ = st
-            .get_queue_mut()
-            .add_used(&**mem, head, filled.unwrap_or(0));
-        if filled.is_some() {
-            Rx::Done(flen)
-        } else {
-            self.drop_frame(Dir::Rx, "a receive buffer too small for the frame");
-            Rx::Dropped
-        }
-    }
-}
-
-/// Writes `num_buffers` (bytes 10 and 11 of the header, which starts the first chain) through
-/// the receive iovecs.
-fn write_num_buffers(iovs: &[libc::iovec], n: u16) {
-    for (i, b) in n.to_le_bytes().into_iter().enumerate() {
-        let mut off = 10 + i;
-        for v in iovs {
-            if off < v.iov_len {
-                // `v` is a writable guest-memory iovec (from collect_iovecs) kept mapped by the
-                // caller, and `off` lies inside it.
-                let p = v.iov_base.cast::<u8>().wrapping_add(off);
-                // SAFETY: `p` points at a byte of a writable guest-memory iovec that the caller keeps mapped.
-                unsafe { p.write_volatile(b) };
-                break;
+        let filled = match walked {
+            Ok(()) => fill_rx(ring.map(), &self.descs, frame, &mut self.rx_iov)
+                .ok_or("a receive buffer too small for the frame, or outside guest memory"),
+            Err(e) => Err(e.what()),
+        };
+        ring.push_used(head, filled.unwrap_or(0));
+        match filled {
+            Ok(_) => Rx::Done(flen),
+            Err(reason) => {
+                self.drop_frame(Dir::Rx, reason);
+                Rx::Dropped
             }
-            off -= v.iov_len;
         }
     }
 }
 
-/// Turns the driver's notifications back on; if chains arrived meanwhile, turns them off again
-/// and says so (the caller then serves them instead of sleeping).
-fn rearm(st: &mut VringState, m: &Mem) -> bool {
-    let q = st.get_queue_mut();
-    if q.enable_notification(m).unwrap_or(false) {
-        let _ = q.disable_notification(m);
-        return true;
-    }
-    false
-}
-
-/// Interrupts the guest unless EVENT_IDX says it does not need it yet.
-fn notify_guest(st: &mut VringState, m: &Mem) {
-    if st.get_queue_mut().needs_notification(m).unwrap_or(true) {
+/// Interrupts the guest for what the ring returned, unless it asked not to be.
+fn notify_guest(st: &VringState, ring: &mut SplitRing<'_>) {
+    if ring.needs_notification() {
         let _ = st.signal_used_queue();
     }
 }
@@ -786,6 +756,15 @@ fn notify_guest(st: &mut VringState, m: &Mem) {
 enum Dir {
     Rx,
     Tx,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Rx => "receive",
+            Dir::Tx => "transmit",
+        }
+    }
 }
 
 enum Rx {
@@ -1060,7 +1039,8 @@ mod tests {
         );
         assert_eq!(r.stats.rx.stalls.load(Ordering::Relaxed), 1);
         std::thread::sleep(Duration::from_millis(12));
-        r.pair.rx_timer_fired(&r.rx.vring);
+        let m = r.m();
+        r.pair.rx_timer_fired(&r.rx.vring, &m);
         assert_eq!(r.rx.used_idx(), 2);
         assert_eq!(r.stats.rx.packets.load(Ordering::Relaxed), 2);
     }

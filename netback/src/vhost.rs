@@ -15,7 +15,7 @@ use vback_common::spec::MacAddr;
 use vback_common::sync::lock;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -363,6 +363,7 @@ impl VhostUserBackend for NetBackend {
 
     fn features(&self) -> u64 {
         let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_F_IN_ORDER
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_NET_F_MAC
@@ -519,7 +520,7 @@ impl VhostUserBackend for NetBackend {
             }
             RX_TIMER => {
                 if let Some(v) = rxv {
-                    p.rx_timer_fired(v);
+                    p.rx_timer_fired(v, &mem);
                     p.process_rx(v, &mem);
                 }
             }
