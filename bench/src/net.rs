@@ -41,7 +41,7 @@ pub struct Args {
     warmup: u64,
 
     /// Measure each workload this many times, alternating the backends (netback-null,
-    /// dpdk-vhost, netback-tap, netback-null, ...), and report the median of each: this
+    /// dpdk-vhost, netback-tap, netback-tap-writev, netback-null, ...), and report the median of each: this
     /// machine's numbers drift, and alternating spreads the drift over all backends.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
@@ -117,12 +117,16 @@ pub enum Backend {
     /// netback --host tap in a network namespace; the kernel is the sink (tx) and an
     /// AF_PACKET socket on the tap the source (rx).
     NetbackTap,
+    /// The same with --tap-io writev: one system call per transmitted frame, the I/O pattern of
+    /// cloud-hypervisor's vhost_user_net (the reference for the tap rows).
+    NetbackTapWritev,
 }
 
-const BACKENDS: [Backend; 3] = [
+const BACKENDS: [Backend; 4] = [
     Backend::NetbackNull,
     Backend::DpdkVhost,
     Backend::NetbackTap,
+    Backend::NetbackTapWritev,
 ];
 
 impl Backend {
@@ -131,7 +135,12 @@ impl Backend {
             Backend::NetbackNull => "netback-null",
             Backend::DpdkVhost => "dpdk-vhost",
             Backend::NetbackTap => "netback-tap",
+            Backend::NetbackTapWritev => "netback-tap-writev",
         }
+    }
+
+    fn is_tap(self) -> bool {
+        matches!(self, Backend::NetbackTap | Backend::NetbackTapWritev)
     }
 }
 
@@ -695,7 +704,7 @@ fn start_backend(
             argv.extend(ctx.args.netback_args.iter().map(OsString::from));
             Proc::spawn("netback", ctx.limit(), &argv, &[], log)?
         }
-        Backend::NetbackTap => {
+        Backend::NetbackTap | Backend::NetbackTapWritev => {
             if ctx.netns.is_none() {
                 ctx.netns = Some(Netns::create(format!(
                     "vback-bench-{}",
@@ -728,6 +737,9 @@ fn start_backend(
                 ]
                 .map(OsString::from),
             );
+            if backend == Backend::NetbackTapWritev {
+                argv.extend(["--tap-io", "writev"].map(OsString::from));
+            }
             argv.extend(ctx.args.netback_args.iter().map(OsString::from));
             Proc::spawn("netback", ctx.limit(), &argv, &[], log)?
         }
@@ -835,7 +847,7 @@ fn measure(
         fe_log,
     )?;
 
-    let tap = backend == Backend::NetbackTap;
+    let tap = backend.is_tap();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let mut source = None;
@@ -916,7 +928,8 @@ fn collect(
     let mut samples: Vec<Sample> = Vec::new();
     let mut start: Option<usize> = None;
     let tap_dev = |pid: Option<u32>| {
-        (backend == Backend::NetbackTap)
+        backend
+            .is_tap()
             .then(|| pid.and_then(|p| dev_stats(p, &ctx.ifname)))
             .flatten()
     };
@@ -1019,7 +1032,9 @@ fn compute(
     // Guest → host through the tap: what the kernel received from netback, not what the
     // front end handed to the ring.
     let packets = match (backend, dir, a.tap, b.tap) {
-        (Backend::NetbackTap, Direction::Tx, Some(x), Some(y)) => y.rx_packets - x.rx_packets,
+        (Backend::NetbackTap | Backend::NetbackTapWritev, Direction::Tx, Some(x), Some(y)) => {
+            y.rx_packets - x.rx_packets
+        }
         _ => client(b).saturating_sub(client(a)),
     };
     let tck = clock_ticks_per_second();
@@ -1148,7 +1163,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | backend | Mpps | best Mpps | Gbit/s | backend CPU ns/packet | backend CPU | client CPU | vs dpdk-vhost |"
+        "| workload | backend | Mpps | best Mpps | Gbit/s | backend CPU ns/packet | backend CPU | client CPU | vs reference |"
     );
     let _ = writeln!(table, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
@@ -1182,10 +1197,20 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
             let medians: Vec<_> = runs.iter().map(|r| summarize(r)).collect();
-            let reference = backends
-                .iter()
-                .position(|&b| b == Backend::DpdkVhost)
-                .and_then(|k| medians[k].as_ref().ok().map(|sum| sum.median.mpps));
+            // netback-null against DPDK's vhost PMD; netback-tap against one write per frame.
+            let median_of = |want: Backend| {
+                backends
+                    .iter()
+                    .position(|&b| b == want)
+                    .and_then(|k| medians[k].as_ref().ok().map(|sum| sum.median.mpps))
+            };
+            let reference = |b: Backend| match b {
+                Backend::NetbackNull => median_of(Backend::DpdkVhost).map(|r| (r, "dpdk-vhost")),
+                Backend::NetbackTap => {
+                    median_of(Backend::NetbackTapWritev).map(|r| (r, "tap-writev"))
+                }
+                _ => None,
+            };
             for (k, &b) in backends.iter().enumerate() {
                 let label = format!("{} {size} B ({})", dir.name(), dir.arrow());
                 match &medians[k] {
@@ -1217,9 +1242,8 @@ pub fn run(args: &Args) -> Result<(), String> {
                             },
                             m.client_cpu
                                 .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
-                            match reference {
-                                Some(r) if r > 0.0 && b != Backend::DpdkVhost =>
-                                    format!("{:.2}×", m.mpps / r),
+                            match reference(b) {
+                                Some((r, name)) if r > 0.0 => format!("{:.2}× {name}", m.mpps / r),
                                 _ => "-".into(),
                             }
                         );

@@ -480,10 +480,7 @@ impl Daemon {
             (None, None) => None,
         };
         let (listener, created_path) = match &source {
-            ListenSource::Path(p) => (
-                bind_unix(p).map_err(DaemonError::Bind)?,
-                Some(p.clone()),
-            ),
+            ListenSource::Path(p) => (bind_unix(p).map_err(DaemonError::Bind)?, Some(p.clone())),
             ListenSource::Fd(fd) => (inherited_listener(*fd)?, None),
             ListenSource::Activation { fd, .. } => (inherited_listener(*fd)?, None),
         };

@@ -214,6 +214,33 @@ impl HostMap<'_> {
     }
 }
 
+/// Walks bytes `offset..offset + len` of the stream `iov` describes: `f(segment, done, n)` for
+/// each piece, `segment` the piece's start, `done` the bytes before it. False if the stream is
+/// shorter.
+fn iov_walk(
+    iov: &[libc::iovec],
+    offset: usize,
+    len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) -> bool {
+    let mut skip = offset;
+    let mut done = 0;
+    for v in iov {
+        if done == len {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len - done);
+        f(v.iov_base.cast::<u8>().wrapping_add(skip), done, n);
+        done += n;
+        skip = 0;
+    }
+    done == len
+}
+
 /// Copies bytes `offset..offset + buf.len()` of the stream `iov` describes into `buf`; false
 /// if the stream is shorter.
 ///
@@ -221,28 +248,12 @@ impl HostMap<'_> {
 /// Every iovec must describe readable memory that stays mapped during the call (as
 /// [`HostMap::iovecs`] makes them, while the map's memory lives).
 pub unsafe fn iov_read(iov: &[libc::iovec], offset: usize, buf: &mut [u8]) -> bool {
-    let mut skip = offset;
-    let mut done = 0;
-    for v in iov {
-        if done == buf.len() {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(buf.len() - done);
-        let (from, to) = (
-            v.iov_base.cast::<u8>().wrapping_add(skip),
-            buf.as_mut_ptr().wrapping_add(done),
-        );
-        // SAFETY: `skip + n <= iov_len` of a readable mapped iovec (the caller's promise); the
-        // destination is the rest of `buf`.
-        unsafe { std::ptr::copy_nonoverlapping(from, to, n) };
-        done += n;
-        skip = 0;
-    }
-    done == buf.len()
+    let to = buf.as_mut_ptr();
+    iov_walk(iov, offset, buf.len(), |seg, done, n| {
+        // SAFETY: `seg..seg + n` lies in a readable mapped iovec (the caller's promise) and
+        // `done + n <= buf.len()` (iov_walk's contract).
+        unsafe { std::ptr::copy_nonoverlapping(seg, to.wrapping_add(done), n) }
+    })
 }
 
 /// Copies `data` to bytes `offset..` of the stream `iov` describes; false if it is shorter.
@@ -251,28 +262,12 @@ pub unsafe fn iov_read(iov: &[libc::iovec], offset: usize, buf: &mut [u8]) -> bo
 /// Every iovec must describe writable memory that stays mapped during the call (as
 /// [`HostMap::iovecs`] makes them, while the map's memory lives).
 pub unsafe fn iov_write(iov: &[libc::iovec], offset: usize, data: &[u8]) -> bool {
-    let mut skip = offset;
-    let mut done = 0;
-    for v in iov {
-        if done == data.len() {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(data.len() - done);
-        let (from, to) = (
-            data.as_ptr().wrapping_add(done),
-            v.iov_base.cast::<u8>().wrapping_add(skip),
-        );
-        // SAFETY: `skip + n <= iov_len` of a writable mapped iovec (the caller's promise); the
-        // source is the rest of `data`.
-        unsafe { std::ptr::copy_nonoverlapping(from, to, n) };
-        done += n;
-        skip = 0;
-    }
-    done == data.len()
+    let from = data.as_ptr();
+    iov_walk(iov, offset, data.len(), |seg, done, n| {
+        // SAFETY: `seg..seg + n` lies in a writable mapped iovec (the caller's promise) and
+        // `done + n <= data.len()` (iov_walk's contract).
+        unsafe { std::ptr::copy_nonoverlapping(from.wrapping_add(done), seg, n) }
+    })
 }
 
 /// A split virtqueue for one burst (see the module documentation).
@@ -291,6 +286,9 @@ pub struct SplitRing<'m> {
     published: Wrapping<u16>,
     /// The used index at the last notification decision.
     checked: Wrapping<u16>,
+    /// The driver's avail index was more than a queue ahead of the device (see
+    /// [`SplitRing::broken_avail`]).
+    broken: Option<u16>,
 }
 
 impl std::fmt::Debug for SplitRing<'_> {
@@ -342,6 +340,7 @@ impl<'m> SplitRing<'m> {
             avail_idx: next_avail,
             published: next_used,
             checked: next_used,
+            broken: None,
         })
     }
 
@@ -374,12 +373,27 @@ impl<'m> SplitRing<'m> {
         unsafe { AtomicU16::from_ptr(self.used.wrapping_add(off).cast::<u16>()) }
     }
 
-    /// Reads the driver's avail index (acquire: the entries it covers are visible after).
+    /// Reads the driver's avail index (acquire: the entries it covers are visible after) and
+    /// returns the chains it makes available. An index more than a queue ahead of the device
+    /// is a broken driver: nothing is available then (see [`SplitRing::broken_avail`]).
     pub fn refresh(&mut self) -> u16 {
-        self.avail_idx = Wrapping(u16::from_le(
+        let idx = Wrapping(u16::from_le(
             self.avail_idx_atomic().load(Ordering::Acquire),
         ));
-        (self.avail_idx - self.next_avail).0
+        let n = (idx - self.next_avail).0;
+        if n > self.size {
+            self.broken = Some(idx.0);
+            self.avail_idx = self.next_avail;
+            return 0;
+        }
+        self.avail_idx = idx;
+        n
+    }
+
+    /// The avail index the driver published if it claimed more chains than the queue holds
+    /// (the queue then serves nothing until the driver resets it).
+    pub fn broken_avail(&self) -> Option<u16> {
+        self.broken
     }
 
     /// Chains the driver made available and the device has not taken, as of the last read of
@@ -398,12 +412,7 @@ impl<'m> SplitRing<'m> {
         out: &mut Vec<Descriptor>,
         max: usize,
     ) -> Option<(u16, Result<(), ChainError>)> {
-        let pending = self.pending();
-        if pending == 0 {
-            return None;
-        }
-        if pending > self.size {
-            // The driver claims more than the ring holds: a broken driver. Take nothing.
+        if self.pending() == 0 {
             return None;
         }
         let slot = usize::from(self.next_avail.0 & (self.size - 1));
@@ -655,6 +664,22 @@ mod tests {
             ring.pop(&mut d, 64).unwrap().1,
             Err(ChainError::BadNext(200))
         );
+    }
+
+    #[test]
+    fn an_avail_index_more_than_a_queue_ahead_serves_nothing() {
+        let (mem, mut q) = setup(8);
+        let m = mem.memory().into_inner();
+        q.publish(&[(0x1000, 12, 0)]);
+        m.write_obj(9u16, GuestAddress(q.avail_addr() + 2)).unwrap();
+        let st = q.vring.get_mut();
+        let mut ring = SplitRing::new(st.get_queue(), &m).unwrap();
+        assert!(ring.pop(&mut Vec::new(), 8).is_none());
+        assert!(
+            !ring.enable_notification(),
+            "no busy loop on a broken index"
+        );
+        assert_eq!(ring.broken_avail(), Some(9));
     }
 
     #[test]

@@ -83,8 +83,10 @@ pub struct Config {
     pub host: Host,
     /// Where script names are looked up.
     pub script_dir: PathBuf,
-    /// Busy-poll window of an empty transmit ring.
+    /// Busy-poll window of an empty ring.
     pub poll: Duration,
+    /// Write transmitted frames to the tap in io_uring batches (else one `writev` each).
+    pub tap_batch: bool,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -144,6 +146,7 @@ impl Config {
             tx_rate: self.vif.rate,
             rx_rate: self.vif.rate_rx,
             poll: self.poll,
+            tap_batch: self.tap_batch,
         }
     }
 }

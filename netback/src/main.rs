@@ -44,10 +44,18 @@ struct Args {
     #[arg(long, value_name = "DIR", env = "VBACK_SCRIPT_DIR", default_value = netback::hotplug::DEFAULT_SCRIPT_DIR)]
     script_dir: PathBuf,
 
-    /// Busy-poll an empty transmit ring this long (microseconds) before waiting for the guest's
-    /// next kick: saves the kick and the wake-up under steady traffic, costs CPU when idle.
+    /// Busy-poll an empty ring (transmit, or receive while the guest has no buffers) this long
+    /// (microseconds) before waiting for the guest's next kick: saves the kick and the wake-up
+    /// under steady traffic (packet-rate-bound guests: try 50), costs CPU after every burst.
+    /// 0: never poll.
     #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     poll_us: u32,
+
+    /// How transmitted frames are written to the tap: uring (up to 64 frames per system call,
+    /// through io_uring) or writev (one system call per frame: for hosts that disable io_uring,
+    /// and for comparing). netback falls back to writev by itself when io_uring is unavailable.
+    #[arg(long, value_enum, default_value_t = TapIoArg::Uring)]
+    tap_io: TapIoArg,
 
     /// With --host null: what the guest receives (off; tick: one frame every 100 ms; flood: a
     /// frame in every buffer the guest posts).
@@ -60,6 +68,12 @@ struct Args {
 
     #[command(flatten)]
     common: CommonArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TapIoArg {
+    Uring,
+    Writev,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -143,6 +157,7 @@ fn main() -> ExitCode {
         },
         script_dir: args.script_dir,
         poll: std::time::Duration::from_micros(u64::from(args.poll_us)),
+        tap_batch: matches!(args.tap_io, TapIoArg::Uring),
         common: args.common,
     };
     match netback::run(config) {

@@ -141,6 +141,8 @@ pub struct Pair {
     last_drop: Option<&'static str>,
     /// Why the rings could not be served (logged once).
     broken: Option<RingError>,
+    /// The last broken avail index logged.
+    broken_idx: Option<u16>,
 }
 
 impl Drop for Pair {
@@ -175,17 +177,19 @@ fn now() -> Nanos {
 }
 
 impl Pair {
-    /// A pair. The transmit ring is created for a tap; if io_uring is unavailable, frames are
-    /// written one `writev` at a time.
+    /// A pair. With `batch`, an io_uring is created for a tap's transmit batches; without it,
+    /// or if io_uring is unavailable, frames are written one `writev` at a time.
     pub fn new(
         index: usize,
         io: HostIo,
         stats: Arc<PairStats>,
         tx_limit: Option<CreditLimiter>,
         rx_limit: Option<CreditLimiter>,
+        batch: bool,
     ) -> io::Result<Pair> {
         let mut fixed = false;
         let ring = match io {
+            HostIo::Tap(_) if !batch => None,
             HostIo::Tap(fd) => match IoUring::new(TX_BATCH as u32) {
                 Ok(r) => {
                     // A registered file saves a file-table lookup per write.
@@ -228,6 +232,7 @@ impl Pair {
             gso_ok: false,
             last_drop: None,
             broken: None,
+            broken_idx: None,
         })
     }
 
@@ -258,6 +263,8 @@ impl Pair {
     /// rings).
     pub fn reset(&mut self) {
         self.held = None;
+        self.broken = None;
+        self.broken_idx = None;
         let _ = self.tx_timer.clear();
         let _ = self.rx_timer.clear();
     }
@@ -305,6 +312,23 @@ impl Pair {
                 None
             }
         }
+    }
+
+    /// Interrupts the guest for what the burst returned (if it asks for that), puts the ring's
+    /// indices back into the queue, and logs a driver that broke its avail index (once).
+    fn end_burst(&mut self, st: &mut VringState, mut ring: SplitRing<'_>, dir: Dir) {
+        notify_guest(st, &mut ring);
+        if let Some(idx) = ring.broken_avail()
+            && self.broken_idx != Some(idx)
+        {
+            log::error!(
+                "queue pair {}: the driver's {} avail index {idx} is more than a queue ahead of netback; the queue is not served until the driver resets it",
+                self.index,
+                dir.name()
+            );
+            self.broken_idx = Some(idx);
+        }
+        ring.finish(st.get_queue_mut());
     }
 
     /// Serves the transmit queue until it is empty or the rate limit stalls it. The vring lock is
@@ -392,8 +416,7 @@ impl Pair {
             }
             break;
         }
-        notify_guest(&st, &mut ring);
-        ring.finish(st.get_queue_mut());
+        self.end_burst(&mut st, ring, Dir::Tx);
         drop(st);
         if packets > 0 {
             tx.packets.fetch_add(packets, Ordering::Relaxed);
@@ -546,8 +569,7 @@ impl Pair {
         }
         self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
         self.stats.rx.bytes.fetch_add(h.len, Ordering::Relaxed);
-        notify_guest(&st, &mut ring);
-        ring.finish(st.get_queue_mut());
+        self.end_burst(&mut st, ring, Dir::Rx);
     }
 
     /// Moves frames from the host into the receive queue until the host has none, the guest has
@@ -592,8 +614,7 @@ impl Pair {
                 }
             }
         }
-        notify_guest(&st, &mut ring);
-        ring.finish(st.get_queue_mut());
+        self.end_burst(&mut st, ring, Dir::Rx);
         drop(st);
         if packets > 0 {
             self.stats.rx.packets.fetch_add(packets, Ordering::Relaxed);
@@ -716,8 +737,7 @@ impl Pair {
             self.stats.rx.packets.fetch_add(1, Ordering::Relaxed);
             self.stats.rx.bytes.fetch_add(n, Ordering::Relaxed);
         }
-        notify_guest(&st, &mut ring);
-        ring.finish(st.get_queue_mut());
+        self.end_burst(&mut st, ring, Dir::Rx);
     }
 
     /// One generated frame into the next receive buffer.
@@ -816,6 +836,10 @@ mod tests {
     }
 
     fn rig(rx_rate: Option<&str>) -> Rig {
+        rig_with(rx_rate, true)
+    }
+
+    fn rig_with(rx_rate: Option<&str>, batch: bool) -> Rig {
         let mem =
             GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         let (tap, peer) = seqpacket();
@@ -827,6 +851,7 @@ mod tests {
             stats.clone(),
             None,
             rx_limit,
+            batch,
         )
         .unwrap();
         Rig {
@@ -934,6 +959,59 @@ mod tests {
         );
         assert_eq!(r.peer_recv(), None);
         assert!(r.pair.last_drop().is_some());
+    }
+
+    #[test]
+    fn one_writev_per_frame_without_io_uring() {
+        let mut r = rig_with(None, false);
+        r.header(0x1000, 0, 0);
+        for i in 0..3u8 {
+            let f = frame(60 + usize::from(i), i);
+            r.m()
+                .write_slice(&f, GuestAddress(0x2000 + 0x100 * u64::from(i)))
+                .unwrap();
+            r.tx.publish(&[
+                (0x1000, 12, 0),
+                (0x2000 + 0x100 * u64::from(i), 60 + u32::from(i), 0),
+            ]);
+        }
+        r.run_tx();
+        assert_eq!(r.tx.used_idx(), 3);
+        for i in 0..3 {
+            assert_eq!(r.peer_recv().map(|f| f.len()), Some(72 + i));
+        }
+        assert_eq!(r.stats.tx.packets.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn chains_are_used_in_the_order_they_came_even_around_a_bad_one() {
+        let mut r = rig(None);
+        r.header(0x1000, 0, 0);
+        let good = r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        let bad = r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, WRITE)]);
+        let good2 = r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        r.run_tx();
+        let ids: Vec<u32> = (0..3).map(|i| r.tx.used(i).0).collect();
+        assert_eq!(ids, [good, bad, good2].map(u32::from));
+        assert!(r.peer_recv().is_some() && r.peer_recv().is_some());
+    }
+
+    #[test]
+    fn a_broken_avail_index_is_not_served_and_does_not_spin() {
+        let mut r = rig(None);
+        r.header(0x1000, 0, 0);
+        r.tx.publish(&[(0x1000, 12, 0), (0x2000, 60, 0)]);
+        r.rx.publish(&[(0x10000, 1526, WRITE)]);
+        r.peer_send(&[0u8; 80]);
+        for q in [&r.tx, &r.rx] {
+            r.m()
+                .write_obj(300u16, GuestAddress(q.avail_addr() + 2))
+                .unwrap();
+        }
+        r.run_tx();
+        r.run_rx();
+        assert_eq!((r.tx.used_idx(), r.rx.used_idx()), (0, 0));
+        assert_eq!(r.peer_recv(), None);
     }
 
     #[test]

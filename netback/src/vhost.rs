@@ -68,8 +68,10 @@ pub struct NetOptions {
     pub tx_rate: Option<vback_common::spec::Rate>,
     /// Guest receive limit.
     pub rx_rate: Option<vback_common::spec::Rate>,
-    /// Busy-poll window of an empty transmit ring.
+    /// Busy-poll window of an empty ring.
     pub poll: Duration,
+    /// Write transmitted frames to the tap in io_uring batches (else one `writev` each).
+    pub tap_batch: bool,
 }
 
 /// The backend, cloned into every connection.
@@ -110,7 +112,7 @@ impl NetBackend {
             };
             let tx = opts.tx_rate.map(|r| CreditLimiter::new(&r, now()));
             let rx = opts.rx_rate.map(|r| CreditLimiter::new(&r, now()));
-            let mut p = Pair::new(i, io, s.clone(), tx, rx)?;
+            let mut p = Pair::new(i, io, s.clone(), tx, rx, opts.tap_batch)?;
             p.rx_max = rx_max(opts.mtu, false);
             p.poll = opts.poll;
             list.push(Mutex::new(p));
