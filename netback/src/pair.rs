@@ -477,11 +477,27 @@ impl Pair {
             {
                 let mut sq = ring.submission();
                 for (i, slot) in self.slots[..n].iter().enumerate() {
-                    let (p, n) = (slot.iov.as_ptr(), slot.iov.len() as u32);
-                    let e = if self.fixed {
-                        opcode::Writev::new(types::Fixed(0), p, n).build()
-                    } else {
-                        opcode::Writev::new(types::Fd(fd), p, n).build()
+                    let e = match (slot.iov.as_slice(), self.fixed) {
+                        // A frame in one buffer (header and data together, as DPDK and
+                        // Linux usually send them): a plain write, no iovec to import.
+                        ([one], true) => opcode::Write::new(
+                            types::Fixed(0),
+                            one.iov_base.cast(),
+                            one.iov_len as u32,
+                        )
+                        .build(),
+                        ([one], false) => opcode::Write::new(
+                            types::Fd(fd),
+                            one.iov_base.cast(),
+                            one.iov_len as u32,
+                        )
+                        .build(),
+                        (v, true) => {
+                            opcode::Writev::new(types::Fixed(0), v.as_ptr(), v.len() as u32).build()
+                        }
+                        (v, false) => {
+                            opcode::Writev::new(types::Fd(fd), v.as_ptr(), v.len() as u32).build()
+                        }
                     }
                     .user_data(i as u64);
                     // SAFETY: the iovecs point into guest memory kept mapped by the caller's
@@ -930,6 +946,14 @@ mod tests {
         assert_eq!(&got[12..], &f[..]);
         assert_eq!(r.stats.tx.packets.load(Ordering::Relaxed), 1);
         assert_eq!(r.stats.tx.bytes.load(Ordering::Relaxed), 60);
+        // Header and frame in one buffer: one plain write.
+        let mut one = vec![0u8; 12];
+        one.extend(frame(100, 2));
+        r.m().write_slice(&one, GuestAddress(0x4000)).unwrap();
+        r.tx.publish(&[(0x4000, 112, 0)]);
+        r.run_tx();
+        assert_eq!(r.tx.used_idx(), 2);
+        assert_eq!(r.peer_recv(), Some(one));
     }
 
     #[test]
