@@ -85,6 +85,12 @@ pub struct Args {
     /// An extra netback argument (repeatable), e.g. --netback-arg=--log-level=info.
     #[arg(long = "netback-arg", value_name = "ARG", allow_hyphen_values = true)]
     netback_args: Vec<String>,
+
+    /// An extra argument for the front end's testpmd (repeatable, after its `--`), e.g.
+    /// --client-arg=--enable-lro (the front end then accepts TSO frames: GUEST_TSO4/6, so a
+    /// backend must be ready for 64 KiB frames in every receive).
+    #[arg(long = "client-arg", value_name = "ARG", allow_hyphen_values = true)]
+    client_args: Vec<String>,
 }
 
 const AFTER_HELP: &str = "\
@@ -831,13 +837,14 @@ fn measure(
         Direction::Tx => "txonly",
         Direction::Rx => "rxonly",
     };
-    let argv = ctx.testpmd_argv(
+    let mut argv = ctx.testpmd_argv(
         CLIENT_CPU,
         &prefix,
         format!("net_virtio_user0,path={},queues=1", sock.display()),
         mode,
         size,
     );
+    argv.extend(ctx.args.client_args.iter().map(OsString::from));
     let fe_log = ctx.dir.join(format!("client-{}.log", ctx.runs));
     let mut fe = Proc::spawn(
         "dpdk-testpmd (virtio_user)",

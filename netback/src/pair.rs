@@ -126,8 +126,14 @@ pub struct Pair {
     /// The tap is registered with the ring as fixed file 0.
     fixed: bool,
     slots: Vec<TxSlot>,
+    /// Receive chains taken from the ring for the next frames and not used yet (head, bytes,
+    /// iovecs), and their iovecs in `rx_iov`: kept across the frames of one burst, so a guest
+    /// posting small buffers for large frames (mergeable buffers with TSO) does not have every
+    /// chain walked again per frame; given back to the ring when the burst ends.
+    rx_chains: Vec<(u16, u64, usize)>,
     rx_iov: Vec<libc::iovec>,
-    rx_chains: Vec<(u16, u64)>,
+    /// Bytes the chains in `rx_chains` hold.
+    rx_cap: u64,
     descs: Vec<virtio_queue::desc::split::Descriptor>,
     /// How long to watch an empty transmit ring before turning notifications back on.
     pub poll: Duration,
@@ -168,8 +174,9 @@ impl std::fmt::Debug for Pair {
     }
 }
 
-// SAFETY: the raw iovec pointers in `rx_iov` are scratch space, rebuilt before every use and only
-// used by the pair's own thread (the pair sits in a Mutex).
+// SAFETY: the raw iovec pointers in `rx_iov` are scratch space, valid during one `process_rx`
+// (emptied before it returns, while the caller still holds the memory) and only used by the
+// pair's own thread (the pair sits in a Mutex).
 unsafe impl Send for Pair {}
 
 fn now() -> Nanos {
@@ -224,6 +231,7 @@ impl Pair {
                 .collect(),
             rx_iov: Vec::with_capacity(256),
             rx_chains: Vec::with_capacity(MAX_RX_CHAINS),
+            rx_cap: 0,
             descs: Vec::with_capacity(MAX_SEGS),
             poll: Duration::ZERO,
             held: None,
@@ -613,11 +621,13 @@ impl Pair {
                 }
                 Rx::Dropped => {}
                 Rx::Held => {
+                    self.return_chains(&mut ring);
                     ring.enable_notification();
                     break;
                 }
                 Rx::HostEmpty => {
                     // A new frame wakes us (the tap is edge-triggered); new buffers too.
+                    self.return_chains(&mut ring);
                     ring.enable_notification();
                     break;
                 }
@@ -630,6 +640,7 @@ impl Pair {
                 }
             }
         }
+        self.return_chains(&mut ring);
         self.end_burst(&mut st, ring, Dir::Rx);
         drop(st);
         if packets > 0 {
@@ -644,10 +655,7 @@ impl Pair {
             HostIo::Null { flood: false, .. } => return Rx::HostEmpty,
             HostIo::Tap(fd) => *fd,
         };
-        self.rx_iov.clear();
-        self.rx_chains.clear();
-        let mut cap = 0u64;
-        while cap < self.rx_max && self.rx_chains.len() < MAX_RX_CHAINS {
+        while self.rx_cap < self.rx_max && self.rx_chains.len() < MAX_RX_CHAINS {
             if !self.rx_chains.is_empty() && !self.mergeable {
                 break;
             }
@@ -661,8 +669,9 @@ impl Pair {
             });
             match room {
                 Ok(room) if room >= HDR_LEN => {
-                    self.rx_chains.push((head, room));
-                    cap += room;
+                    self.rx_chains
+                        .push((head, room, self.rx_iov.len() - before));
+                    self.rx_cap += room;
                 }
                 bad => {
                     self.rx_iov.truncate(before);
@@ -695,7 +704,6 @@ impl Pair {
             )
         };
         if r <= 0 {
-            ring.unpop(self.rx_chains.len() as u16);
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EAGAIN) {
@@ -705,11 +713,11 @@ impl Pair {
             return Rx::HostEmpty;
         }
         let n = r as u64;
-        // Which chains hold the frame; return the rest to the ring.
+        // Which chains hold the frame; the rest stay for the next one.
         let mut left = n;
-        let mut used = 0;
+        let (mut used, mut iovs) = (0, 0);
         let mut lens: Vec<(u16, u32)> = Vec::new();
-        for &(head, room) in &self.rx_chains {
+        for &(head, room, niov) in &self.rx_chains {
             if left == 0 {
                 break;
             }
@@ -717,11 +725,14 @@ impl Pair {
             lens.push((head, take as u32));
             left -= take;
             used += 1;
+            iovs += niov;
+            self.rx_cap -= room;
         }
-        ring.unpop((self.rx_chains.len() - used) as u16);
         // num_buffers, in the first chain's header (the tap leaves it alone).
         // SAFETY: as for the readv above.
         unsafe { iov_write(&self.rx_iov, 10, &(used as u16).to_le_bytes()) };
+        self.rx_chains.drain(..used);
+        self.rx_iov.drain(..iovs);
         let frame_len = n.saturating_sub(HDR_LEN);
         if let Some(l) = self.rx_limit.as_mut() {
             match l.check(now(), frame_len) {
@@ -741,6 +752,15 @@ impl Pair {
             ring.push_used(head, len);
         }
         Rx::Done(frame_len)
+    }
+
+    /// Gives the receive chains taken for frames that did not come back to the ring (they are
+    /// the last ones taken, so the ring's position just moves back).
+    fn return_chains(&mut self, ring: &mut SplitRing<'_>) {
+        ring.unpop(self.rx_chains.len() as u16);
+        self.rx_chains.clear();
+        self.rx_iov.clear();
+        self.rx_cap = 0;
     }
 
     /// The null side's generator tick: one frame into the receive queue.
@@ -1101,6 +1121,54 @@ mod tests {
         r.run_rx();
         assert_eq!(r.rx.used_idx(), 4);
         assert_eq!(r.rx.used(3), (3, 112));
+    }
+
+    #[test]
+    fn frames_of_one_burst_share_the_chains_taken_and_the_rest_go_back() {
+        let mut r = rig(None);
+        r.pair.rx_max = HDR_LEN + 65_550;
+        let mut sent = Vec::new();
+        for (len, seed) in [(1500usize, 1u8), (60, 2), (2100, 3)] {
+            let mut pkt = vec![0u8; 12];
+            pkt.extend(frame(len, seed));
+            r.peer_send(&pkt);
+            sent.push(pkt);
+        }
+        for i in 0..12u64 {
+            r.rx.publish(&[(0x10000 + i * 0x1000, 1024, WRITE)]);
+        }
+        r.run_rx();
+        // 1512 bytes in 2 buffers, 72 in 1, 2112 in 3: six used, in order, six left.
+        assert_eq!(r.rx.used_idx(), 6);
+        let lens: Vec<u32> = (0..6).map(|i| r.rx.used(i).1).collect();
+        assert_eq!(lens, [1024, 488, 72, 1024, 1024, 64]);
+        let ids: Vec<u32> = (0..6).map(|i| r.rx.used(i).0).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5]);
+        let read = |first: u64, lens: &[u32]| {
+            let mut out = Vec::new();
+            for (k, &n) in lens.iter().enumerate() {
+                let mut b = vec![0u8; n as usize];
+                r.m()
+                    .read_slice(&mut b, GuestAddress(0x10000 + (first + k as u64) * 0x1000))
+                    .unwrap();
+                out.extend(b);
+            }
+            out
+        };
+        for (first, lens, pkt, bufs) in [
+            (0u64, &lens[0..2], &sent[0], 2u16),
+            (2, &lens[2..3], &sent[1], 1),
+            (3, &lens[3..6], &sent[2], 3),
+        ] {
+            let got = read(first, lens);
+            assert_eq!(u16::from_le_bytes([got[10], got[11]]), bufs, "num_buffers");
+            assert_eq!(&got[12..], &pkt[12..]);
+        }
+        // The six chains taken but not used went back: the next frame starts at buffer 6.
+        r.peer_send(&sent[1]);
+        r.run_rx();
+        assert_eq!(r.rx.used_idx(), 7);
+        assert_eq!(r.rx.used(6), (6, 72));
     }
 
     #[test]
