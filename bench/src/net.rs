@@ -319,21 +319,6 @@ fn dev_stats(pid: u32, ifname: &str) -> Option<DevStats> {
     )
 }
 
-/// Whether a unix socket at `path` listens in the network namespace of `pid`.
-fn listening(pid: u32, path: &Path) -> bool {
-    const ACCEPTCON: u32 = 0x0001_0000;
-    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() >= 8
-            && f[7] == want
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & ACCEPTCON != 0)
-    })
-}
-
 /// A program run under `timeout` (so that it dies even if the benchmark is killed), in the
 /// process group `timeout` creates; its output (stdout and stderr) is copied to a log file
 /// and sent line by line, with the time each line arrived, to [`Proc::lines`].
@@ -466,7 +451,7 @@ impl Proc {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(pid) = self.pid
-                && listening(pid, socket)
+                && vback_tests::process::is_listening_for(socket, pid)
             {
                 return Ok(());
             }

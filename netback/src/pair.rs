@@ -714,16 +714,12 @@ impl Pair {
         }
         let n = r as u64;
         // Which chains hold the frame; the rest stay for the next one.
-        let mut left = n;
-        let (mut used, mut iovs) = (0, 0);
-        let mut lens: Vec<(u16, u32)> = Vec::new();
-        for &(head, room, niov) in &self.rx_chains {
+        let (mut left, mut used, mut iovs) = (n, 0, 0);
+        for &(_, room, niov) in &self.rx_chains {
             if left == 0 {
                 break;
             }
-            let take = left.min(room);
-            lens.push((head, take as u32));
-            left -= take;
+            left -= left.min(room);
             used += 1;
             iovs += niov;
             self.rx_cap -= room;
@@ -731,27 +727,42 @@ impl Pair {
         // num_buffers, in the first chain's header (the tap leaves it alone).
         // SAFETY: as for the readv above.
         unsafe { iov_write(&self.rx_iov, 10, &(used as u16).to_le_bytes()) };
+        // Each chain's share of the frame: full chains, then the rest in the last one.
+        let lens = self.rx_chains[..used]
+            .iter()
+            .scan(n, |left, &(head, room, _)| {
+                let take = (*left).min(room);
+                *left -= take;
+                Some((head, take as u32))
+            });
+        let frame_len = n.saturating_sub(HDR_LEN);
+        let verdict = match self.rx_limit.as_mut() {
+            Some(l) => l.check(now(), frame_len),
+            None => Verdict::Send,
+        };
+        let out = match verdict {
+            Verdict::Send => {
+                if let Some(l) = self.rx_limit.as_mut() {
+                    l.charge(frame_len);
+                }
+                for (head, len) in lens {
+                    ring.push_used(head, len);
+                }
+                Rx::Done(frame_len)
+            }
+            Verdict::StallUntil(t) => {
+                self.held = Some(HeldRx {
+                    used: lens.collect(),
+                    len: frame_len,
+                });
+                self.stats.rx.stalls.fetch_add(1, Ordering::Relaxed);
+                Self::arm(&mut self.rx_timer, t);
+                Rx::Held
+            }
+        };
         self.rx_chains.drain(..used);
         self.rx_iov.drain(..iovs);
-        let frame_len = n.saturating_sub(HDR_LEN);
-        if let Some(l) = self.rx_limit.as_mut() {
-            match l.check(now(), frame_len) {
-                Verdict::Send => l.charge(frame_len),
-                Verdict::StallUntil(t) => {
-                    self.stats.rx.stalls.fetch_add(1, Ordering::Relaxed);
-                    Self::arm(&mut self.rx_timer, t);
-                    self.held = Some(HeldRx {
-                        used: lens,
-                        len: frame_len,
-                    });
-                    return Rx::Held;
-                }
-            }
-        }
-        for (head, len) in lens {
-            ring.push_used(head, len);
-        }
-        Rx::Done(frame_len)
+        out
     }
 
     /// Gives the receive chains taken for frames that did not come back to the ring (they are
