@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use vback_common::exit::ExitEvents;
 use vback_common::sync::lock;
 
 use vhost::vhost_user::Backend;
@@ -17,9 +18,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::virtio::{BlkConfig, CONFIG_WCE_OFFSET};
 use crate::worker::{Device, Mem, Vring, Worker};
@@ -37,6 +36,8 @@ struct Inner {
     acked: AtomicU64,
     /// Our own duplicate of the back-end request channel (for CONFIG_CHANGE_MSG).
     channel: Mutex<Option<OwnedFd>>,
+    /// The worker threads' exit eventfds, reused across connections.
+    exit: ExitEvents,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -63,6 +64,7 @@ impl BlkBackend {
                 queue_size,
                 acked: AtomicU64::new(0),
                 channel: Mutex::new(None),
+                exit: ExitEvents::new(),
             }),
         }
     }
@@ -370,8 +372,8 @@ impl VhostUserBackend for BlkBackend {
         (0..self.inner.workers.len()).map(|i| 1u64 << i).collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.inner.exit.get(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -306,7 +306,7 @@ impl Worker {
             self.vring = Some(vring.clone());
         }
         let Some(mem) = self.mem.clone() else {
-            log::warn!(
+            vback_common::warn_limited!(
                 "queue {}: kicked before the memory table was set",
                 self.queue
             );
@@ -315,7 +315,7 @@ impl Worker {
         self.starved = false;
         loop {
             if let Err(e) = vring.disable_notification() {
-                log::warn!(
+                vback_common::warn_limited!(
                     "queue {}: cannot update the used ring flags: {e}",
                     self.queue
                 );
@@ -331,7 +331,7 @@ impl Worker {
                     // The avail index says there is more, but nothing could be popped: the
                     // driver published an index beyond the ring or an unreadable entry. Wait
                     // for the next kick rather than spin.
-                    log::warn!(
+                    vback_common::warn_limited!(
                         "queue {}: the avail ring is inconsistent; waiting for the next kick",
                         self.queue
                     );
@@ -339,7 +339,10 @@ impl Worker {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    log::warn!("queue {}: cannot read the avail ring: {e}", self.queue);
+                    vback_common::warn_limited!(
+                        "queue {}: cannot read the avail ring: {e}",
+                        self.queue
+                    );
                     break;
                 }
             }
@@ -417,7 +420,7 @@ impl Worker {
         if let Some(e) = self.engine.as_mut()
             && let Err(err) = e.submit()
         {
-            log::error!("queue {}: submitting I/O failed: {err}", self.queue);
+            vback_common::error_limited!("queue {}: submitting I/O failed: {err}", self.queue);
         }
     }
 
@@ -445,11 +448,16 @@ impl Worker {
         match vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    log::warn!("queue {}: cannot interrupt the guest: {e}", self.queue);
+                    vback_common::warn_limited!(
+                        "queue {}: cannot interrupt the guest: {e}",
+                        self.queue
+                    );
                 }
             }
             Ok(false) => {}
-            Err(e) => log::warn!("queue {}: cannot read the used event: {e}", self.queue),
+            Err(e) => {
+                vback_common::warn_limited!("queue {}: cannot read the used event: {e}", self.queue)
+            }
         }
     }
 
@@ -461,7 +469,7 @@ impl Worker {
         let parsed: Parsed = virtio::parse_chain(&**mem, chain.clone(), &mut slot.iov, limits);
         let Some(status) = parsed.status else {
             // Nowhere to put a status: return the chain untouched so the ring keeps moving.
-            log::warn!(
+            vback_common::warn_limited!(
                 "queue {}: request {head} has no status byte; returned it unanswered",
                 self.queue
             );
@@ -530,7 +538,7 @@ impl Worker {
                         }
                         Err(e) => {
                             slot.pieces.clear();
-                            log::warn!("queue {}: {e}", self.queue);
+                            vback_common::warn_limited!("queue {}: {e}", self.queue);
                             return self.finish_now(idx, Status::IoErr, 0, vring);
                         }
                     }
@@ -558,7 +566,7 @@ impl Worker {
                             Status::Ok
                         }
                         Err(e) => {
-                            log::error!("queue {}: flush failed: {e}", self.queue);
+                            vback_common::error_limited!("queue {}: flush failed: {e}", self.queue);
                             Status::IoErr
                         }
                     };
@@ -620,7 +628,7 @@ impl Worker {
                                 Status::Ok
                             }
                             Err(e) => {
-                                log::warn!("queue {}: {e}", self.queue);
+                                vback_common::warn_limited!("queue {}: {e}", self.queue);
                                 Status::IoErr
                             }
                         };
@@ -643,7 +651,7 @@ impl Worker {
                                 Status::Ok
                             }
                             Err(e) => {
-                                log::warn!(
+                                vback_common::warn_limited!(
                                     "queue {}: {} at {offset}+{len} failed: {e}",
                                     self.queue,
                                     if zero { "BLKZEROOUT" } else { "BLKDISCARD" }
@@ -709,7 +717,7 @@ impl Worker {
                 self.finish_now(idx, Status::Ok, if write { 0 } else { len }, vring);
             }
             Err(e) => {
-                log::warn!("queue {}: {e}", self.queue);
+                vback_common::warn_limited!("queue {}: {e}", self.queue);
                 self.finish_now(idx, Status::IoErr, 0, vring);
             }
         }
@@ -769,7 +777,7 @@ impl Worker {
         match r {
             Ok(()) => QueueStats::add(&self.stats().in_flight, 1),
             Err(_) => {
-                log::error!(
+                vback_common::error_limited!(
                     "queue {}: the I/O engine is full; failing request",
                     self.queue
                 );
@@ -802,7 +810,7 @@ impl Worker {
                     return;
                 }
                 if res < 0 || (res == 0 && slot.remaining > 0) {
-                    log::warn!(
+                    vback_common::warn_limited!(
                         "queue {}: {} of {} bytes at offset {} failed: {}",
                         self.queue,
                         if kind == Kind::Read { "read" } else { "write" },
@@ -858,7 +866,7 @@ impl Worker {
             }
             Kind::Flush => {
                 if res < 0 {
-                    log::error!(
+                    vback_common::error_limited!(
                         "queue {}: flush failed: {}",
                         self.queue,
                         std::io::Error::from_raw_os_error(-res)
@@ -886,7 +894,7 @@ impl Worker {
                 }
                 // A discard the file system cannot do is simply not done (discard is a hint).
                 if res < 0 && (zero || res != -libc::EOPNOTSUPP) {
-                    log::warn!(
+                    vback_common::warn_limited!(
                         "queue {}: fallocate failed: {}",
                         self.queue,
                         std::io::Error::from_raw_os_error(-res)
@@ -942,7 +950,7 @@ impl Worker {
 
     fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
         if let Err(e) = vring.add_used(head, len) {
-            log::warn!(
+            vback_common::warn_limited!(
                 "queue {}: cannot return request {head} on the used ring: {e}",
                 self.queue
             );

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
+use vback_common::exit::ExitEvents;
 use vback_common::sync::lock;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -13,9 +14,7 @@ use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::mmc::Cdrom;
 use crate::virtio_scsi::{handle_command, handle_control};
@@ -36,6 +35,8 @@ pub struct CdBackend {
 struct Inner {
     cd: Arc<Mutex<Cdrom>>,
     mem: Mutex<Option<Arc<Mem>>>,
+    /// The worker thread's exit eventfd, reused across connections.
+    exit: ExitEvents,
 }
 
 impl CdBackend {
@@ -45,6 +46,7 @@ impl CdBackend {
             inner: Arc::new(Inner {
                 cd,
                 mem: Mutex::new(None),
+                exit: ExitEvents::new(),
             }),
         }
     }
@@ -73,7 +75,7 @@ impl CdBackend {
                     handle_command(&*mem, chain, &mut lock(&self.inner.cd))
                 };
                 if let Err(e) = vring.add_used(head, len) {
-                    log::warn!("queue {queue}: cannot return request {head}: {e}");
+                    vback_common::warn_limited!("queue {queue}: cannot return request {head}: {e}");
                 }
                 used_any = true;
             }
@@ -129,8 +131,8 @@ impl VhostUserBackend for CdBackend {
         vec![0b111]
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.inner.exit.get(thread_index)
     }
 
     fn handle_event(

@@ -22,9 +22,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -223,6 +223,28 @@ pub fn handle_line(daemon: &dyn DaemonInfo, handler: &dyn ControlHandler, line: 
     })
 }
 
+/// How many clients a control server serves at once, and how long it waits for them.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlLimits {
+    /// Connections served at once; one more is kept for the operator (a peer running as root
+    /// or as the daemon's own user), so a flood of idle clients cannot lock them out.
+    pub max_connections: usize,
+    /// A connection with no request in progress is closed after this long.
+    pub idle: Duration,
+    /// A request line must arrive whole within this long of its first byte.
+    pub request: Duration,
+}
+
+impl Default for ControlLimits {
+    fn default() -> Self {
+        ControlLimits {
+            max_connections: 16,
+            idle: Duration::from_secs(60),
+            request: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A running control server. Dropping it stops accepting and removes the socket file (if it
 /// created one).
 #[derive(Debug)]
@@ -238,12 +260,23 @@ impl ControlServer {
         daemon: Arc<dyn DaemonInfo>,
         handler: Arc<dyn ControlHandler>,
     ) -> Result<ControlServer, BindError> {
+        Self::start_with_limits(path, daemon, handler, ControlLimits::default())
+    }
+
+    /// [`ControlServer::start`] with other limits than the defaults.
+    pub fn start_with_limits(
+        path: &Path,
+        daemon: Arc<dyn DaemonInfo>,
+        handler: Arc<dyn ControlHandler>,
+        limits: ControlLimits,
+    ) -> Result<ControlServer, BindError> {
         let listener = bind_unix(path)?;
         Ok(Self::serve(
             listener,
             Some(path.to_owned()),
             daemon,
             handler,
+            limits,
         ))
     }
 
@@ -253,7 +286,7 @@ impl ControlServer {
         daemon: Arc<dyn DaemonInfo>,
         handler: Arc<dyn ControlHandler>,
     ) -> ControlServer {
-        Self::serve(listener, None, daemon, handler)
+        Self::serve(listener, None, daemon, handler, ControlLimits::default())
     }
 
     fn serve(
@@ -261,27 +294,105 @@ impl ControlServer {
         path: Option<PathBuf>,
         daemon: Arc<dyn DaemonInfo>,
         handler: Arc<dyn ControlHandler>,
+        limits: ControlLimits,
     ) -> ControlServer {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let active = Arc::new(AtomicUsize::new(0));
         let spawned = thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                for conn in listener.incoming() {
+                loop {
+                    let conn = listener.accept();
                     if stop2.load(Ordering::Acquire) {
                         break;
                     }
-                    let Ok(conn) = conn else { continue };
-                    let (d, h) = (daemon.clone(), handler.clone());
-                    let _ = thread::Builder::new()
-                        .name("control-conn".into())
-                        .spawn(move || serve_connection(conn, &*d, &*h));
+                    let conn = match conn {
+                        Ok((c, _)) => c,
+                        Err(e) => {
+                            // Out of descriptors or memory: not the end of the daemon. Wait
+                            // for resources to come back and accept again.
+                            crate::warn_limited!("control socket: accept failed: {e}; retrying");
+                            thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    admit(conn, &active, limits, &daemon, &handler);
                 }
             });
         if let Err(e) = spawned {
             log::error!("cannot start the control thread: {e}");
         }
         ControlServer { path, stop }
+    }
+}
+
+/// Whether the peer is the operator: root or the daemon's own user.
+fn peer_is_operator(conn: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a ucred that lives for the
+    // call; `len` is its size.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(conn),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    r == 0 && (cred.uid == 0 || cred.uid == unsafe { libc::geteuid() })
+}
+
+/// Serves `conn` on its own thread if there is room, else refuses it with a reply.
+fn admit(
+    conn: UnixStream,
+    active: &Arc<AtomicUsize>,
+    limits: ControlLimits,
+    daemon: &Arc<dyn DaemonInfo>,
+    handler: &Arc<dyn ControlHandler>,
+) {
+    let _ = conn.set_write_timeout(Some(limits.request));
+    let now = active.load(Ordering::Acquire);
+    let room =
+        now < limits.max_connections || (now == limits.max_connections && peer_is_operator(&conn));
+    if !room {
+        crate::warn_limited!(
+            "control socket: refusing a client, {now} connections are open (the most served at once)"
+        );
+        let reply = Reply::from_result(Err(ControlError::new(
+            ErrorKind::Busy,
+            format!(
+                "this daemon already serves {now} control connections, the most it serves at \
+                 once; close idle clients (they are closed after {} s) and try again",
+                limits.idle.as_secs()
+            ),
+        )));
+        let mut conn = conn;
+        let _ = writeln!(
+            conn,
+            "{}",
+            serde_json::to_string(&reply).unwrap_or_default()
+        );
+        return;
+    }
+    active.fetch_add(1, Ordering::AcqRel);
+    let (d, h, a) = (daemon.clone(), handler.clone(), active.clone());
+    let spawned = thread::Builder::new()
+        .name("control-conn".into())
+        .spawn(move || {
+            serve_connection(conn, &*d, &*h, limits);
+            a.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(e) = spawned {
+        active.fetch_sub(1, Ordering::AcqRel);
+        crate::warn_limited!("control socket: cannot start a thread for a client: {e}");
     }
 }
 
@@ -296,41 +407,87 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_connection(conn: UnixStream, daemon: &dyn DaemonInfo, handler: &dyn ControlHandler) {
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    let mut line = Vec::new();
+fn serve_connection(
+    mut conn: UnixStream,
+    daemon: &dyn DaemonInfo,
+    handler: &dyn ControlHandler,
+    limits: ControlLimits,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // When the connection last went idle, and when the request being read began.
+    let mut idle_since = Instant::now();
+    let mut request_since: Option<Instant> = None;
     loop {
-        line.clear();
-        let n = match (&mut reader)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if n > MAX_LINE && line.last() != Some(&b'\n') {
+        // Answer every complete line already read.
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            if nl > MAX_LINE {
+                break;
+            }
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if !text.is_empty() {
+                let reply = handle_line(daemon, handler, text);
+                if writeln!(conn, "{reply}").is_err() {
+                    return;
+                }
+            }
+            idle_since = Instant::now();
+            request_since = (!buf.is_empty()).then(Instant::now);
+        }
+        if buf.len() > MAX_LINE {
             let reply = Reply::from_result(Err(ControlError::new(
                 ErrorKind::BadRequest,
                 format!("request line longer than {MAX_LINE} bytes; closing the connection"),
             )));
             let _ = writeln!(
-                writer,
+                conn,
                 "{}",
                 serde_json::to_string(&reply).unwrap_or_default()
             );
             return;
         }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let reply = handle_line(daemon, handler, text);
-        if writeln!(writer, "{reply}").is_err() {
+        let deadline = match request_since {
+            Some(t) => t + limits.request,
+            None => idle_since + limits.idle,
+        };
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            if request_since.is_some() {
+                let reply = Reply::from_result(Err(ControlError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "the request did not arrive whole within {} s; closing the connection",
+                        limits.request.as_secs()
+                    ),
+                )));
+                let _ = writeln!(
+                    conn,
+                    "{}",
+                    serde_json::to_string(&reply).unwrap_or_default()
+                );
+            }
             return;
+        };
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => {
+                if buf.is_empty() && request_since.is_none() {
+                    request_since = Some(Instant::now());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A timeout: the loop finds the deadline passed and closes.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }
@@ -617,5 +774,107 @@ mod tests {
             ControlServer::start(&file, Arc::new(Info), Arc::new(NoDeviceCommands)).unwrap_err();
         assert!(matches!(e, BindError::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    }
+    /// Reads one reply line from a raw connection (None: the server closed it). Waiting
+    /// 10 s for either is a failure.
+    fn read_reply(c: &UnixStream) -> Option<String> {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = String::new();
+        match BufReader::new(c).read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("no reply and not closed within 10 s: {e}"),
+        }
+    }
+
+    #[test]
+    fn connections_are_capped_with_a_slot_kept_for_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let limits = ControlLimits {
+            max_connections: 4,
+            idle: Duration::from_secs(60),
+            request: Duration::from_secs(10),
+        };
+        let _s = ControlServer::start_with_limits(
+            &path,
+            Arc::new(Info),
+            Arc::new(NoDeviceCommands),
+            limits,
+        )
+        .unwrap();
+        // Idle clients fill the general slots, and the test (root or the daemon's own user:
+        // the operator) still gets the kept one.
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            let mut c = UnixStream::connect(&path).unwrap();
+            writeln!(c, r#"{{"cmd":"help"}}"#).unwrap();
+            assert!(read_reply(&c).unwrap().contains(r#""ok":true"#));
+            idle.push(c);
+        }
+        let mut op = ControlClient::connect(&path).unwrap();
+        assert!(
+            op.call("status", Value::Null).is_ok(),
+            "the operator's slot"
+        );
+        // Past that, a client is refused with a reply that says why.
+        let c = UnixStream::connect(&path).unwrap();
+        let r = read_reply(&c).expect("a refusal reply");
+        assert!(r.contains(r#""kind":"busy""#), "{r}");
+        assert!(r.contains("control connections"), "{r}");
+        assert!(read_reply(&c).is_none(), "and the connection is closed");
+        // Closing one makes room again.
+        drop(idle.pop());
+        let mut again = None;
+        for _ in 0..200 {
+            if let Ok(mut c) = ControlClient::connect(&path)
+                && c.call("help", Value::Null).is_ok()
+            {
+                again = Some(c);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(again.is_some(), "a slot came back");
+        drop(op);
+    }
+
+    #[test]
+    fn idle_and_slow_clients_are_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let limits = ControlLimits {
+            max_connections: 4,
+            idle: Duration::from_millis(300),
+            request: Duration::from_millis(300),
+        };
+        let _s = ControlServer::start_with_limits(
+            &path,
+            Arc::new(Info),
+            Arc::new(NoDeviceCommands),
+            limits,
+        )
+        .unwrap();
+        // An idle client is closed without a word.
+        let c = UnixStream::connect(&path).unwrap();
+        assert!(read_reply(&c).is_none(), "closed when idle");
+        // One that answers first, then idles, too.
+        let mut c = UnixStream::connect(&path).unwrap();
+        writeln!(c, r#"{{"cmd":"help"}}"#).unwrap();
+        assert!(read_reply(&c).unwrap().contains(r#""ok":true"#));
+        assert!(read_reply(&c).is_none(), "closed when idle after a request");
+        // A client trickling a request byte by byte never completes it.
+        let mut c = UnixStream::connect(&path).unwrap();
+        let reader = c.try_clone().unwrap();
+        let t = std::thread::spawn(move || read_reply(&reader));
+        for b in br#"{"cmd":"help"}"# {
+            if c.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let r = t.join().unwrap().expect("a reply that says why");
+        assert!(r.contains("did not arrive whole"), "{r}");
     }
 }

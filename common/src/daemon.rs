@@ -173,9 +173,6 @@ pub enum DaemonError {
     /// Signal handling or the event loop could not be set up.
     #[error("cannot set up the daemon's event loop: {0}")]
     Setup(io::Error),
-    /// The vhost-user library refused to create the daemon.
-    #[error("cannot create the vhost-user daemon: {0}")]
-    Vhost(String),
 }
 
 /// Where the vhost-user listening socket comes from.
@@ -545,24 +542,19 @@ impl Daemon {
             if events[..n].iter().any(|e| e.data() == STOP) || self.stop.is_stopping() {
                 return Ok(());
             }
-            let mut daemon = VhostUserDaemon::new(
-                self.info.name.to_owned(),
-                backend.clone(),
-                GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new()),
-            )
-            .map_err(|e| DaemonError::Vhost(e.to_string()))?;
-            if let Err(e) = on_connection(&daemon.get_epoll_handlers()) {
-                return Err(DaemonError::Setup(e));
-            }
-            let started = if self.early_enable_relay {
-                self.start_relayed(&mut daemon, listener)
-            } else {
-                daemon.start(listener).map_err(|e| e.to_string())
+            // Nothing a client does ends the daemon: a connection that cannot be set up (no
+            // descriptors left, a failed accept) is logged and retried after a pause, and the
+            // front end waiting in the backlog is served once resources are back.
+            let mut daemon = match self.accept_frontend(listener, &backend, on_connection) {
+                Ok(d) => d,
+                Err(e) => {
+                    crate::warn_limited!(
+                        "cannot take a front end connection on {listen_desc}: {e}; retrying"
+                    );
+                    self.pause(RETRY_PAUSE);
+                    continue;
+                }
             };
-            if let Err(e) = started {
-                log::warn!("accepting a front end failed: {e}");
-                continue;
-            }
             let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
             state.connected.store(true, Ordering::Release);
             *self.stop.lock_current() = daemon.shutdown_handle();
@@ -596,35 +588,105 @@ impl Daemon {
     }
 }
 
+/// How long the serve loop waits before it retries a connection it could not set up.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Daemon {
+    /// Builds the vhost-user handler for the next connection and accepts the front end.
+    fn accept_frontend<B, F>(
+        &self,
+        listener: &mut Listener,
+        backend: &B,
+        on_connection: &F,
+    ) -> Result<VhostUserDaemon<B>, String>
+    where
+        B: Servable,
+        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
+    {
+        let mut daemon = VhostUserDaemon::new(
+            self.info.name.to_owned(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new()),
+        )
+        .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
+        on_connection(&daemon.get_epoll_handlers())
+            .map_err(|e| format!("cannot register the device's event sources: {e}"))?;
+        if self.early_enable_relay {
+            self.start_relayed(&mut daemon, listener, backend.num_queues())?;
+        } else {
+            daemon.start(listener).map_err(|e| e.to_string())?;
+        }
+        Ok(daemon)
+    }
+
+    /// Waits for `d` or until the daemon is asked to stop.
+    fn pause(&self, d: std::time::Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.stop.inner.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(d.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is one valid pollfd that lives for the call; poll(2) writes only its
+        // `revents` field.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
     /// Accepts the front end ourselves and hands vhost-user-backend the other end of a relay.
+    ///
+    /// vhost-user-backend accepts only from a listener, so the relay's inner end is a listener
+    /// bound in a fresh private directory (mkdtemp: a new, unpredictable name, mode 0700, owned
+    /// by us); it is connected at once and its path removed before the handler accepts, so no
+    /// other process can reach it and nothing at a shared, predictable path is ever touched.
     fn start_relayed<B: Servable>(
         &self,
         daemon: &mut VhostUserDaemon<B>,
         listener: &mut Listener,
+        num_queues: usize,
     ) -> Result<(), String> {
         let frontend = loop {
             match listener.accept() {
                 Ok(Some(s)) => break s,
                 Ok(None) => continue,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(format!("accept: {e}")),
             }
         };
-        let dir = std::env::temp_dir().join(format!("vback-relay-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("s");
-        let mut inner = Listener::new(&path, true).map_err(|e| e.to_string())?;
-        let ours = std::os::unix::net::UnixStream::connect(&path).map_err(|e| e.to_string())?;
-        let r = daemon.start(&mut inner).map_err(|e| e.to_string());
-        drop(inner);
-        let _ = std::fs::remove_dir_all(&dir);
-        r?;
+        let (inner, ours) = private_socket_pair().map_err(|e| format!("relay socket: {e}"))?;
+        daemon
+            .start(&mut Listener::from(inner))
+            .map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name("vu-relay-in".into())
-            .spawn(move || crate::shim::relay(frontend, ours))
-            .map_err(|e| e.to_string())?;
+            .spawn(move || crate::shim::relay(frontend, ours, num_queues))
+            .map_err(|e| format!("cannot start the relay thread: {e}"))?;
         Ok(())
     }
+}
+
+/// A listening socket with one connection already pending on it, and that connection's
+/// client end; the listener's path (in a private mkdtemp directory) is gone when this returns.
+fn private_socket_pair() -> io::Result<(UnixListener, std::os::unix::net::UnixStream)> {
+    use std::os::unix::ffi::OsStrExt;
+    let template = std::env::temp_dir().join("vback-relay-XXXXXX");
+    let mut buf = template.as_os_str().as_bytes().to_vec();
+    buf.push(0);
+    // SAFETY: `buf` is a NUL-terminated, writable template ending in XXXXXX, as mkdtemp(3)
+    // requires; it rewrites those six bytes in place and touches nothing else.
+    let p = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    buf.pop();
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf));
+    let path = dir.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&path)?;
+        let s = std::os::unix::net::UnixStream::connect(&path)?;
+        Ok((l, s))
+    })();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    result
 }
 
 /// SIGTERM/SIGINT stop the daemon; a second one exits at once.

@@ -82,8 +82,10 @@ fn send(s: &UnixStream, m: &Msg) -> bool {
         .is_ok_and(|n| n == buf.len())
 }
 
-/// Relays between `frontend` and `backend` until either side closes.
-pub fn relay(frontend: UnixStream, backend: UnixStream) {
+/// Relays between `frontend` and `backend` until either side closes. `num_queues` is the
+/// back end's number of rings: an early SET_VRING_ENABLE for a ring beyond it is passed to the
+/// back end, which refuses it, so the relay keeps at most one pending state per real ring.
+pub fn relay(frontend: UnixStream, backend: UnixStream, num_queues: usize) {
     let (Ok(f2), Ok(b2)) = (frontend.try_clone(), backend.try_clone()) else {
         return;
     };
@@ -98,9 +100,19 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) {
             }
             let _ = f2.shutdown(std::net::Shutdown::Both);
         });
+    relay_requests(&frontend, &backend, num_queues);
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+    if let Ok(t) = back {
+        let _ = t.join();
+    }
+}
+
+/// The front-end-to-back-end half of [`relay`].
+fn relay_requests(frontend: &UnixStream, backend: &UnixStream, num_queues: usize) {
     let mut features_seen = false;
-    let mut early: Vec<[u8; 8]> = Vec::new();
-    while let Some(m) = recv(&frontend) {
+    // The last state asked for each ring before SET_FEATURES (index = ring).
+    let mut early: Vec<Option<u32>> = vec![None; num_queues];
+    while let Some(m) = recv(frontend) {
         let req = m.request();
         log::trace!(
             "front end request {req} ({} bytes, {} fds)",
@@ -110,12 +122,20 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) {
         if req == SET_FEATURES {
             features_seen = true;
         }
-        if req == SET_VRING_ENABLE && !features_seen {
-            log::debug!("answering an early SET_VRING_ENABLE (before SET_FEATURES) ourselves");
-            if let Ok(state) = <[u8; 8]>::try_from(&m.body[..]) {
-                early.retain(|s| s[0..4] != state[0..4]);
-                early.push(state);
-            }
+        let early_state = (req == SET_VRING_ENABLE && !features_seen)
+            .then(|| <[u8; 8]>::try_from(&m.body[..]).ok())
+            .flatten()
+            .map(|b| {
+                let index = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let num = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                (index, num)
+            })
+            .filter(|(index, _)| (*index as usize) < num_queues);
+        if let Some((index, num)) = early_state {
+            log::debug!(
+                "answering an early SET_VRING_ENABLE of ring {index} (before SET_FEATURES) ourselves"
+            );
+            early[index as usize] = Some(num);
             if m.flags() & FLAG_NEED_REPLY != 0 {
                 let mut hdr = [0u8; HDR];
                 hdr[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
@@ -126,37 +146,135 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) {
                     body: 0u64.to_le_bytes().to_vec(),
                     fds: Vec::new(),
                 };
-                if !send(&frontend, &reply) {
-                    break;
+                if !send(frontend, &reply) {
+                    return;
                 }
             }
             continue;
         }
-        if !send(&backend, &m) {
-            break;
+        if !send(backend, &m) {
+            return;
         }
         if req == SET_FEATURES {
             // Replay the ring states the front end asked for too early (no reply asked).
-            for state in early.drain(..) {
+            for (index, num) in early
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, s)| s.take().map(|n| (i, n)))
+            {
                 let mut hdr = [0u8; HDR];
                 hdr[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
                 hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
                 hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+                let mut body = Vec::with_capacity(8);
+                body.extend_from_slice(&(index as u32).to_le_bytes());
+                body.extend_from_slice(&num.to_le_bytes());
                 if !send(
-                    &backend,
+                    backend,
                     &Msg {
                         hdr,
-                        body: state.to_vec(),
+                        body,
                         fds: Vec::new(),
                     },
                 ) {
-                    break;
+                    return;
                 }
             }
         }
     }
-    let _ = backend.shutdown(std::net::Shutdown::Both);
-    if let Ok(t) = back {
-        let _ = t.join();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn enable(index: u32, num: u32, need_reply: bool) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        let flags = 1 | if need_reply { FLAG_NEED_REPLY } else { 0 };
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&index.to_le_bytes());
+        m.extend_from_slice(&num.to_le_bytes());
+        m
+    }
+
+    fn set_features() -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&SET_FEATURES.to_le_bytes());
+        m.extend_from_slice(&1u32.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&(1u64 << 32).to_le_bytes());
+        m
+    }
+
+    /// Runs the request half against `input` and returns what reached the back end.
+    fn run(input: &[u8], num_queues: usize) -> (Vec<u8>, Duration) {
+        let (mut fe, fe_peer) = UnixStream::pair().unwrap();
+        let (be_peer, mut be) = UnixStream::pair().unwrap();
+        let data = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            fe.write_all(&data).unwrap();
+            fe.shutdown(std::net::Shutdown::Write).unwrap();
+            // Drain the replies so the relay never blocks on a full socket.
+            let mut sink = Vec::new();
+            let _ = fe.read_to_end(&mut sink);
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = be.read_to_end(&mut got);
+            got
+        });
+        let t0 = Instant::now();
+        relay_requests(&fe_peer, &be_peer, num_queues);
+        let took = t0.elapsed();
+        drop(be_peer);
+        drop(fe_peer);
+        writer.join().unwrap();
+        (reader.join().unwrap(), took)
+    }
+
+    #[test]
+    fn early_enables_are_replayed_once_per_ring_after_set_features() {
+        let mut input = Vec::new();
+        input.extend(enable(0, 1, true));
+        input.extend(enable(1, 1, false));
+        input.extend(enable(0, 0, false));
+        input.extend(enable(0, 1, false));
+        input.extend(set_features());
+        let (got, _) = run(&input, 2);
+        let mut want = set_features();
+        want.extend(enable(0, 1, false));
+        want.extend(enable(1, 1, false));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_early_enable_of_a_ring_that_does_not_exist_goes_to_the_back_end() {
+        let input = enable(7, 1, false);
+        let (got, _) = run(&input, 2);
+        assert_eq!(got, input, "the back end sees it (and refuses it)");
+    }
+
+    #[test]
+    fn many_early_enables_keep_bounded_state() {
+        // 80k early enables of distinct rings used to build an 80k-entry list scanned on every
+        // message (quadratic: 2.7 s of CPU) and replayed in full. Now the relay keeps one state
+        // per real ring; enables of rings that do not exist go to the back end as they come.
+        let mut input = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..80_000u32 {
+            input.extend(enable(i, 1, false));
+            if i >= 2 {
+                want.extend(enable(i, 1, false));
+            }
+        }
+        input.extend(set_features());
+        want.extend(set_features());
+        want.extend(enable(0, 1, false));
+        want.extend(enable(1, 1, false));
+        let (got, took) = run(&input, 2);
+        assert!(got == want, "one replay per real ring (took {took:?})");
     }
 }

@@ -204,7 +204,7 @@ impl Pair {
                     Some(r)
                 }
                 Err(e) => {
-                    log::warn!(
+                    vback_common::warn_limited!(
                         "queue pair {index}: io_uring unavailable ({e}); writing frames one at a time"
                     );
                     None
@@ -290,7 +290,7 @@ impl Pair {
     fn arm(timer: &mut TimerFd, until: Nanos) {
         let wait = Duration::from_nanos(until.saturating_sub(now()).max(1000));
         if let Err(e) = timer.reset(wait, None) {
-            log::error!("cannot arm a rate timer: {e}");
+            vback_common::error_limited!("cannot arm a rate timer: {e}");
         }
     }
 
@@ -310,7 +310,7 @@ impl Pair {
             Err(RingError::NotReady) => None,
             Err(e) => {
                 if self.broken != Some(e) {
-                    log::error!(
+                    vback_common::error_limited!(
                         "queue pair {}: the {} queue cannot be served: {e}",
                         self.index,
                         dir.name()
@@ -329,7 +329,7 @@ impl Pair {
         if let Some(idx) = ring.broken_avail()
             && self.broken_idx != Some(idx)
         {
-            log::error!(
+            vback_common::error_limited!(
                 "queue pair {}: the driver's {} avail index {idx} is more than a queue ahead of netback; the queue is not served until the driver resets it",
                 self.index,
                 dir.name()
@@ -523,7 +523,7 @@ impl Pair {
                     if e.raw_os_error() == Some(libc::EINTR) {
                         continue;
                     }
-                    log::error!("io_uring submit failed: {e}");
+                    vback_common::error_limited!("io_uring submit failed: {e}");
                     break;
                 }
                 for c in ring.completion() {
@@ -707,7 +707,7 @@ impl Pair {
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EAGAIN) {
-                    log::warn!("queue pair {}: reading the tap: {e}", self.index);
+                    vback_common::warn_limited!("queue pair {}: reading the tap: {e}", self.index);
                 }
             }
             return Rx::HostEmpty;

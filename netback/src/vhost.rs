@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vback_common::exit::ExitEvents;
 use vback_common::spec::MacAddr;
 use vback_common::sync::lock;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -21,9 +22,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::ctrl::{self, Command, CtrlError};
@@ -92,6 +91,8 @@ struct Inner {
     active_pairs: AtomicUsize,
     attached: Vec<std::sync::atomic::AtomicBool>,
     ctrl_errors: AtomicU64,
+    /// The worker threads' exit eventfds, reused across connections.
+    exit: ExitEvents,
 }
 
 impl NetBackend {
@@ -120,7 +121,7 @@ impl NetBackend {
         if let HostSide::Tap(t) = &host {
             for q in 1..pairs {
                 if let Err(e) = t.set_queue_attached(q, false) {
-                    log::warn!("{e}");
+                    vback_common::warn_limited!("{e}");
                 }
             }
         }
@@ -138,6 +139,7 @@ impl NetBackend {
                     .map(|i| std::sync::atomic::AtomicBool::new(i == 0))
                     .collect(),
                 ctrl_errors: AtomicU64::new(0),
+                exit: ExitEvents::new(),
             }),
         })
     }
@@ -229,7 +231,7 @@ impl NetBackend {
                 self.inner.attached[q].store(false, Ordering::Relaxed);
             }
             if let Err(e) = t.set_carrier(false) {
-                log::warn!("{e}");
+                vback_common::warn_limited!("{e}");
             }
         }
         self.inner.active_pairs.store(1, Ordering::Relaxed);
@@ -252,7 +254,7 @@ impl NetBackend {
         if let HostSide::Tap(t) = &self.inner.host
             && let Err(e) = t.set_queue_attached(pair, true)
         {
-            log::warn!("{e}");
+            vback_common::warn_limited!("{e}");
         }
     }
 
@@ -264,7 +266,7 @@ impl NetBackend {
             if let HostSide::Tap(t) = &self.inner.host
                 && let Err(e) = t.set_queue_attached(q, on)
             {
-                log::warn!("{e}");
+                vback_common::warn_limited!("{e}");
             }
         }
     }
@@ -283,7 +285,7 @@ impl NetBackend {
                     ctrl::ACK_OK
                 }
                 Ok(Command::QueuePairs(n)) => {
-                    log::warn!(
+                    vback_common::warn_limited!(
                         "the guest asked for {n} queue pairs; this interface has {}",
                         self.pairs()
                     );
@@ -295,7 +297,7 @@ impl NetBackend {
                         match t.set_offload(offload_flags(f & acked)) {
                             Ok(()) => ctrl::ACK_OK,
                             Err(e) => {
-                                log::warn!("{e}");
+                                vback_common::warn_limited!("{e}");
                                 ctrl::ACK_ERR
                             }
                         }
@@ -308,7 +310,7 @@ impl NetBackend {
                     self.inner.ctrl_errors.fetch_add(1, Ordering::Relaxed);
                     match e {
                         CtrlError::Malformed(why) => {
-                            log::warn!("a malformed control request: {why}")
+                            vback_common::warn_limited!("a malformed control request: {why}")
                         }
                         CtrlError::Unsupported(c, k) => {
                             log::debug!("control class {c} command {k} is not supported")
@@ -411,14 +413,14 @@ impl VhostUserBackend for NetBackend {
         }
         if let HostSide::Tap(t) = &self.inner.host {
             if let Err(e) = t.set_offload(offloads) {
-                log::warn!("{e}");
+                vback_common::warn_limited!("{e}");
             }
             if let Err(e) = t.set_carrier(true) {
-                log::warn!("{e}");
+                vback_common::warn_limited!("{e}");
             }
         }
         if !has(VIRTIO_F_VERSION_1) {
-            log::warn!(
+            vback_common::warn_limited!(
                 "the front end did not accept VIRTIO_F_VERSION_1; netback speaks only the 12-byte virtio-net header"
             );
         }
@@ -462,8 +464,8 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.inner.exit.get(thread_index)
     }
 
     fn handle_event(

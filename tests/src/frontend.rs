@@ -1,10 +1,16 @@
 //! Pieces for tests that play a vhost-user front end themselves (no VM): guest memory as a
-//! shared memfd mapping that a backend can map from the SET_MEM_TABLE it is sent.
+//! shared memfd mapping that a backend can map from the SET_MEM_TABLE it is sent, and
+//! [`BlkDriver`], a minimal vhost-user-blk driver with one queue.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
-use vhost::VhostUserMemoryRegionInfo;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
 
 /// `len` bytes of memfd memory mapped shared into this process.
 #[derive(Debug)]
@@ -92,5 +98,140 @@ impl Drop for SharedMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping the mapping created in `new`.
         unsafe { libc::munmap(self.addr.cast(), self.len as usize) };
+    }
+}
+
+/// [`BlkDriver`]'s guest memory size and layout.
+pub mod blk_layout {
+    /// Guest memory size.
+    pub const MEM: u64 = 1 << 20;
+    /// Queue size.
+    pub const QSIZE: u16 = 16;
+    /// Descriptor table.
+    pub const DESC: u64 = 0;
+    /// Avail ring.
+    pub const AVAIL: u64 = 0x1000;
+    /// Used ring.
+    pub const USED: u64 = 0x2000;
+    /// Request header.
+    pub const HDR: u64 = 0x3000;
+    /// Status byte.
+    pub const STATUS: u64 = 0x3100;
+    /// Data buffer.
+    pub const DATA: u64 = 0x10000;
+}
+
+/// Descriptor flag: the device writes this buffer.
+pub const DESC_WRITE: u16 = 2;
+
+/// A minimal vhost-user-blk front end: the vhost crate's front-end side, guest memory in a
+/// memfd, one split virtqueue, one request at a time.
+#[allow(missing_debug_implementations)]
+pub struct BlkDriver {
+    _fe: Frontend,
+    kick: EventFd,
+    _call: EventFd,
+    mem: SharedMemory,
+    next: u16,
+}
+
+impl BlkDriver {
+    /// Connects to `sock`, negotiates, and sets up queue 0.
+    pub fn connect(sock: &Path) -> BlkDriver {
+        use blk_layout::*;
+        let mut fe = Frontend::connect(sock, 1).expect("connect");
+        fe.set_owner().unwrap();
+        let f = fe.get_features().unwrap();
+        fe.set_features(f).unwrap();
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        let pf = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
+            .unwrap();
+        let mem = SharedMemory::new(MEM);
+        fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
+        let va = mem.addr() as u64;
+        fe.set_vring_num(0, QSIZE).unwrap();
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: va + DESC,
+                used_ring_addr: va + USED,
+                avail_ring_addr: va + AVAIL,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(0, 0).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        fe.set_vring_call(0, &call).unwrap();
+        fe.set_vring_kick(0, &kick).unwrap();
+        fe.set_vring_enable(0, true).unwrap();
+        BlkDriver {
+            _fe: fe,
+            kick,
+            _call: call,
+            mem,
+            next: 0,
+        }
+    }
+
+    /// The guest memory.
+    pub fn mem(&self) -> &SharedMemory {
+        &self.mem
+    }
+
+    /// One request (header, optional data out, status in); true if it completed with OK
+    /// within a second.
+    pub fn request(&mut self, kind: u32, sector: u64, data: Option<&[u8]>) -> bool {
+        use blk_layout::*;
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.put(HDR, &hdr);
+        self.mem.put(STATUS, &[0xff]);
+        let mut descs = vec![(HDR, 16u32, 0u16)];
+        if let Some(d) = data {
+            self.mem.put(DATA, d);
+            descs.push((DATA, d.len() as u32, 0));
+        }
+        descs.push((STATUS, 1, DESC_WRITE));
+        self.submit(&descs) && self.mem.get8(STATUS) == 0
+    }
+
+    /// Publishes one chain of `(guest address, length, flags)` descriptors at head 0 (NEXT
+    /// links are added), kicks, and waits up to a second for the device to return it; true
+    /// if it did.
+    pub fn submit(&mut self, descs: &[(u64, u32, u16)]) -> bool {
+        use blk_layout::*;
+        let n = descs.len();
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let more = if i + 1 < n { 1u16 } else { 0 };
+            d[12..14].copy_from_slice(&(flags | more).to_le_bytes());
+            d[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+            self.mem.put(DESC + 16 * i as u64, &d);
+        }
+        // Publish head 0 and bump the avail index.
+        let slot = u64::from(self.next % QSIZE);
+        self.mem.put(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes());
+        self.next = self.next.wrapping_add(1);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem.put(AVAIL + 2, &self.next.to_le_bytes());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let _ = self.kick.write(1);
+        let t0 = Instant::now();
+        while self.mem.load_u16(USED + 2) != self.next {
+            if t0.elapsed() > Duration::from_secs(1) {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
     }
 }

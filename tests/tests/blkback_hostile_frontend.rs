@@ -33,3 +33,33 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
     drop(conn);
     t.still_serving("a straddling ring with a garbage avail ring");
 }
+
+#[test]
+fn a_guest_cannot_flood_the_log() {
+    use vback_tests::frontend::BlkDriver;
+    use vback_tests::frontend::blk_layout::HDR;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let d = blkback(
+        &sock,
+        &["--disk", "null:64M", "--queue-size", "16"],
+        &dir.path().join("b.log"),
+    )
+    .unwrap();
+    let mut drv = BlkDriver::connect(&sock);
+    // A request with no status byte is returned unanswered, with a warning: 2000 of them
+    // used to write 2000 lines.
+    for i in 0..2000 {
+        assert!(drv.submit(&[(HDR, 16, 0)]), "request {i} returned");
+    }
+    let log = d.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("has no status byte"))
+        .count();
+    assert!(
+        (1..=vback_common::logging::BURST as usize).contains(&lines),
+        "{lines} warnings for 2000 bad requests:\n{}",
+        log.lines().take(40).collect::<Vec<_>>().join("\n")
+    );
+}

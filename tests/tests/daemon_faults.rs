@@ -1,0 +1,247 @@
+//! Faults of the process plumbing every daemon shares (vback_common::daemon, control, shim):
+//! reconnections must not leak descriptors, running out of descriptors must not end a daemon,
+//! and netback's relay must not depend on a path another user can prepare.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vback_common::control::ControlClient;
+use vback_tests::process::{Daemon, blkback, netback, vback_daemon};
+use vhost::VhostBackend;
+use vhost::vhost_user::Frontend;
+
+fn fd_count(d: &Daemon) -> usize {
+    let pid = d.pid().expect("the daemon runs");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Waits until the daemon has seen `n` connections and none is open.
+fn wait_disconnected(ctl: &mut ControlClient, n: u64, d: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ctl.call("status", Value::Null).unwrap();
+        if st["daemon"]["connections"] == n && st["daemon"]["frontend_connected"] == false {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connection {n} did not end: {st}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One short front-end session: enough for the daemon to build its workers.
+fn session(sock: &Path) {
+    let fe = Frontend::connect(sock, 8).expect("connect");
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+}
+
+fn assert_no_leak(name: &str, d: &Daemon, sock: &Path, ctl: &Path) {
+    let mut c = ControlClient::connect(ctl).unwrap();
+    for i in 1..=10 {
+        session(sock);
+        wait_disconnected(&mut c, i, d);
+    }
+    let before = fd_count(d);
+    for i in 11..=200 {
+        session(sock);
+        wait_disconnected(&mut c, i, d);
+    }
+    let after = fd_count(d);
+    assert_eq!(
+        after,
+        before,
+        "{name}: descriptors after 10 and after 200 connections (one leaked per connection?)\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn reconnects_leak_no_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+
+    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
+    let b = blkback(
+        &sock,
+        &[
+            "--disk",
+            "null:64M",
+            "--queues",
+            "2",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &p.join("b.log"),
+    )
+    .unwrap();
+    assert_no_leak("blkback", &b, &sock, &ctl);
+
+    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
+    let n = netback(
+        &sock,
+        &[
+            "--host",
+            "null",
+            "--vif",
+            "",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &p.join("n.log"),
+    )
+    .unwrap();
+    assert_no_leak("netback", &n, &sock, &ctl);
+
+    let (sock, ctl) = (p.join("c.sock"), p.join("c.ctl"));
+    let c = vback_daemon(
+        "cdrom",
+        &sock,
+        &["--empty", "--control", ctl.to_str().unwrap()],
+        &p.join("c.log"),
+    )
+    .unwrap();
+    assert_no_leak("cdrom", &c, &sock, &ctl);
+}
+
+/// Sets the process's soft limit of open files.
+fn set_nofile(pid: u32, soft: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: prlimit(2) with a null new limit only writes the current one into `old`.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0);
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: both pointers are to valid rlimit structs that live for the call.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn survives_fd_exhaustion(name: &str, mut d: Daemon, sock: &Path, ctl: &Path) {
+    let pid = d.pid().unwrap();
+    // A control connection opened while there is room stays usable throughout.
+    let mut c = ControlClient::connect(ctl).unwrap();
+    session(sock);
+    wait_disconnected(&mut c, 1, &d);
+    // No descriptor left: the next front end and control clients cannot be set up.
+    set_nofile(pid, fd_count(&d) as u64);
+    let waiting = UnixStream::connect(sock).unwrap();
+    let _ctl_waiting = UnixStream::connect(ctl).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        d.is_running(),
+        "{name} exited when it ran out of descriptors:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("cannot take a front end connection"),
+        "{name} says why it cannot serve:\n{}",
+        d.log()
+    );
+    // Resources come back: the front end that waited is served.
+    set_nofile(pid, 1024);
+    let fe = Frontend::from_stream(waiting, 8);
+    fe.set_owner().unwrap();
+    assert!(
+        fe.get_features().is_ok(),
+        "{name} serves the waiting front end:\n{}",
+        d.log()
+    );
+    drop(fe);
+    wait_disconnected(&mut c, 2, &d);
+    assert!(
+        ControlClient::connect(ctl)
+            .unwrap()
+            .call("status", Value::Null)
+            .is_ok()
+    );
+    assert!(d.is_running());
+}
+
+#[test]
+fn running_out_of_descriptors_does_not_end_a_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
+    let b = blkback(
+        &sock,
+        &["--disk", "null:64M", "--control", ctl.to_str().unwrap()],
+        &p.join("b.log"),
+    )
+    .unwrap();
+    survives_fd_exhaustion("blkback", b, &sock, &ctl);
+
+    // netback accepts through its relay (a different path through the serve loop).
+    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
+    let n = netback(
+        &sock,
+        &[
+            "--host",
+            "null",
+            "--vif",
+            "",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &p.join("n.log"),
+    )
+    .unwrap();
+    survives_fd_exhaustion("netback", n, &sock, &ctl);
+}
+
+#[test]
+fn the_relay_uses_no_predictable_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
+    let n = netback(
+        &sock,
+        &[
+            "--host",
+            "null",
+            "--vif",
+            "",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &p.join("n.log"),
+    )
+    .unwrap();
+    // What a local user could prepare at the relay's old path (temp dir + netback's pid): a
+    // file (every connection failed with "Not a directory") and a victim file named `s`
+    // behind a symlink (netback deleted it).
+    let pid = n.pid().unwrap();
+    let old = std::env::temp_dir().join(format!("vback-relay-{pid}"));
+    std::fs::write(&old, b"in the way").unwrap();
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    session(&sock);
+    wait_disconnected(&mut c, 1, &n);
+    assert_eq!(std::fs::read(&old).unwrap(), b"in the way", "left alone");
+    std::fs::remove_file(&old).unwrap();
+
+    let victim_dir = p.join("victim");
+    std::fs::create_dir(&victim_dir).unwrap();
+    std::fs::write(victim_dir.join("s"), b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim_dir, &old).unwrap();
+    session(&sock);
+    wait_disconnected(&mut c, 2, &n);
+    let _ = std::fs::remove_file(&old);
+    assert_eq!(
+        std::fs::read(victim_dir.join("s")).unwrap(),
+        b"precious",
+        "a file behind a symlink at the old path is not touched"
+    );
+}
