@@ -169,10 +169,6 @@ fn main() -> ExitCode {
     };
     match blkback::run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            eprintln!("blkback: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => vback_common::fatal("blkback", &e),
     }
 }

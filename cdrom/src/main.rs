@@ -73,10 +73,6 @@ fn main() -> ExitCode {
     };
     match cdrom::run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            eprintln!("cdrom: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => vback_common::fatal("cdrom", &e),
     }
 }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::socket::{BindError, bind_unix};
+use crate::socket::{BindError, SocketPerms, bind_unix_with};
 
 /// The longest request line a server reads (64 KiB); a longer one gets an error reply and the
 /// connection is closed.
@@ -260,17 +260,25 @@ impl ControlServer {
         daemon: Arc<dyn DaemonInfo>,
         handler: Arc<dyn ControlHandler>,
     ) -> Result<ControlServer, BindError> {
-        Self::start_with_limits(path, daemon, handler, ControlLimits::default())
+        Self::start_with(
+            path,
+            daemon,
+            handler,
+            SocketPerms::default(),
+            ControlLimits::default(),
+        )
     }
 
-    /// [`ControlServer::start`] with other limits than the defaults.
-    pub fn start_with_limits(
+    /// [`ControlServer::start`] with the socket's mode and group, and other limits than the
+    /// defaults.
+    pub fn start_with(
         path: &Path,
         daemon: Arc<dyn DaemonInfo>,
         handler: Arc<dyn ControlHandler>,
+        perms: SocketPerms,
         limits: ControlLimits,
     ) -> Result<ControlServer, BindError> {
-        let listener = bind_unix(path)?;
+        let listener = bind_unix_with(path, perms)?;
         Ok(Self::serve(
             listener,
             Some(path.to_owned()),
@@ -329,25 +337,10 @@ impl ControlServer {
 
 /// Whether the peer is the operator: root or the daemon's own user.
 fn peer_is_operator(conn: &UnixStream) -> bool {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a ucred that lives for the
-    // call; `len` is its size.
-    let r = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(conn),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
+    use std::os::fd::AsFd;
     // SAFETY: geteuid(2) cannot fail and touches no memory.
-    r == 0 && (cred.uid == 0 || cred.uid == unsafe { libc::geteuid() })
+    let me = unsafe { libc::geteuid() };
+    crate::socket::peer_of(conn.as_fd()).is_some_and(|p| p.uid == 0 || p.uid == me)
 }
 
 /// Serves `conn` on its own thread if there is room, else refuses it with a reply.
@@ -797,10 +790,11 @@ mod tests {
             idle: Duration::from_secs(60),
             request: Duration::from_secs(10),
         };
-        let _s = ControlServer::start_with_limits(
+        let _s = ControlServer::start_with(
             &path,
             Arc::new(Info),
             Arc::new(NoDeviceCommands),
+            SocketPerms::default(),
             limits,
         )
         .unwrap();
@@ -849,10 +843,11 @@ mod tests {
             idle: Duration::from_millis(300),
             request: Duration::from_millis(300),
         };
-        let _s = ControlServer::start_with_limits(
+        let _s = ControlServer::start_with(
             &path,
             Arc::new(Info),
             Arc::new(NoDeviceCommands),
+            SocketPerms::default(),
             limits,
         )
         .unwrap();

@@ -24,9 +24,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{ControlHandler, ControlServer, DaemonInfo};
+use crate::control::{ControlHandler, ControlLimits, ControlServer, DaemonInfo};
 use crate::notify;
-use crate::socket::{BindError, bind_unix};
+use crate::socket::{BindError, SocketPerms, bind_unix_with};
 
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +92,25 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH", help_heading = "Daemon")]
     pub control: Option<PathBuf>,
 
+    /// Permission bits of the vhost-user socket the daemon binds (octal). The default lets only
+    /// the daemon's user (and root) connect; use 0660 with --socket-group for a QEMU running
+    /// as another user. A socket inherited with --fd or from systemd keeps its own mode.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = crate::socket::parse_mode, help_heading = "Daemon")]
+    pub socket_mode: u32,
+
+    /// Give the vhost-user socket to this group (a name or a gid), e.g. the group QEMU runs as.
+    #[arg(long, value_name = "GROUP", value_parser = crate::socket::parse_group, help_heading = "Daemon")]
+    pub socket_group: Option<u32>,
+
+    /// Permission bits of the control socket (octal). Whoever can connect can resize disks
+    /// and change media: keep it 0600 unless a group of operators needs it.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = crate::socket::parse_mode, help_heading = "Daemon")]
+    pub control_mode: u32,
+
+    /// Give the control socket to this group (a name or a gid).
+    #[arg(long, value_name = "GROUP", value_parser = crate::socket::parse_group, help_heading = "Daemon")]
+    pub control_group: Option<u32>,
+
     /// Log verbosity (logs go to stderr; under systemd they land in the journal).
     #[arg(long, value_enum, default_value_t = LogLevel::Info, value_name = "LEVEL", help_heading = "Daemon")]
     pub log_level: LogLevel,
@@ -128,6 +147,17 @@ pub fn init_logging(level: LogLevel) {
         b.format_timestamp(None);
     }
     let _ = b.try_init();
+}
+
+/// Reports the error that ends a daemon, once: as a log line (under systemd, the journal's
+/// only copy), or on stderr when logging is off. Returns the failure exit status.
+pub fn fatal(name: &str, e: &dyn std::fmt::Display) -> std::process::ExitCode {
+    if log::log_enabled!(target: name, log::Level::Error) {
+        log::error!(target: name, "{e}");
+    } else {
+        eprintln!("{name}: {e}");
+    }
+    std::process::ExitCode::FAILURE
 }
 
 /// For a backend whose device is not built yet: says so on stderr, after its configuration was
@@ -221,6 +251,22 @@ fn systemd_listen_fds() -> Result<Option<(RawFd, Option<RawFd>)>, DaemonError> {
     let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
         .map(|n| n.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
+    for want in ["vhost-user", "control"] {
+        let n = names
+            .iter()
+            .take(count as usize)
+            .filter(|n| *n == want)
+            .count();
+        if n > 1 {
+            return Err(DaemonError::Activation(format!(
+                "LISTEN_FDNAMES={} names {n} sockets `{want}`, so which is which is ambiguous \
+                 (a .socket unit's FileDescriptorName= names every socket of that unit): give \
+                 each socket its own .socket unit with its own FileDescriptorName=, as \
+                 docs/daemon.md shows",
+                names.join(":")
+            )));
+        }
+    }
     let named = |want: &str| {
         names
             .iter()
@@ -466,8 +512,17 @@ impl Daemon {
         };
         let _control_server = match (&self.args.control, control_fd) {
             (Some(p), _) => Some(
-                ControlServer::start(p, state.clone(), self.control.clone())
-                    .map_err(DaemonError::Control)?,
+                ControlServer::start_with(
+                    p,
+                    state.clone(),
+                    self.control.clone(),
+                    SocketPerms {
+                        mode: self.args.control_mode,
+                        group: self.args.control_group,
+                    },
+                    ControlLimits::default(),
+                )
+                .map_err(DaemonError::Control)?,
             ),
             (None, Some(fd)) => Some(ControlServer::from_listener(
                 inherited_listener(fd)?,
@@ -477,7 +532,17 @@ impl Daemon {
             (None, None) => None,
         };
         let (listener, created_path) = match &source {
-            ListenSource::Path(p) => (bind_unix(p).map_err(DaemonError::Bind)?, Some(p.clone())),
+            ListenSource::Path(p) => (
+                bind_unix_with(
+                    p,
+                    SocketPerms {
+                        mode: self.args.socket_mode,
+                        group: self.args.socket_group,
+                    },
+                )
+                .map_err(DaemonError::Bind)?,
+                Some(p.clone()),
+            ),
             ListenSource::Fd(fd) => (inherited_listener(*fd)?, None),
             ListenSource::Activation { fd, .. } => (inherited_listener(*fd)?, None),
         };
@@ -545,7 +610,7 @@ impl Daemon {
             // Nothing a client does ends the daemon: a connection that cannot be set up (no
             // descriptors left, a failed accept) is logged and retried after a pause, and the
             // front end waiting in the backlog is served once resources are back.
-            let mut daemon = match self.accept_frontend(listener, &backend, on_connection) {
+            let (mut daemon, peer) = match self.accept_frontend(listener, &backend, on_connection) {
                 Ok(d) => d,
                 Err(e) => {
                     crate::warn_limited!(
@@ -561,7 +626,8 @@ impl Daemon {
             if self.stop.is_stopping() {
                 daemon.request_shutdown();
             }
-            log::info!("front end #{serial} connected");
+            let who = peer.map_or_else(|| "peer unknown".to_owned(), |p| p.to_string());
+            log::info!("front end #{serial} connected ({who})");
             notify::status(&format!("serving front end #{serial} on {listen_desc}"));
 
             match daemon.wait() {
@@ -598,7 +664,7 @@ impl Daemon {
         listener: &mut Listener,
         backend: &B,
         on_connection: &F,
-    ) -> Result<VhostUserDaemon<B>, String>
+    ) -> Result<(VhostUserDaemon<B>, Option<crate::socket::Peer>), String>
     where
         B: Servable,
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
@@ -611,12 +677,16 @@ impl Daemon {
         .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
         on_connection(&daemon.get_epoll_handlers())
             .map_err(|e| format!("cannot register the device's event sources: {e}"))?;
-        if self.early_enable_relay {
-            self.start_relayed(&mut daemon, listener, backend.num_queues())?;
+        let peer = if self.early_enable_relay {
+            self.start_relayed(&mut daemon, listener, backend.num_queues())?
         } else {
             daemon.start(listener).map_err(|e| e.to_string())?;
-        }
-        Ok(daemon)
+            // SAFETY: the listener's descriptor stays open for the whole borrow (`listener`
+            // is borrowed for this function and outlives the call).
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+            crate::socket::accepted_peer(fd)
+        };
+        Ok((daemon, peer))
     }
 
     /// Waits for `d` or until the daemon is asked to stop.
@@ -643,13 +713,17 @@ impl Daemon {
         daemon: &mut VhostUserDaemon<B>,
         listener: &mut Listener,
         num_queues: usize,
-    ) -> Result<(), String> {
+    ) -> Result<Option<crate::socket::Peer>, String> {
         let frontend = loop {
             match listener.accept() {
                 Ok(Some(s)) => break s,
                 Ok(None) => continue,
                 Err(e) => return Err(format!("accept: {e}")),
             }
+        };
+        let peer = {
+            use std::os::fd::AsFd;
+            crate::socket::peer_of(frontend.as_fd())
         };
         let (inner, ours) = private_socket_pair().map_err(|e| format!("relay socket: {e}"))?;
         daemon
@@ -659,7 +733,7 @@ impl Daemon {
             .name("vu-relay-in".into())
             .spawn(move || crate::shim::relay(frontend, ours, num_queues))
             .map_err(|e| format!("cannot start the relay thread: {e}"))?;
-        Ok(())
+        Ok(peer)
     }
 }
 
@@ -689,15 +763,25 @@ fn private_socket_pair() -> io::Result<(UnixListener, std::os::unix::net::UnixSt
     result
 }
 
-/// SIGTERM/SIGINT stop the daemon; a second one exits at once.
+/// SIGTERM/SIGINT stop the daemon; a second one exits at once. SIGHUP (a closed terminal, or
+/// an operator's habitual "reload") is logged and otherwise ignored: the configuration comes
+/// from the command line, and logs go to stderr, so there is nothing to reload or reopen.
 fn install_signal_handlers(stop: StopHandle) -> Result<(), DaemonError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Setup)?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(DaemonError::Setup)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    log::info!(
+                        "SIGHUP: ignored (the configuration comes from the command line and \
+                         logs go to stderr: nothing to reload or reopen; restart the daemon \
+                         to change its options)"
+                    );
+                    continue;
+                }
                 if stop.is_stopping() {
                     log::warn!("signal {sig} again while stopping: exiting now");
                     std::process::exit(1);
@@ -775,6 +859,10 @@ mod tests {
             fd: None,
             print_capabilities: false,
             control: control.map(Into::into),
+            socket_mode: 0o600,
+            socket_group: None,
+            control_mode: 0o600,
+            control_group: None,
             log_level: LogLevel::Info,
         }
     }

@@ -22,6 +22,6 @@ pub mod sync;
 pub mod testing;
 
 pub use daemon::{
-    CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, init_logging,
+    CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, fatal, init_logging,
     not_implemented,
 };

@@ -163,9 +163,6 @@ fn main() -> ExitCode {
     };
     match netback::run(config) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("netback: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => vback_common::fatal("netback", &e),
     }
 }

@@ -314,3 +314,25 @@ fn install_stages_binaries_and_hotplug_scripts() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_fatal_error_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("x.sock");
+    for (bin, args) in [
+        ("blkback", vec!["--disk", "tap:aio:/nonexistent/disk.img"]),
+        ("cdrom", vec!["--disk", "tap:cdrom:/nonexistent/disc.iso"]),
+    ] {
+        let mut all = vec!["--socket", sock.to_str().unwrap()];
+        all.extend(args);
+        let o = run(bin, &all);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert_eq!(
+            err.matches("/nonexistent/").count(),
+            1,
+            "{bin}: the error once, not twice:\n{err}"
+        );
+        assert!(err.contains(&format!("ERROR {bin}]")), "{bin}: {err}");
+    }
+}

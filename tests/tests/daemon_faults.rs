@@ -245,3 +245,159 @@ fn the_relay_uses_no_predictable_path() {
         "a file behind a symlink at the old path is not touched"
     );
 }
+
+fn blkback_cmd(args: &[&str]) -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(vback_tests::process::workspace_bin("blkback").unwrap());
+    cmd.args(args);
+    cmd
+}
+
+fn mode_and_group(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.mode() & 0o777, m.gid())
+}
+
+#[test]
+fn sockets_are_private_whatever_the_umask() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
+    let mut cmd = blkback_cmd(&[
+        "--disk",
+        "null:64M",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+    ]);
+    // SAFETY: umask(2) is async-signal-safe and touches no memory; it runs in the child
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut d = Daemon::spawn("blkback", cmd, &p.join("b.log")).unwrap();
+    d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        mode_and_group(&sock).0,
+        0o600,
+        "vhost-user socket at umask 000"
+    );
+    assert_eq!(mode_and_group(&ctl).0, 0o600, "control socket at umask 000");
+    drop(d);
+
+    // Opened to a group on purpose.
+    let (sock, ctl) = (p.join("g.sock"), p.join("g.ctl"));
+    let cmd = blkback_cmd(&[
+        "--disk",
+        "null:64M",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--control",
+        ctl.to_str().unwrap(),
+        "--socket-mode",
+        "0660",
+        "--socket-group",
+        "daemon",
+        "--control-mode",
+        "0640",
+        "--control-group",
+        "1",
+    ]);
+    let mut d = Daemon::spawn("blkback", cmd, &p.join("g.log")).unwrap();
+    d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let daemon_gid = vback_common::socket::parse_group("daemon").unwrap();
+    assert_eq!(mode_and_group(&sock), (0o660, daemon_gid));
+    assert_eq!(mode_and_group(&ctl), (0o640, 1));
+
+    // A mode that is not one is refused before anything is bound.
+    let out = blkback_cmd(&[
+        "--disk",
+        "null:64M",
+        "--socket",
+        "/nonexistent/x",
+        "--socket-mode",
+        "rw",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not an octal mode"), "{err}");
+}
+
+#[test]
+fn sighup_is_logged_and_survived() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("b.sock");
+    let mut d = blkback(&sock, &["--disk", "null:64M"], &dir.path().join("b.log")).unwrap();
+    let pid = libc::pid_t::try_from(d.pid().unwrap()).unwrap();
+    // SAFETY: kill(2) on our own child with a valid signal; no memory.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("SIGHUP") {
+        assert!(d.is_running(), "blkback died of SIGHUP:\n{}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "no SIGHUP log line:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.is_running());
+    session(&sock);
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn an_in_use_check_is_no_front_end_and_front_ends_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
+    let d = blkback(
+        &sock,
+        &["--disk", "null:64M", "--control", ctl.to_str().unwrap()],
+        &p.join("b.log"),
+    )
+    .unwrap();
+    // A second daemon on the same socket finds it in use, without connecting to it.
+    let out = blkback_cmd(&["--disk", "null:64M", "--socket", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = ControlClient::connect(&ctl).unwrap();
+    let st = c.call("status", Value::Null).unwrap();
+    assert_eq!(
+        st["daemon"]["connections"],
+        0,
+        "no phantom front end: {st}\n{}",
+        d.log()
+    );
+    assert!(!d.log().contains("front end #"), "{}", d.log());
+
+    // A real front end is logged with who it is.
+    session(&sock);
+    wait_disconnected(&mut c, 1, &d);
+    let me = format!("(pid {} uid ", std::process::id());
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains("front end #1 connected") && l.contains(&me)),
+        "{}",
+        d.log()
+    );
+}

@@ -83,3 +83,133 @@ fn socket_activation_and_readiness() {
         "an inherited socket file is left to its owner (systemd)"
     );
 }
+
+/// The unit files in docs/daemon.md: (file name, contents).
+fn documented_units() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(vback_tests::harness::repo_root().join("docs/daemon.md")).unwrap();
+    let mut units = Vec::new();
+    let mut rest = doc.as_str();
+    while let Some(start) = rest.find("```ini\n") {
+        let body = &rest[start + 7..];
+        let end = body.find("```").unwrap();
+        let block = &body[..end];
+        let name = block
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# /etc/systemd/system/"))
+            .expect("each unit block starts with its path")
+            .to_owned();
+        units.push((name, block.to_owned()));
+        rest = &body[end..];
+    }
+    units
+}
+
+fn key<'a>(unit: &'a str, k: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+        .collect()
+}
+
+#[test]
+fn the_documented_units_verify_and_name_the_sockets_right() {
+    let units = documented_units();
+    assert_eq!(units.len(), 3, "two socket units and a service");
+    let dir = tempfile::tempdir().unwrap();
+    let blkback = workspace_bin("blkback").unwrap();
+    let mut paths = Vec::new();
+    for (name, body) in &units {
+        let body = body.replace("/usr/local/bin/blkback", blkback.to_str().unwrap());
+        std::fs::write(dir.path().join(name), body).unwrap();
+        paths.push(dir.path().join(name.replace("@.", "@t.")));
+    }
+    let out = Command::new(which("systemd-analyze").expect("systemd-analyze (package systemd)"))
+        .arg("verify")
+        .args(&paths)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+
+    // The service's sockets, in its Sockets= order, with the names their units give them.
+    let service = &units
+        .iter()
+        .find(|(n, _)| n.ends_with(".service"))
+        .unwrap()
+        .1;
+    let mut listen = Vec::new();
+    let mut names = Vec::new();
+    for s in key(service, "Sockets")[0].split_whitespace() {
+        let file = s.replace("%i", "");
+        let unit = &units.iter().find(|(n, _)| *n == file).unwrap().1;
+        let l = key(unit, "ListenStream");
+        let n = key(unit, "FileDescriptorName");
+        assert_eq!(
+            (l.len(), n.len()),
+            (1, 1),
+            "one socket and one name per unit: {s}"
+        );
+        listen.push(l[0].replace("/run/vback/%i", &dir.path().join("t").to_string_lossy()));
+        names.push(n[0]);
+    }
+    assert_eq!(names, ["vhost-user", "control"]);
+    assert!(listen[0].ends_with("t.sock") && listen[1].ends_with("t.ctl"));
+
+    // Run blkback the way those units do.
+    let mut cmd = Command::new(which("systemd-socket-activate").unwrap());
+    for l in &listen {
+        cmd.arg("-l").arg(l);
+    }
+    cmd.arg(format!("--fdname={}", names.join(":")));
+    cmd.arg(&blkback).args(["--disk", "null:64M"]);
+    let mut d = Daemon::spawn("blkback (units)", cmd, &dir.path().join("log")).unwrap();
+    let sock = std::path::PathBuf::from(&listen[0]);
+    d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let fe = Frontend::connect(&sock, 1).expect("connect");
+    fe.set_owner().unwrap();
+    assert!(
+        fe.get_features().is_ok(),
+        "vhost-user on .sock: {}",
+        d.log()
+    );
+    let st = ControlClient::connect(&listen[1])
+        .unwrap()
+        .call("status", Value::Null)
+        .unwrap();
+    assert_eq!(
+        st["daemon"]["frontend_connected"], true,
+        "control on .ctl: {st}"
+    );
+}
+
+#[test]
+fn an_ambiguous_activation_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, ctl) = (dir.path().join("a.sock"), dir.path().join("a.ctl"));
+    // What one .socket unit with two FileDescriptorName= lines passes: both named control.
+    let mut cmd = Command::new(which("systemd-socket-activate").unwrap());
+    cmd.arg("-l")
+        .arg(&sock)
+        .arg("-l")
+        .arg(&ctl)
+        .arg("--fdname=control:control")
+        .arg(workspace_bin("blkback").unwrap())
+        .args(["--disk", "null:64M"]);
+    let mut d = Daemon::spawn("blkback (ambiguous)", cmd, &dir.path().join("log")).unwrap();
+    d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    let _c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("ambiguous") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("FileDescriptorName="), "{}", d.log());
+}
