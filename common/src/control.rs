@@ -174,6 +174,19 @@ pub fn dispatch(
             "`args` must be a JSON object",
         ));
     }
+    let builtin = matches!(req.cmd.as_str(), "help" | "status" | "stats");
+    let declared = if builtin {
+        Some(String::new())
+    } else {
+        handler
+            .commands()
+            .iter()
+            .find(|c| c.name == req.cmd)
+            .map(|c| c.args.to_owned())
+    };
+    if let (Some(declared), Some(given)) = (declared, req.args.as_object()) {
+        check_arguments(&req.cmd, &declared, given)?;
+    }
     match req.cmd.as_str() {
         "help" => {
             let mut cmds = vec![
@@ -204,6 +217,37 @@ pub fn dispatch(
             ))
         }),
     }
+}
+
+/// The argument names in a [`CommandInfo::args`] string (`path=PATH [force=true]` → path,
+/// force).
+fn argument_names(declared: &str) -> Vec<&str> {
+    declared
+        .split_whitespace()
+        .map(|t| t.trim_start_matches('[').trim_end_matches(']'))
+        .filter_map(|t| t.split('=').next())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Refuses an argument the command does not take, naming it and the ones it does.
+fn check_arguments(
+    cmd: &str,
+    declared: &str,
+    given: &serde_json::Map<String, Value>,
+) -> Result<(), ControlError> {
+    let names = argument_names(declared);
+    if let Some(bad) = given.keys().find(|k| !names.contains(&k.as_str())) {
+        let takes = if names.is_empty() {
+            "it takes no arguments".to_owned()
+        } else {
+            format!("it takes: {declared}")
+        };
+        return Err(ControlError::bad_argument(format!(
+            "{cmd} does not take an argument `{bad}`; {takes}"
+        )));
+    }
+    Ok(())
 }
 
 /// Handles one request line and returns the reply line (without the newline).
@@ -646,6 +690,21 @@ mod tests {
 
     fn reply(line: &str) -> Reply {
         serde_json::from_str(&handle_line(&Info, &Dev::default(), line)).unwrap()
+    }
+
+    #[test]
+    fn unknown_arguments_are_refused_by_name() {
+        let r = reply(r#"{"cmd":"resize","args":{"sise":"20G"}}"#);
+        let e = r.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::BadArgument);
+        assert!(e.message.contains("`sise`"), "{}", e.message);
+        assert!(e.message.contains("size=BYTES"), "{}", e.message);
+        let r = reply(r#"{"cmd":"resize","args":{"size":1,"bogus":1}}"#);
+        assert!(r.error.unwrap().message.contains("`bogus`"));
+        let r = reply(r#"{"cmd":"status","args":{"verbose":true}}"#);
+        assert!(r.error.unwrap().message.contains("takes no arguments"));
+        assert!(reply(r#"{"cmd":"resize","args":{"size":5}}"#).ok);
+        assert_eq!(argument_names("path=PATH [force=true]"), ["path", "force"]);
     }
 
     #[test]
