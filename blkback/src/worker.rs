@@ -171,6 +171,10 @@ pub struct Worker {
     vring: Option<Vring>,
     needs_signal: bool,
     poll: std::time::Duration,
+    /// Tests: run once in a pass, between its last pop and its re-enabling of notifications
+    /// (where a driver publishing at the same time lands in a real run).
+    #[cfg(test)]
+    between_pop_and_enable: Option<Box<dyn FnOnce() + Send>>,
 }
 
 // SAFETY: the raw pointers inside a Worker (the slots' iovecs) point into guest memory that the
@@ -226,6 +230,8 @@ impl Worker {
             vring: None,
             needs_signal: false,
             poll: std::time::Duration::ZERO,
+            #[cfg(test)]
+            between_pop_and_enable: None,
         }
     }
 
@@ -313,6 +319,9 @@ impl Worker {
             return;
         };
         self.starved = false;
+        // The last check after re-enabling notifications saw the avail index ahead of what had
+        // been popped.
+        let mut more = false;
         loop {
             if let Err(e) = vring.disable_notification() {
                 vback_common::warn_limited!(
@@ -325,18 +334,23 @@ impl Worker {
             if self.starved {
                 break;
             }
+            if popped == 0 && more {
+                // The driver only moves the avail index forward, and it was ahead of us when
+                // we last looked; yet nothing could be popped: the index is more than a queue
+                // ahead, or the ring entry is unreadable. Wait for the next kick rather than
+                // spin.
+                self.warn_inconsistent(vring, &mem);
+                break;
+            }
+            #[cfg(test)]
+            if let Some(driver) = self.between_pop_and_enable.take() {
+                driver();
+            }
+            // Chains published after the last pop (even when this pass popped none: its kick
+            // may have been for chains an earlier pass took) get no kick when the driver saw
+            // notifications off: serve them now.
             match vring.enable_notification() {
-                Ok(true) if popped > 0 => continue,
-                Ok(true) => {
-                    // The avail index says there is more, but nothing could be popped: the
-                    // driver published an index beyond the ring or an unreadable entry. Wait
-                    // for the next kick rather than spin.
-                    vback_common::warn_limited!(
-                        "queue {}: the avail ring is inconsistent; waiting for the next kick",
-                        self.queue
-                    );
-                    break;
-                }
+                Ok(true) => more = true,
                 Ok(false) => break,
                 Err(e) => {
                     vback_common::warn_limited!(
@@ -350,6 +364,22 @@ impl Worker {
         self.submit();
         self.reap(vring);
         self.signal(vring);
+    }
+
+    #[cold]
+    fn warn_inconsistent(&self, vring: &Vring, mem: &Mem) {
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        let idx = q.avail_idx(mem, Ordering::Acquire).map(|i| i.0);
+        vback_common::warn_limited!(
+            "queue {}: the driver's avail ring is broken (avail index {}, device at {}, queue \
+             size {}): nothing can be taken from it; the queue waits for the next kick (a \
+             driver bug: resetting the device recovers)",
+            self.queue,
+            idx.map_or_else(|e| format!("unreadable: {e}"), |i| i.to_string()),
+            q.next_avail(),
+            q.size(),
+        );
     }
 
     fn avail_pending(&self, vring: &Vring, mem: &Mem) -> bool {
@@ -1612,6 +1642,48 @@ mod tests {
             all[4096..12288] == got[..],
             "qemu-img reads what the guest wrote"
         );
+    }
+
+    /// A kick whose chains an earlier pass already took (the normal case under load: the
+    /// driver kicks while the worker is still popping) starts a pass that finds the ring empty;
+    /// the driver publishes a chain right then, after the worker's last look at the avail index
+    /// and before it turns notifications back on. Returns whether the driver kicked for that
+    /// chain (it reads the device's suppression the way Linux's virtqueue_kick_prepare does) and
+    /// how many chains were used once the pass is over. The worker does not poll
+    /// (`--poll-us 0`).
+    fn publish_during_an_empty_pass(event_idx: bool) -> (bool, u16) {
+        let mut r = rig(Some("null:1M"), false);
+        r.q.vring.set_queue_event_idx(event_idx);
+        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(r.submit(&[(0x1000, 16, 0), (STATUS, 1, W)]).0, 0);
+
+        r.q.stage(&[(0x1000, 16, 0), (STATUS, 1, W)]);
+        let publish = r.q.publisher(event_idx);
+        let kicked = Arc::new(AtomicBool::new(false));
+        let k = kicked.clone();
+        r.worker.between_pop_and_enable =
+            Some(Box::new(move || k.store(publish(), Ordering::SeqCst)));
+        r.worker.process_queue(&r.q.vring);
+        assert!(r.worker.between_pop_and_enable.is_none(), "the driver ran");
+        (kicked.load(Ordering::SeqCst), r.used_idx())
+    }
+
+    #[test]
+    fn a_chain_published_as_notifications_come_back_on_is_not_lost() {
+        // Without EVENT_IDX the driver saw VRING_USED_F_NO_NOTIFY and sends no kick: the pass
+        // that saw the chain arrive must serve it, or it waits forever.
+        let (kicked, used) = publish_during_an_empty_pass(false);
+        assert!(!kicked, "the driver saw notifications off");
+        assert_eq!(used, 2, "the chain published during the pass was served");
+    }
+
+    #[test]
+    fn with_event_idx_the_same_race_also_serves_the_chain_in_the_pass() {
+        // With EVENT_IDX the driver does kick (avail_event still names the index it
+        // published at), so nothing would be lost; the chain is still served right away.
+        let (kicked, used) = publish_during_an_empty_pass(true);
+        assert!(kicked, "avail_event asked for a kick");
+        assert_eq!(used, 2, "the chain published during the pass was served");
     }
 
     #[test]

@@ -6,20 +6,22 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 use vback_common::control::{CommandInfo, ControlError, ControlHandler, ErrorKind};
 
+use crate::media::MediaDirs;
 use crate::mmc::Cdrom;
-use crate::open_medium;
 
 /// The control handler.
 #[derive(Debug)]
 pub struct CdControl {
     cd: Arc<Mutex<Cdrom>>,
     shared: bool,
+    media: MediaDirs,
 }
 
 impl CdControl {
-    /// Control over `cd`; new media are locked shared when `shared`.
-    pub fn new(cd: Arc<Mutex<Cdrom>>, shared: bool) -> CdControl {
-        CdControl { cd, shared }
+    /// Control over `cd`; new media come from `media` only, and are locked shared when
+    /// `shared`.
+    pub fn new(cd: Arc<Mutex<Cdrom>>, shared: bool, media: MediaDirs) -> CdControl {
+        CdControl { cd, shared, media }
     }
 
     fn cd(&self) -> std::sync::MutexGuard<'_, Cdrom> {
@@ -38,6 +40,7 @@ impl ControlHandler for CdControl {
             "locked_by_guest": locked,
             "medium": path.map(|p| p.display().to_string()),
             "shared": self.shared,
+            "media_dirs": self.media.dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
             "media_event_pending": cd.event_pending(),
         })
     }
@@ -62,7 +65,7 @@ impl ControlHandler for CdControl {
             CommandInfo {
                 name: "media-insert",
                 args: "path=PATH",
-                help: "Put a disc (ISO image or host drive) in; the guest sees a media change.",
+                help: "Put a disc (ISO image or host drive under a --media-dir) in; the guest sees a media change.",
             },
             CommandInfo {
                 name: "media-eject",
@@ -80,11 +83,19 @@ impl ControlHandler for CdControl {
                         "media-insert needs path=PATH (an ISO image or a CD drive)",
                     )
                 })?;
-                let m = open_medium(&PathBuf::from(path), self.shared)
-                    .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
+                let m = self
+                    .media
+                    .open(&PathBuf::from(path), self.shared)
+                    .map_err(|e| {
+                        log::warn!("media-insert: {e}");
+                        ControlError::new(ErrorKind::Failed, e.to_string())
+                    })?;
+                let medium = m.path.display().to_string();
                 let old = self.cd().insert(m);
-                log::info!("medium {path} inserted");
-                Ok(json!({ "medium": path, "replaced": old.map(|m| m.path.display().to_string()) }))
+                log::info!("medium {medium} inserted (asked for {path})");
+                Ok(
+                    json!({ "medium": medium, "replaced": old.map(|m| m.path.display().to_string()) }),
+                )
             })()),
             "media-eject" => Some((|| {
                 let force = match args.get("force") {

@@ -3,26 +3,27 @@
 //! - [`mmc`]: the SCSI/MMC logical unit (transport-free): commands, tray, lock, media events;
 //! - [`virtio_scsi`]: the virtio-scsi request formats;
 //! - [`vhost`]: the only module that knows vhost-user;
-//! - [`control`]: `media-insert`, `media-eject`, `status` on the control socket.
+//! - [`control`]: `media-insert`, `media-eject`, `status` on the control socket;
+//! - [`media`]: opening media, and the media directories `media-insert` is confined to.
 
 pub mod control;
+pub mod media;
 pub mod mmc;
 pub mod vhost;
 pub mod virtio_scsi;
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vback_common::lock::{LockError, LockMode, lock_image_patiently};
+use vback_common::lock::LockError;
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
 use crate::control::CdControl;
-use crate::mmc::{Cdrom, Medium};
+use crate::mmc::Cdrom;
 use crate::vhost::CdBackend;
+
+pub use crate::media::{MediaDirs, open_medium};
 
 /// What `--print-capabilities` reports.
 pub const INFO: DeviceInfo = DeviceInfo {
@@ -38,6 +39,9 @@ pub struct Config {
     pub medium: Option<PathBuf>,
     /// Share media with other cdrom daemons that also pass --shared.
     pub shared: bool,
+    /// `--media-dir`: where `media-insert` may take media from (empty: the directory of
+    /// `medium`, or nowhere without one).
+    pub media_dirs: Vec<PathBuf>,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -56,46 +60,59 @@ pub enum MediumError {
         source: std::io::Error,
     },
     /// Not a file or block device.
-    #[error("{0} is neither an image file nor a block device")]
-    WrongKind(PathBuf),
+    #[error("{path} is {kind}, not an image file or a block device")]
+    WrongKind {
+        /// The path.
+        path: PathBuf,
+        /// What it is ("a FIFO", "a character device", ...).
+        kind: &'static str,
+    },
+    /// A file of /proc, /sys and the like.
+    #[error("{path} is a file of the kernel's {fs} file system, not an image file or a drive")]
+    PseudoFile {
+        /// The path.
+        path: PathBuf,
+        /// The file system.
+        fs: &'static str,
+    },
+    /// `media-insert` of a path that resolves outside the media directories.
+    #[error(
+        "refused {path}: it resolves to {resolved}, outside the media directories ({dirs}); media-insert only takes images and drives under the directories given with cdrom's --media-dir DIR option"
+    )]
+    OutsideMediaDirs {
+        /// The path asked for.
+        path: PathBuf,
+        /// Where it leads.
+        resolved: PathBuf,
+        /// The media directories.
+        dirs: MediaDirs,
+    },
+    /// `media-insert` with no media directory at all.
+    #[error(
+        "no media directory: cdrom started with neither a medium nor --media-dir, so media-insert takes nothing; start cdrom with --media-dir DIR to take media from DIR"
+    )]
+    NoMediaDirs,
+    /// The last component became a symlink between resolving and opening.
+    #[error(
+        "{0} changed while it was being opened (a symlink or a rename on its way); it was not taken"
+    )]
+    Changed(PathBuf),
+    /// A `--media-dir` that cannot be resolved.
+    #[error("--media-dir {dir}: {source}")]
+    MediaDir {
+        /// The directory as given.
+        dir: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A `--media-dir` that is not a directory.
+    #[error("--media-dir {0} is not a directory")]
+    MediaDirNotDir(PathBuf),
     /// Another daemon or QEMU has it.
     #[error(
         "{0} (each CD image or drive serves one guest at a time; start both daemons with --shared to share read-only media)"
     )]
     Locked(LockError),
-}
-
-/// Opens an ISO image or a host CD drive read-only and locks it: exclusively, or shared with
-/// other `--shared` users.
-pub fn open_medium(path: &Path, shared: bool) -> Result<Medium, MediumError> {
-    let io = |op, source| MediumError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(|e| io("open", e))?;
-    let meta = file.metadata().map_err(|e| io("inspect", e))?;
-    let size = if meta.file_type().is_block_device() {
-        let mut v: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 into `v`, which lives for the call.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut v) };
-        if r < 0 {
-            return Err(io("read the size of", std::io::Error::last_os_error()));
-        }
-        v
-    } else if meta.is_file() {
-        meta.len()
-    } else {
-        return Err(MediumError::WrongKind(path.to_owned()));
-    };
-    let mode = if shared {
-        LockMode::Shared
-    } else {
-        LockMode::Exclusive
-    };
-    lock_image_patiently(&file, path, mode, std::time::Duration::from_secs(3))
-        .map_err(MediumError::Locked)?;
-    Medium::new(path.to_owned(), file, size).map_err(|e| io("set up the I/O engine for", e))
 }
 
 /// Why the cdrom daemon could not run.
@@ -111,6 +128,7 @@ pub enum Error {
 
 /// Serves the drive until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<(), Error> {
+    let media_dirs = MediaDirs::new(&config.media_dirs, config.medium.as_deref())?;
     let medium = config
         .medium
         .as_deref()
@@ -121,8 +139,13 @@ pub fn run(config: Config) -> Result<(), Error> {
         Some(m) => log::info!("medium {} ({} bytes)", m.path.display(), m.size),
         None => log::info!("empty drive"),
     }
+    if media_dirs.dirs().is_empty() {
+        log::info!("media-insert is off (no --media-dir)");
+    } else {
+        log::info!("media-insert takes media from {media_dirs}");
+    }
     let cd = Arc::new(Mutex::new(Cdrom::new(medium, &serial)));
-    let control = Arc::new(CdControl::new(cd.clone(), config.shared));
+    let control = Arc::new(CdControl::new(cd.clone(), config.shared, media_dirs));
     let daemon = Daemon::new(INFO, config.common.clone(), control)?;
     daemon.run(CdBackend::new(cd))?;
     Ok(())

@@ -30,6 +30,14 @@ struct Args {
     #[arg(long)]
     shared: bool,
 
+    /// Let media-insert take images and drives from DIR (repeatable). A path is taken only if,
+    /// symlinks resolved, it lies under one of these directories and is a regular file or a
+    /// block device (not a FIFO, a character device, or a file of /proc or /sys). Default: the
+    /// directory of the --disk medium; with --empty and no --media-dir, media-insert is
+    /// refused.
+    #[arg(long = "media-dir", value_name = "DIR")]
+    media_dirs: Vec<PathBuf>,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -37,13 +45,16 @@ struct Args {
 const AFTER_HELP: &str = "\
 Control commands (--control PATH, or `vbctl`):
   status                      tray, guest lock, medium
-  media-insert path=PATH      put a disc in (the guest sees a media change)
+  media-insert path=PATH      put a disc in (the guest sees a media change); PATH must lie
+                              under a --media-dir (by default the --disk medium's directory)
   media-eject [force=true]    take it out; refused while the guest locks the tray unless forced
 
 Example:
   cdrom --socket /run/vback/alice-cd.sock --control /run/vback/alice-cd.ctl \\
         --disk tap:cdrom:/var/lib/isos/install.iso
-  vbctl call /run/vback/alice-cd.ctl media-insert path=/var/lib/isos/disc2.iso";
+  vbctl call /run/vback/alice-cd.ctl media-insert path=/var/lib/isos/disc2.iso
+  cdrom --socket /run/vback/bob-cd.sock --control /run/vback/bob-cd.ctl \\
+        --empty --media-dir /var/lib/isos --media-dir /srv/bob/isos";
 
 fn parse_cd(s: &str) -> Result<PathBuf, String> {
     let uname = if s.contains(',') {
@@ -69,6 +80,7 @@ fn main() -> ExitCode {
     let config = cdrom::Config {
         medium: args.disk,
         shared: args.shared,
+        media_dirs: args.media_dirs,
         common: args.common,
     };
     match cdrom::run(config) {

@@ -535,7 +535,7 @@ impl Cdrom {
             }
         };
         result.unwrap_or_else(|e| {
-            log::warn!(
+            vback_common::warn_limited!(
                 "{}: read of {count} blocks at {lba} failed: {e}",
                 m.path.display()
             );

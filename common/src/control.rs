@@ -122,7 +122,8 @@ impl Reply {
 pub struct CommandInfo {
     /// Command name.
     pub name: &'static str,
-    /// Arguments, e.g. `size=SIZE`.
+    /// Arguments, e.g. `size=SIZE [force=true]`: the names before `=` are the only ones the
+    /// command accepts (any other is refused before it runs), unless the text contains `...`.
     pub args: &'static str,
     /// One sentence.
     pub help: &'static str,
@@ -236,6 +237,10 @@ fn check_arguments(
     declared: &str,
     given: &serde_json::Map<String, Value>,
 ) -> Result<(), ControlError> {
+    if declared.contains("...") {
+        // Free-form (`KEY=VALUE...`): the command checks its own arguments.
+        return Ok(());
+    }
     let names = argument_names(declared);
     if let Some(bad) = given.keys().find(|k| !names.contains(&k.as_str())) {
         let takes = if names.is_empty() {

@@ -65,6 +65,20 @@ impl MockQueue {
     /// Writes a chain of `(address, length, flags)` into the descriptor table and publishes its
     /// head, as a driver does. Returns the head index.
     pub fn publish(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
+        let head = self.stage(descs);
+        let m = self.m();
+        let avail = self.rings.1;
+        let avail_idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap_or(0);
+        m.write_obj(avail_idx.wrapping_add(1), GuestAddress(avail + 2))
+            .expect("avail ring");
+        head
+    }
+
+    /// Writes a chain into the descriptor table and its head into the avail ring entry after
+    /// the avail index, without moving the index: the chain is not available until the test
+    /// stores the index plus one at [`MockQueue::avail_addr`]` + 2` (a driver's last step).
+    /// Returns the head index.
+    pub fn stage(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
         let m = self.m();
         let n = descs.len() as u16;
         let (table, avail, _) = self.rings;
@@ -80,10 +94,41 @@ impl MockQueue {
         let avail_idx: u16 = m.read_obj(GuestAddress(avail + 2)).unwrap_or(0);
         let slot = avail + 4 + 2 * u64::from(avail_idx % self.size);
         m.write_obj(head, GuestAddress(slot)).expect("avail ring");
-        m.write_obj(avail_idx.wrapping_add(1), GuestAddress(avail + 2))
-            .expect("avail ring");
         self.next_desc = (self.next_desc + n) % self.size;
         head
+    }
+
+    /// A driver's last steps for a chain [`MockQueue::stage`]d before, to run wherever the test
+    /// needs the driver to act (inside the backend, between two of its steps): the avail index
+    /// plus one (release), a full barrier, then the device's notification suppression read the
+    /// way Linux's `virtqueue_kick_prepare` reads it (`avail_event` with `event_idx`, else
+    /// `VRING_USED_F_NO_NOTIFY`). The closure returns whether the driver kicks.
+    pub fn publisher(&self, event_idx: bool) -> impl FnOnce() -> bool + Send + 'static {
+        use std::sync::atomic::{Ordering, fence};
+        let m = self.m();
+        let (_, avail, used) = self.rings;
+        let avail_event = used + 4 + 8 * u64::from(self.size);
+        move || {
+            let old = u16::from_le(m.read_obj(GuestAddress(avail + 2)).expect("avail ring"));
+            let new = old.wrapping_add(1);
+            m.store(new.to_le(), GuestAddress(avail + 2), Ordering::Release)
+                .expect("avail ring");
+            fence(Ordering::SeqCst);
+            if event_idx {
+                let event = u16::from_le(
+                    m.load(GuestAddress(avail_event), Ordering::Relaxed)
+                        .expect("used ring"),
+                );
+                // vring_need_event(event, new, old)
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            } else {
+                let flags = u16::from_le(
+                    m.load::<u16>(GuestAddress(used), Ordering::Relaxed)
+                        .expect("used ring"),
+                );
+                flags & 1 == 0
+            }
+        }
     }
 
     /// Guest address of the avail ring (tests that write hostile rings by hand).

@@ -1,6 +1,7 @@
 //! cdrom end to end: a real guest reads an ISO through vhost-user-scsi, the host cannot eject
 //! a disc the guest has locked (mounted) unless it forces, media change reaches the guest, and
-//! the guest's own eject opens the tray.
+//! the guest's own eject opens the tray; and `media-insert` takes only images and drives under
+//! the media directories (no guest needed for that one).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -263,5 +264,159 @@ check guest-eject 'o=$(cat /tmp/ours); echo VBACK-HOST:insert-b; i=0; while [ "$
         Some(0),
         "{}",
         daemon.log()
+    );
+}
+
+fn refused(ctl: &Path, path: &Path) -> String {
+    match call(
+        ctl,
+        "media-insert",
+        json!({"path": path.display().to_string()}),
+    ) {
+        Err(ClientError::Command(e)) => {
+            assert_eq!(e.kind, ErrorKind::Failed, "{}", e.message);
+            e.message
+        }
+        other => panic!(
+            "media-insert {} should be refused: {other:?}",
+            path.display()
+        ),
+    }
+}
+
+fn medium(ctl: &Path) -> Value {
+    call(ctl, "status", Value::Null).unwrap()["device"]["medium"].clone()
+}
+
+#[test]
+fn media_insert_takes_only_images_and_drives_under_the_media_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let isos = d.join("isos");
+    std::fs::create_dir(&isos).unwrap();
+    let a = iso(&isos, "DISC_A", &[("readme.txt", b"this is disc A\n")]);
+    let b = iso(&isos, "DISC_B", &[("readme.txt", b"this is disc B\n")]);
+    let outside = iso(d, "DISC_C", &[("readme.txt", b"this is disc C\n")]);
+    let shadow_link = isos.join("shadow.iso");
+    std::os::unix::fs::symlink("/etc/shadow", &shadow_link).unwrap();
+    let outside_link = isos.join("outside.iso");
+    std::os::unix::fs::symlink(&outside, &outside_link).unwrap();
+    let inside_link = isos.join("current.iso");
+    std::os::unix::fs::symlink(&b, &inside_link).unwrap();
+    let fifo = isos.join("fifo.iso");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    let a_path = json!(a.display().to_string());
+
+    // Started with a medium and no --media-dir: media come from that medium's directory.
+    let (sock, ctl) = (d.join("cd.sock"), d.join("cd.ctl"));
+    let mut daemon = cdrom(
+        d,
+        &sock,
+        &ctl,
+        &["--disk", &format!("tap:cdrom:{}", a.display())],
+    )
+    .unwrap();
+    let shown = isos.display().to_string();
+    for path in [
+        Path::new("/etc/shadow"),
+        &shadow_link,
+        &outside_link,
+        Path::new("/proc/self/mem"),
+    ] {
+        let msg = refused(&ctl, path);
+        assert!(
+            msg.contains(&path.display().to_string())
+                && msg.contains("outside the media directories")
+                && msg.contains(&shown)
+                && msg.contains("--media-dir DIR"),
+            "{msg}"
+        );
+        assert_eq!(medium(&ctl), a_path, "disc A is still in the drive");
+    }
+    let msg = refused(&ctl, &fifo);
+    assert!(
+        msg.contains(&fifo.display().to_string()) && msg.contains("FIFO"),
+        "{msg}"
+    );
+    let msg = refused(&ctl, Path::new("/dev/null"));
+    assert!(msg.contains("outside the media directories"), "{msg}");
+    assert_eq!(medium(&ctl), a_path);
+
+    // An ISO in the media directory, directly and through a link that stays inside.
+    call(
+        &ctl,
+        "media-insert",
+        json!({"path": b.display().to_string()}),
+    )
+    .unwrap();
+    assert_eq!(medium(&ctl), json!(b.display().to_string()));
+    call(&ctl, "media-eject", Value::Null).unwrap();
+    call(
+        &ctl,
+        "media-insert",
+        json!({"path": inside_link.display().to_string()}),
+    )
+    .unwrap();
+    assert_eq!(
+        medium(&ctl),
+        json!(b.display().to_string()),
+        "the link's target is what the drive holds"
+    );
+    assert_eq!(
+        daemon
+            .terminate(Duration::from_secs(5))
+            .and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
+
+    // An empty drive without --media-dir takes no media at all, and says what to do.
+    let (esock, ectl) = (d.join("e.sock"), d.join("e.ctl"));
+    let _empty = cdrom(d, &esock, &ectl, &["--empty"]).unwrap();
+    let msg = refused(&ectl, &b);
+    assert!(msg.contains("start cdrom with --media-dir DIR"), "{msg}");
+
+    // --media-dir, repeatable: media come from those directories only.
+    let other = d.join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (msock, mctl) = (d.join("m.sock"), d.join("m.ctl"));
+    let _m = cdrom(
+        d,
+        &msock,
+        &mctl,
+        &[
+            "--empty",
+            "--media-dir",
+            other.to_str().unwrap(),
+            "--media-dir",
+            isos.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    call(
+        &mctl,
+        "media-insert",
+        json!({"path": a.display().to_string()}),
+    )
+    .unwrap();
+    let msg = refused(&mctl, &outside);
+    assert!(
+        msg.contains(&other.display().to_string()) && msg.contains(&shown),
+        "{msg}"
+    );
+
+    // A --media-dir that is not a directory stops cdrom at start, naming the option.
+    let bad = cdrom(
+        d,
+        &d.join("bad.sock"),
+        &d.join("bad.ctl"),
+        &["--empty", "--media-dir", a.to_str().unwrap()],
+    )
+    .unwrap_err();
+    assert!(
+        bad.contains("--media-dir") && bad.contains("not a directory"),
+        "{bad}"
     );
 }

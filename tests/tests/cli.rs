@@ -54,7 +54,14 @@ fn every_binary_has_a_complete_help() {
         ),
         (
             "cdrom",
-            &["--disk", "--empty", "--shared", "--socket", "tap:cdrom:"][..],
+            &[
+                "--disk",
+                "--empty",
+                "--shared",
+                "--media-dir",
+                "--socket",
+                "tap:cdrom:",
+            ][..],
         ),
         ("usbback", &["--usb-version", "--ports", "--socket"][..]),
         ("bridge", &["--port", "--uplink"][..]),

@@ -259,6 +259,12 @@ fn mode_and_group(p: &Path) -> (u32, u32) {
     (m.mode() & 0o777, m.gid())
 }
 
+fn umask_zero() -> std::io::Result<()> {
+    // SAFETY: umask(2) only sets the process's file mode mask; no memory is involved.
+    unsafe { libc::umask(0) };
+    Ok(())
+}
+
 #[test]
 fn sockets_are_private_whatever_the_umask() {
     use std::os::unix::process::CommandExt;
@@ -273,13 +279,10 @@ fn sockets_are_private_whatever_the_umask() {
         "--control",
         ctl.to_str().unwrap(),
     ]);
-    // SAFETY: umask(2) is async-signal-safe and touches no memory; it runs in the child
-    // between fork and exec.
+    // SAFETY: the closure runs in the child between fork and exec and only calls umask(2),
+    // which is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::umask(0);
-            Ok(())
-        });
+        cmd.pre_exec(umask_zero);
     }
     let mut d = Daemon::spawn("blkback", cmd, &p.join("b.log")).unwrap();
     d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
