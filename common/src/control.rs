@@ -563,6 +563,28 @@ pub enum ClientError {
         /// What came back.
         reply: String,
     },
+    /// No reply in time.
+    #[error(
+        "no reply from {path} within {secs} s: is it a daemon's control socket (--control)? A \
+         vhost-user socket (--socket) that a front end is using keeps other clients waiting \
+         without a word (raise the wait with --timeout if the daemon is just slow)"
+    )]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The wait, in seconds.
+        secs: u64,
+    },
+    /// The peer closed the connection without a reply: not a control socket.
+    #[error(
+        "{path} closed the connection without a reply: this looks like a vhost-user socket (a \
+         daemon's --socket), not a control socket; give the path the daemon was started with \
+         --control"
+    )]
+    NotControl {
+        /// The socket path.
+        path: PathBuf,
+    },
     /// The daemon answered with an error.
     #[error("{0}")]
     Command(ControlError),
@@ -574,11 +596,20 @@ pub struct ControlClient {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    timeout: Duration,
 }
 
 impl ControlClient {
     /// Connects, with a 30 s timeout on each reply.
     pub fn connect(path: impl AsRef<Path>) -> Result<ControlClient, ClientError> {
+        Self::connect_timeout(path, Duration::from_secs(30))
+    }
+
+    /// Connects, waiting at most `timeout` for each reply (and for each write).
+    pub fn connect_timeout(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<ControlClient, ClientError> {
         let path = path.as_ref().to_owned();
         let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
             path: path.clone(),
@@ -588,14 +619,14 @@ impl ControlClient {
             path: path.clone(),
             source,
         };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io_err)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
         let writer = stream.try_clone().map_err(io_err)?;
         Ok(ControlClient {
             path,
             reader: BufReader::new(stream),
             writer,
+            timeout,
         })
     }
 
@@ -623,28 +654,29 @@ impl ControlClient {
 
     /// Sends one raw line and returns the raw reply line (for tests of malformed input).
     pub fn raw(&mut self, line: &str) -> Result<String, ClientError> {
-        let io_err = |source| ClientError::Io {
-            path: self.path.clone(),
-            source,
+        let io_err = |source: io::Error| match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+                path: self.path.clone(),
+                secs: self.timeout.as_secs().max(1),
+            },
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ClientError::NotControl {
+                path: self.path.clone(),
+            },
+            _ => ClientError::Io {
+                path: self.path.clone(),
+                source,
+            },
         };
         self.writer
             .write_all(format!("{line}\n").as_bytes())
             .map_err(io_err)?;
         let mut reply = String::new();
-        let n = self
-            .reader
-            .read_line(&mut reply)
-            .map_err(|source| ClientError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        let n = self.reader.read_line(&mut reply).map_err(io_err)?;
         if n == 0 {
-            return Err(ClientError::Io {
+            // A control socket always answers a line with a line; only a peer that does not
+            // speak the protocol hangs up instead.
+            return Err(ClientError::NotControl {
                 path: self.path.clone(),
-                source: io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the daemon closed the connection",
-                ),
             });
         }
         Ok(reply.trim_end().to_owned())

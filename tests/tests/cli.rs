@@ -343,3 +343,71 @@ fn a_fatal_error_is_printed_once() {
         assert!(err.contains(&format!("ERROR {bin}]")), "{bin}: {err}");
     }
 }
+
+#[test]
+fn vbctl_and_vmm_min_do_not_hang_on_the_wrong_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    // A socket that accepts and never answers.
+    let silent = dir.path().join("silent.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let _held = std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for c in l.incoming() {
+            keep.push(c);
+        }
+    });
+    let o = run(
+        "vbctl",
+        &["--timeout", "1", "status", silent.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no reply from"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--control"), "{}", stderr(&o));
+
+    // A vhost-user socket given where a control socket belongs.
+    let sock = dir.path().join("b.sock");
+    let ctl = dir.path().join("b.ctl");
+    let _b = vback_tests::process::blkback(
+        &sock,
+        &["--disk", "null:64M", "--control", ctl.to_str().unwrap()],
+        &dir.path().join("b.log"),
+    )
+    .unwrap();
+    let o = run("vbctl", &["status", sock.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("looks like a vhost-user socket"),
+        "{}",
+        stderr(&o)
+    );
+    // ... and while a front end uses it: vbctl waits in the backlog, then says why.
+    let fe = vhost::vhost_user::Frontend::connect(&sock, 1).unwrap();
+    vhost::VhostBackend::set_owner(&fe).unwrap();
+    vhost::VhostBackend::get_features(&fe).unwrap();
+    let o = run(
+        "vbctl",
+        &["--timeout", "1", "status", sock.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("vhost-user socket"), "{}", stderr(&o));
+    drop(fe);
+
+    // vmm-min given the control socket as a disk.
+    let o = run(
+        "vmm-min",
+        &[
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--mem",
+            "16M",
+            "--blk",
+            ctl.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("did not answer the vhost-user handshake"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
@@ -17,6 +18,11 @@ use vback_common::spec::{DiskEntry, DiskUname, Rate, VifSpec};
 #[derive(Debug, Parser)]
 #[command(version, after_help = AFTER_HELP)]
 struct Cli {
+    /// Wait at most this many seconds for a daemon's reply (a busy or wrong socket fails with a
+    /// message instead of hanging).
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 5.0)]
+    timeout: f64,
+
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -98,7 +104,12 @@ const XM_VERBS: &[&str] = &[
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.cmd) {
+    if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
+        eprintln!("vbctl: --timeout must be a positive number of seconds");
+        return ExitCode::from(2);
+    }
+    let timeout = std::time::Duration::from_secs_f64(cli.timeout);
+    match run(cli.cmd, timeout) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
             eprintln!("vbctl: {msg}");
@@ -111,20 +122,20 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn call(control: &PathBuf, cmd: &str, args: Value) -> Result<Value, String> {
-    let mut c = ControlClient::connect(control).map_err(|e| e.to_string())?;
+fn call(control: &PathBuf, cmd: &str, args: Value, timeout: Duration) -> Result<Value, String> {
+    let mut c = ControlClient::connect_timeout(control, timeout).map_err(|e| e.to_string())?;
     c.call(cmd, args).map_err(|e| match e {
         ClientError::Command(e) => format!("{cmd}: {e}"),
         other => other.to_string(),
     })
 }
 
-fn run(cmd: Cmd) -> Result<(), String> {
+fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
     match cmd {
-        Cmd::Status { control } => print_json(&call(&control, "status", Value::Null)?),
-        Cmd::Stats { control } => print_json(&call(&control, "stats", Value::Null)?),
+        Cmd::Status { control } => print_json(&call(&control, "status", Value::Null, timeout)?),
+        Cmd::Stats { control } => print_json(&call(&control, "stats", Value::Null, timeout)?),
         Cmd::Commands { control } => {
-            let v = call(&control, "help", Value::Null)?;
+            let v = call(&control, "help", Value::Null, timeout)?;
             for c in v["commands"].as_array().into_iter().flatten() {
                 let (name, args, help) = (
                     c["name"].as_str().unwrap_or_default(),
@@ -147,7 +158,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
                 map.insert(k.to_owned(), value);
             }
-            print_json(&call(&control, &command, Value::Object(map))?);
+            print_json(&call(&control, &command, Value::Object(map), timeout)?);
         }
         Cmd::CheckDisk { spec } => {
             // Two or more commas (or SXP) make a full entry, UNAME,VDEV,MODE; otherwise a uname

@@ -34,6 +34,18 @@ pub enum VhostError {
         /// The protocol error.
         source: vhost::Error,
     },
+    /// The socket did not answer the handshake in time.
+    #[error(
+        "{socket} did not answer the vhost-user handshake within {secs} s: is it a backend's \
+         vhost-user socket (its --socket), not its control socket (--control)? A backend that \
+         serves another front end also keeps new ones waiting"
+    )]
+    Handshake {
+        /// The backend socket.
+        socket: PathBuf,
+        /// The wait, in seconds.
+        secs: u64,
+    },
     /// The backend reports more queues than vmm-min handles.
     #[error("the backend on {socket} reports {queues} queues; vmm-min handles 1 to {MAX_QUEUES}")]
     QueueCount {
@@ -110,6 +122,40 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// How long the handshake's replies may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks for the features once by hand and waits at most [`HANDSHAKE_TIMEOUT`] for a reply
+/// that is a vhost-user reply (the vhost crate's front end would wait forever, and retries a
+/// read timeout in a loop): a control socket or a backend busy with another front end is named
+/// instead of hanging. GET_FEATURES has no side effects; the real handshake follows.
+fn probe(stream: &std::os::unix::net::UnixStream) -> Result<(), ()> {
+    use std::io::{Read, Write};
+    const GET_FEATURES: u32 = 1;
+    const VERSION: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    let mut req = [0u8; 12];
+    req[..4].copy_from_slice(&GET_FEATURES.to_le_bytes());
+    req[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    let mut s = stream;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|_| ())?;
+    s.write_all(&req).map_err(|_| ())?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|_| ())?;
+    let mut reply = [0u8; 20];
+    let r = s.read_exact(&mut reply);
+    let _ = s.set_read_timeout(None);
+    let _ = s.set_write_timeout(None);
+    r.map_err(|_| ())?;
+    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+    if word(0) == GET_FEATURES && word(4) & REPLY != 0 && word(8) == 8 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 impl Connection {
@@ -120,7 +166,16 @@ impl Connection {
             let socket = socket.to_owned();
             move |source| VhostError::Request { op, socket, source }
         };
-        let mut frontend = Frontend::connect(socket, MAX_QUEUES as u64).map_err(err("connect"))?;
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+            err("connect")(vhost::Error::VhostUserProtocol(
+                vhost::vhost_user::Error::SocketConnect(e),
+            ))
+        })?;
+        probe(&stream).map_err(|()| VhostError::Handshake {
+            socket: socket.to_owned(),
+            secs: HANDSHAKE_TIMEOUT.as_secs(),
+        })?;
+        let mut frontend = Frontend::from_stream(stream, MAX_QUEUES as u64);
         frontend.set_owner().map_err(err("SET_OWNER"))?;
         let all = frontend.get_features().map_err(err("GET_FEATURES"))?;
         let mut protocol = VhostUserProtocolFeatures::empty();
@@ -148,6 +203,7 @@ impl Connection {
                 queues,
             });
         }
+
         Ok(Connection {
             frontend,
             socket: socket.to_owned(),
