@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use vback_common::engine::EngineChoice;
-use vback_common::spec::{DiskMode, DiskUname};
+use vback_common::spec::{DiskArg, DiskMode};
 use vback_common::{CommonArgs, init_logging};
 
 /// Serve a disk image or host block device to a guest over vhost-user-blk.
@@ -18,16 +18,18 @@ struct Args {
     /// What backs the disk, in Xen's uname syntax: phy:/dev/DEVICE (a host block device),
     /// file:/PATH or tap:aio:/PATH (a raw image), tap:qcow:/PATH (also tap:qcow2:, qcow2:; a
     /// qcow2 v2/v3 image, with its backing chain), or null:SIZE (no storage: requests complete
-    /// without I/O, for measuring the backend). The format always comes from the prefix; a bare
-    /// path is refused. (tap:vmdk:, iscsi:, nbd: are parsed but not served yet.)
-    #[arg(long, value_name = "UNAME", value_parser = DiskUname::parse, required_unless_present = "print_capabilities")]
-    disk: Option<DiskUname>,
+    /// without I/O, for measuring the backend); or a whole Xen disk entry UNAME,VDEV,MODE (such
+    /// as tap:aio:/img,xvda,r), whose mode is used. The format always comes from the prefix; a
+    /// bare path is refused. (tap:vmdk:, iscsi:, nbd: are parsed but not served yet.)
+    #[arg(long, value_name = "UNAME", value_parser = DiskArg::parse, required_unless_present = "print_capabilities")]
+    disk: Option<DiskArg>,
 
     /// Access mode: r (read-only: the guest sees a read-only disk, other readers may share the
     /// image), w (writable, exclusive: a second writer, blkback or QEMU, is refused), or w!
-    /// (writable without locking: only if you know the image is not used elsewhere).
-    #[arg(long, default_value = "w", value_parser = parse_mode)]
-    mode: DiskMode,
+    /// (writable without locking: only if you know the image is not used elsewhere). Default: the
+    /// mode of a --disk entry, else w.
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<DiskMode>,
 
     /// Number of request queues (QEMU: num-queues=N must not exceed it). One worker thread and
     /// one io_uring per queue.
@@ -141,9 +143,16 @@ fn main() -> ExitCode {
         eprintln!("blkback: --disk is required");
         return ExitCode::from(2);
     };
+    let mode = match disk.mode_with(args.mode, DiskMode::ReadWrite) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("blkback: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = blkback::Config {
-        disk,
-        mode: args.mode,
+        disk: disk.uname,
+        mode,
         queues: args.queues,
         queue_size: args.queue_size,
         serial: args.serial,

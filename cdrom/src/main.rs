@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vback_common::spec::{DiskEntry, DiskUname};
+use vback_common::spec::{DiskArg, DiskMode, DiskUname};
 use vback_common::{CommonArgs, init_logging};
 
 /// Serve a CD-ROM drive (an ISO image or a host drive) to a guest over vhost-user-scsi, with
@@ -57,12 +57,14 @@ Example:
         --empty --media-dir /var/lib/isos --media-dir /srv/bob/isos";
 
 fn parse_cd(s: &str) -> Result<PathBuf, String> {
-    let uname = if s.contains(',') {
-        DiskEntry::parse(s).map_err(|e| e.to_string())?.uname
-    } else {
-        DiskUname::parse(s).map_err(|e| e.to_string())?
-    };
-    match uname {
+    let arg = DiskArg::parse(s).map_err(|e| e.to_string())?;
+    if arg.mode.is_some_and(DiskMode::writable) {
+        return Err(format!(
+            "`{s}` asks for a writable CD-ROM; a CD is read-only: give mode r (for example \
+             tap:cdrom:/path/disc.iso,xvdc:cdrom,r)"
+        ));
+    }
+    match arg.uname {
         DiskUname::Cdrom(p) => Ok(p),
         other => Err(format!(
             "`{other}` is not a CD: use tap:cdrom:/path/to.iso or tap:cdrom:/dev/sr0"

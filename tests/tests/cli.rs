@@ -411,3 +411,62 @@ fn vbctl_and_vmm_min_do_not_hang_on_the_wrong_socket() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a_full_xen_disk_entry_is_accepted_with_its_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let (sock, ctl) = (dir.path().join("b.sock"), dir.path().join("b.ctl"));
+    let entry = format!("tap:aio:{},xvda,r", img.display());
+    let _b = vback_tests::process::blkback(
+        &sock,
+        &["--disk", &entry, "--control", ctl.to_str().unwrap()],
+        &dir.path().join("b.log"),
+    )
+    .unwrap();
+    let st = vback_common::control::ControlClient::connect(&ctl)
+        .unwrap()
+        .call("status", Value::Null)
+        .unwrap();
+    assert_eq!(st["device"]["read_only"], true, "{st}");
+    assert_eq!(st["device"]["size"], 1 << 20, "{st}");
+
+    let o = run(
+        "blkback",
+        &[
+            "--socket",
+            "/nonexistent/s",
+            "--disk",
+            &entry,
+            "--mode",
+            "w",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("give the mode once"), "{}", stderr(&o));
+
+    let o = run(
+        "cdrom",
+        &[
+            "--socket",
+            "/nonexistent/s",
+            "--disk",
+            "tap:cdrom:/x.iso,xvdc,w",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("a CD is read-only"), "{}", stderr(&o));
+
+    for (spec, says) in [
+        ("nbd:localhost:10809", "served: not yet"),
+        ("tap:vmdk:/x.vmdk", "served: not yet"),
+        ("iscsi:iqn.2001-04.com.example:d,1", "served: not yet"),
+        ("tap:qcow:/x.qcow2,xvdb,w", "served: by blkback"),
+        ("tap:cdrom:/x.iso,xvdc:cdrom,r", "served: by cdrom"),
+    ] {
+        let o = run("vbctl", &["check-disk", spec]);
+        assert!(o.status.success(), "{spec}: {}", stderr(&o));
+        assert!(stdout(&o).contains(says), "{spec}: {}", stdout(&o));
+    }
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use vback_common::control::{ClientError, ControlClient};
-use vback_common::spec::{DiskEntry, DiskUname, Rate, VifSpec};
+use vback_common::spec::{DiskArg, DiskUname, Rate, VifSpec};
 
 /// Manage vback backends: query and command them over their control sockets, and check Xen
 /// configuration strings before you use them.
@@ -161,38 +161,32 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
             print_json(&call(&control, &command, Value::Object(map), timeout)?);
         }
         Cmd::CheckDisk { spec } => {
-            // Two or more commas (or SXP) make a full entry, UNAME,VDEV,MODE; otherwise a uname
-            // (which may itself hold one comma: iscsi:IQN,LUN).
-            let entry = DiskEntry::parse(&spec);
-            let looks_like_entry =
-                spec.matches(',').count() >= 2 || spec.trim_start().starts_with('(');
-            match entry {
-                Ok(e) => {
-                    println!("uname:  {}", e.uname);
-                    describe_uname(&e.uname);
-                    println!(
-                        "vdev:   {}{}",
-                        e.vdev.name,
-                        if e.vdev.cdrom { " (CD-ROM)" } else { "" }
-                    );
-                    println!(
-                        "mode:   {} ({})",
-                        e.mode,
-                        if e.mode.writable() {
-                            "writable"
-                        } else {
-                            "read-only"
-                        }
-                    );
-                }
-                Err(e) if looks_like_entry => {
-                    return Err(e.to_string());
-                }
-                Err(_) => {
-                    let u = DiskUname::parse(&spec).map_err(|e| e.to_string())?;
-                    println!("uname:  {u}");
-                    describe_uname(&u);
-                }
+            let arg = DiskArg::parse(&spec).map_err(|e| e.to_string())?;
+            println!("uname:  {}", arg.uname);
+            describe_uname(&arg.uname);
+            if let Some(v) = &arg.vdev {
+                println!(
+                    "vdev:   {}{}",
+                    v.name,
+                    if v.cdrom { " (CD-ROM)" } else { "" }
+                );
+            }
+            if let Some(m) = arg.mode {
+                println!(
+                    "mode:   {m} ({})",
+                    if m.writable() {
+                        "writable"
+                    } else {
+                        "read-only"
+                    }
+                );
+            }
+            match arg.uname.served_by() {
+                Some(daemon) => println!("served: by {daemon}"),
+                None => println!(
+                    "served: not yet: this kind of disk parses, but no vback daemon serves it \
+                     yet (planned)"
+                ),
             }
         }
         Cmd::CheckVif { spec } => {

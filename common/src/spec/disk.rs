@@ -552,6 +552,77 @@ impl DiskEntry {
     }
 }
 
+/// What a daemon's `--disk` takes: a uname, or a full Xen entry `UNAME,VDEV,MODE` (or SXP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    /// What backs the disk.
+    pub uname: DiskUname,
+    /// The entry's virtual device, if a full entry was given.
+    pub vdev: Option<Vdev>,
+    /// The entry's mode, if a full entry was given.
+    pub mode: Option<DiskMode>,
+}
+
+impl DiskArg {
+    /// Parses a uname or a full entry: two or more commas (or SXP) make an entry, anything else
+    /// a uname (which may hold one comma itself: `iscsi:IQN,LUN`).
+    pub fn parse(input: &str) -> Result<DiskArg, SpecError> {
+        let entry = input.matches(',').count() >= 2 || input.trim_start().starts_with('(');
+        if entry {
+            let e = DiskEntry::parse(input)?;
+            return Ok(DiskArg {
+                uname: e.uname,
+                vdev: Some(e.vdev),
+                mode: Some(e.mode),
+            });
+        }
+        Ok(DiskArg {
+            uname: DiskUname::parse(input)?,
+            vdev: None,
+            mode: None,
+        })
+    }
+
+    /// The mode to use: the entry's, or `option` (a daemon's `--mode`), or `default`. An entry
+    /// and an option that disagree are an error naming both.
+    pub fn mode_with(
+        &self,
+        option: Option<DiskMode>,
+        default: DiskMode,
+    ) -> Result<DiskMode, String> {
+        match (self.mode, option) {
+            (Some(e), Some(o)) if e != o => Err(format!(
+                "the disk entry says mode {e} and --mode says {o}: give the mode once"
+            )),
+            (Some(m), _) | (None, Some(m)) => Ok(m),
+            (None, None) => Ok(default),
+        }
+    }
+}
+
+impl DiskUname {
+    /// The vback daemon that serves this kind of disk, or `None` when the kind is parsed but
+    /// not served by any daemon yet.
+    pub fn served_by(&self) -> Option<&'static str> {
+        match self {
+            DiskUname::Phy(_)
+            | DiskUname::Null { .. }
+            | DiskUname::Image {
+                format: ImageFormat::Raw | ImageFormat::Qcow2,
+                ..
+            } => Some("blkback"),
+            DiskUname::Cdrom(_) => Some("cdrom"),
+            DiskUname::Image {
+                format: ImageFormat::Vmdk,
+                ..
+            }
+            | DiskUname::Iscsi { .. }
+            | DiskUname::Nbd(_)
+            | DiskUname::Npiv { .. } => None,
+        }
+    }
+}
+
 impl fmt::Display for DiskEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{},{},{}", self.uname, self.vdev, self.mode)
@@ -830,5 +901,42 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_disk_argument_is_a_uname_or_a_full_entry() {
+        let a = DiskArg::parse("tap:aio:/img,xvda,r").unwrap();
+        assert_eq!(
+            a.uname,
+            DiskUname::Image {
+                format: ImageFormat::Raw,
+                path: "/img".into()
+            }
+        );
+        assert_eq!(a.mode, Some(DiskMode::ReadOnly));
+        assert_eq!(a.vdev.unwrap().name, "xvda");
+        let u = DiskArg::parse("tap:aio:/img").unwrap();
+        assert_eq!((u.mode, u.vdev), (None, None));
+        let i = DiskArg::parse("iscsi:iqn.2001-04.com.example:disk,1").unwrap();
+        assert!(matches!(i.uname, DiskUname::Iscsi { lun: 1, .. }));
+        assert_eq!(
+            a.mode_with(None, DiskMode::ReadWrite),
+            Ok(DiskMode::ReadOnly)
+        );
+        assert!(
+            a.mode_with(Some(DiskMode::ReadWrite), DiskMode::ReadWrite)
+                .unwrap_err()
+                .contains("give the mode once")
+        );
+        assert_eq!(
+            u.mode_with(None, DiskMode::ReadWrite),
+            Ok(DiskMode::ReadWrite)
+        );
+        assert!(DiskArg::parse("tap:aio:/img,xvda,q").is_err());
+        assert_eq!(DiskUname::parse("nbd:h:1").unwrap().served_by(), None);
+        assert_eq!(
+            DiskUname::parse("tap:qcow:/x").unwrap().served_by(),
+            Some("blkback")
+        );
     }
 }

@@ -15,7 +15,7 @@ pub mod rate;
 pub mod size;
 pub mod vif;
 
-pub use disk::{DiskEntry, DiskMode, DiskUname, ImageFormat, Vdev};
+pub use disk::{DiskArg, DiskEntry, DiskMode, DiskUname, ImageFormat, Vdev};
 pub use rate::Rate;
 pub use size::parse_size;
 pub use vif::{MacAddr, VifSpec};
