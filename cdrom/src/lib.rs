@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vback_common::lock::{LockError, LockMode, lock_image_patiently};
+use vback_common::lock::{ImageLock, LockError, LockMode};
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
 use crate::control::CdControl;
@@ -93,9 +93,12 @@ pub fn open_medium(path: &Path, shared: bool) -> Result<Medium, MediumError> {
     } else {
         LockMode::Exclusive
     };
-    lock_image_patiently(&file, path, mode, std::time::Duration::from_secs(3))
+    // Not on `file`, which the engine registers with io_uring (see ImageLock).
+    let lock = ImageLock::acquire(&file, path, mode, std::time::Duration::from_secs(3))
         .map_err(MediumError::Locked)?;
-    Medium::new(path.to_owned(), file, size).map_err(|e| io("set up the I/O engine for", e))
+    Ok(Medium::new(path.to_owned(), file, size)
+        .map_err(|e| io("set up the I/O engine for", e))?
+        .with_lock(lock))
 }
 
 /// Why the cdrom daemon could not run.

@@ -29,7 +29,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use vback_common::lock::{LockMode, lock_image_patiently};
+use vback_common::lock::{ImageLock, LockMode};
 
 pub use create::create;
 pub use header::{Compression, Header, HeaderError};
@@ -169,6 +169,8 @@ struct Layer {
     size: u64,
     /// None for a raw backing file.
     meta: Option<Meta>,
+    /// A backing file's shared lock (the top image's is its opener's).
+    _lock: Option<ImageLock>,
 }
 
 /// Summary for `status` and tests.
@@ -283,7 +285,7 @@ impl Image {
     /// Opens the qcow2 image at `path` through `file` (read-write if `opts.writable`), and its
     /// backing chain as the policy allows.
     pub fn open(path: &Path, file: File, opts: &OpenOptions) -> Result<Image> {
-        let top = Self::open_layer(path, file, true)?;
+        let top = Self::open_layer(path, file, true, None)?;
         let Some(meta) = top.meta.as_ref() else {
             unreachable!("open_layer(qcow2 = true) returns qcow2 metadata")
         };
@@ -378,16 +380,14 @@ impl Image {
             let f = File::open(&canon).map_err(|e| {
                 refuse(format!("cannot open backing file {}: {e}", canon.display()))
             })?;
-            if opts.lock_backing {
-                lock_image_patiently(
-                    &f,
-                    &canon,
-                    LockMode::Shared,
-                    std::time::Duration::from_secs(3),
-                )
+            let mode = if opts.lock_backing {
+                LockMode::Shared
+            } else {
+                LockMode::None
+            };
+            let lock = ImageLock::acquire(&f, &canon, mode, std::time::Duration::from_secs(3))
                 .map_err(|e| refuse(e.to_string()))?;
-            }
-            let layer = Self::open_layer(&canon, f, fmt)?;
+            let layer = Self::open_layer(&canon, f, fmt, Some(lock))?;
             seen.push(canon);
             chain_h = match &layer.meta {
                 Some(m) => m.h.clone(),
@@ -462,7 +462,7 @@ impl Image {
         Ok(img)
     }
 
-    fn open_layer(path: &Path, file: File, qcow2: bool) -> Result<Layer> {
+    fn open_layer(path: &Path, file: File, qcow2: bool, lock: Option<ImageLock>) -> Result<Layer> {
         let io = |op, offset, source| Qcow2Error::Io {
             path: path.to_owned(),
             op,
@@ -479,6 +479,7 @@ impl Image {
                 file,
                 size: len,
                 meta: None,
+                _lock: lock,
             });
         }
         let mut first = vec![0u8; len.min(4096) as usize];
@@ -512,6 +513,7 @@ impl Image {
                 cache: L2Cache::new(0, cs),
                 h,
             }),
+            _lock: lock,
         })
     }
 
