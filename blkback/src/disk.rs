@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use vback_common::engine::EngineFiles;
-use vback_common::lock::{LockError, LockMode, lock_image_patiently};
+use vback_common::lock::{ImageLock, LockError, LockMode};
 use vback_common::spec::{DiskUname, ImageFormat};
 
 use crate::qcow2::{self, Image, Qcow2Error};
@@ -118,6 +118,9 @@ pub struct Disk {
     /// The qcow2 metadata, for [`DiskKind::Qcow2`] (the engine files are the image's).
     pub qcow2: Option<Mutex<Image>>,
     capacity: AtomicU64,
+    /// QEMU's locks on the image, on a descriptor of their own (the engine's are registered
+    /// with io_uring, which would keep them past a crash); None for the null device.
+    _lock: Option<ImageLock>,
 }
 
 // Block-device ioctls (linux/fs.h).
@@ -183,6 +186,7 @@ impl Disk {
                     discard: true,
                     qcow2: None,
                     capacity: AtomicU64::new(*size),
+                    _lock: None,
                 });
             }
             DiskUname::Image {
@@ -260,8 +264,9 @@ impl Disk {
             }
             Err(e) => return Err(io("open", e)),
         };
-        // A previous daemon on this image that just died may still hold its lock for a moment.
-        lock_image_patiently(&main, &path, opts.lock, std::time::Duration::from_secs(3))?;
+        // Not on `main`, which the engine registers with io_uring (see ImageLock). A previous
+        // daemon of an older version that just died may still hold its lock for a moment.
+        let lock = ImageLock::acquire(&main, &path, opts.lock, std::time::Duration::from_secs(3))?;
         let buffered = if opts.direct {
             Some(Arc::new(
                 open_file(&path, opts.read_only, false).map_err(|e| io("open", e))?,
@@ -329,6 +334,7 @@ impl Disk {
             discard,
             qcow2: image.map(Mutex::new),
             capacity: AtomicU64::new(size - size % SECTOR),
+            _lock: Some(lock),
         })
     }
 

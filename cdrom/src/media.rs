@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vback_common::lock::{LockMode, lock_image_patiently};
+use vback_common::lock::{ImageLock, LockMode};
 
 use crate::MediumError;
 use crate::mmc::Medium;
@@ -343,9 +343,12 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
     } else {
         LockMode::Exclusive
     };
-    lock_image_patiently(&file, &path, mode, std::time::Duration::from_secs(3))
+    // Not on `file`, which the engine registers with io_uring (see ImageLock).
+    let lock = ImageLock::acquire(&file, &path, mode, std::time::Duration::from_secs(3))
         .map_err(MediumError::Locked)?;
-    Medium::new(path.clone(), file, size).map_err(|e| io("set up the I/O engine for", e))
+    Ok(Medium::new(path.clone(), file, size)
+        .map_err(|e| io("set up the I/O engine for", e))?
+        .with_lock(lock))
 }
 
 #[cfg(test)]

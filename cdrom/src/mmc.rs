@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vback_common::engine::{Engine, EngineChoice, EngineFiles, Op, Submit, open_engine};
+use vback_common::lock::ImageLock;
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -81,6 +82,8 @@ pub struct Medium {
     /// Size in bytes.
     pub size: u64,
     engine: Box<dyn Engine>,
+    /// QEMU's locks on the image, on a descriptor of their own (see [`Medium::with_lock`]).
+    lock: Option<ImageLock>,
 }
 
 impl std::fmt::Debug for Medium {
@@ -111,7 +114,16 @@ impl Medium {
             file,
             size,
             engine,
+            lock: None,
         })
+    }
+
+    /// The medium, holding `lock` for as long as it is in the drive. The lock must be on a
+    /// descriptor of its own ([`ImageLock`]): `file` is registered with the engine's io_uring,
+    /// whose files the kernel releases only some time after a crashed process is gone.
+    pub fn with_lock(mut self, lock: ImageLock) -> Medium {
+        self.lock = Some(lock);
+        self
     }
 
     fn blocks(&self) -> u64 {

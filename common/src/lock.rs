@@ -12,8 +12,13 @@
 //! - read-only: holds read; refuses to share write and resize, so nobody writes under a
 //!   read-only guest, while other readers are welcome.
 //!
-//! Locks belong to the open file description: they go when the last descriptor of that open
-//! closes, so a crashed daemon never leaves a stale lock behind.
+//! Locks belong to the open file description: they go when the last reference to that open
+//! goes. A descriptor registered with an io_uring is such a reference, and the kernel drops a
+//! dead process's rings (and their registered files) asynchronously, tens of milliseconds after
+//! the process has been reaped; a lock taken on the descriptor the I/O engine uses would outlive
+//! a crashed daemon and refuse QEMU or `qemu-img` started right after it. [`ImageLock`] therefore
+//! holds the locks on an open of its own that serves no I/O: it closes with the process, so a
+//! crashed daemon never leaves a lock behind.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -58,6 +63,18 @@ pub enum LockError {
         holder: String,
         /// What conflicts, as a phrase.
         conflict: String,
+    },
+    /// The image could not be opened again for its lock.
+    #[error(
+        "cannot open {path} again (through {via}) to hold its lock: {source}; vback needs /proc mounted"
+    )]
+    Reopen {
+        /// The image.
+        path: PathBuf,
+        /// The path opened.
+        via: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
     },
     /// The lock system call failed for another reason.
     #[error("cannot lock {path}: {source}")]
@@ -176,6 +193,48 @@ pub fn lock_image_patiently(
     }
 }
 
+/// QEMU's locks on an image (see [`lock_image`]), held on a read-only open of the image made
+/// for them alone: never used for I/O, never registered with an io_uring, so they go as soon as
+/// the value is dropped or the process exits, even by SIGKILL. Keep it as long as the image is
+/// in use.
+#[derive(Debug)]
+pub struct ImageLock {
+    /// None for [`LockMode::None`]: nothing to hold.
+    file: Option<File>,
+}
+
+impl ImageLock {
+    /// Locks the image open as `image` (from `path`, named in errors) for `mode`, retrying for
+    /// up to `patience` while the conflicting lock has no visible holder (see
+    /// [`lock_image_patiently`]). The lock's descriptor is a new open of the same file, made
+    /// through `/proc/self/fd` (so it is the file `image` is, whatever `path` names now).
+    pub fn acquire(
+        image: &File,
+        path: &Path,
+        mode: LockMode,
+        patience: std::time::Duration,
+    ) -> Result<ImageLock, LockError> {
+        if mode == LockMode::None {
+            return Ok(ImageLock { file: None });
+        }
+        let via = PathBuf::from(format!("/proc/self/fd/{}", image.as_raw_fd()));
+        // Read-only: a read lock (all QEMU takes) needs no more. Close-on-exec (std's default):
+        // a child must not inherit the lock.
+        let file = File::open(&via).map_err(|source| LockError::Reopen {
+            path: path.to_owned(),
+            via,
+            source,
+        })?;
+        lock_image_patiently(&file, path, mode, patience)?;
+        Ok(ImageLock { file: Some(file) })
+    }
+
+    /// Whether a lock is actually held (not [`LockMode::None`]).
+    pub fn is_held(&self) -> bool {
+        self.file.is_some()
+    }
+}
+
 /// " by pid 1234 (qemu-system-x86)" for the processes that hold OFD locks on the file, found
 /// through /proc/PID/fdinfo (OFD locks show no pid in /proc/locks). Empty if none is visible.
 pub fn holders(path: &Path) -> String {
@@ -260,6 +319,30 @@ mod tests {
         );
         // No locking at all is always allowed.
         lock_image(&w3, &p, LockMode::None).unwrap();
+    }
+
+    #[test]
+    fn an_image_lock_lives_on_its_own_descriptor_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let image = open(&p);
+        let lock =
+            ImageLock::acquire(&image, &p, LockMode::Exclusive, std::time::Duration::ZERO).unwrap();
+        assert!(lock.is_held());
+        // The lock is not on the image's own descriptor: that one holds nothing, so closing
+        // it (or a kernel that keeps it open for a while) does not matter...
+        let other = open(&p);
+        assert!(lock_image(&other, &p, LockMode::Shared).is_err());
+        drop(image);
+        assert!(lock_image(&other, &p, LockMode::Shared).is_err());
+        // ...and dropping the lock releases the image.
+        drop(lock);
+        lock_image(&other, &p, LockMode::Exclusive).unwrap();
+        // Without locking, nothing is opened or checked.
+        let none =
+            ImageLock::acquire(&open(&p), &p, LockMode::None, std::time::Duration::ZERO).unwrap();
+        assert!(!none.is_held());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Image locking against independent tools: blkback and QEMU (qemu-io, qemu-storage-daemon)
 //! exclude each other as two QEMU processes would, and the refusal names the image and the
-//! holder.
+//! holder; a daemon killed with SIGKILL leaves no lock behind once it is reaped.
 
 use std::process::Command;
 use std::time::Duration;
 
-use vback_tests::process::{blkback, qemu_storage_daemon, workspace_bin};
+use vback_tests::process::{blkback, qemu_storage_daemon, vback_daemon, workspace_bin};
+use vback_tests::qemu_tools::{path_str as s, qcow2_overlay};
 
 fn blkback_refused(socket: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(workspace_bin("blkback").unwrap())
@@ -89,4 +90,103 @@ fn writers_exclude_each_other_across_blkback_and_qemu() {
         &d.join("w.log"),
     )
     .unwrap();
+}
+
+/// A QEMU tool run that wants the image in a way a running daemon's lock forbids.
+struct Probe {
+    what: String,
+    cmd: Vec<String>,
+}
+
+impl Probe {
+    fn new(tool: &str, args: &[&str]) -> Probe {
+        Probe {
+            what: format!("{tool} {}", args.join(" ")),
+            cmd: std::iter::once(tool)
+                .chain(args.iter().copied())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
+    fn run(&self) -> std::process::Output {
+        Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .output()
+            .unwrap_or_else(|e| panic!("{} (qemu-utils is required): {e}", self.cmd[0]))
+    }
+}
+
+#[test]
+fn a_killed_daemon_leaves_no_lock_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("disk.raw");
+    let base = d.join("base.raw");
+    let iso = d.join("cd.iso");
+    for f in [&raw, &base, &iso] {
+        std::fs::File::create(f).unwrap().set_len(4 << 20).unwrap();
+    }
+    let top = d.join("top.qcow2");
+    qcow2_overlay(&base, "raw", &top, None, None);
+    let raw_disk = format!("file:{}", raw.display());
+    let top_disk = format!("tap:qcow2:{}", top.display());
+    let cd = format!("tap:cdrom:{}", iso.display());
+    // Each daemon, and what its lock refuses while it runs: writing (qemu-io needs the write
+    // permission, which every daemon's lock refuses to share) and, for qcow2, `qemu-img info`
+    // without -U (QEMU's qcow2 driver refuses to share writing of the file it reads).
+    let write = |fmt: &str, p: &std::path::Path| {
+        Probe::new("qemu-io", &["-f", fmt, "-c", "write 0 512", s(p)])
+    };
+    let cases = [
+        (
+            "blkback",
+            vec!["--disk", raw_disk.as_str()],
+            vec![write("raw", &raw)],
+            vec![Probe::new("qemu-img", &["info", "-f", "raw", s(&raw)])],
+        ),
+        (
+            "blkback",
+            vec!["--disk", top_disk.as_str()],
+            vec![
+                Probe::new("qemu-img", &["info", s(&top)]),
+                // The backing file, locked shared.
+                write("raw", &base),
+            ],
+            vec![],
+        ),
+        (
+            "cdrom",
+            vec!["--disk", cd.as_str()],
+            vec![write("raw", &iso)],
+            vec![],
+        ),
+    ];
+    for round in 0..20 {
+        for (case, (bin, args, refused, also)) in cases.iter().enumerate() {
+            let sock = d.join(format!("{case}-{round}.sock"));
+            let log = d.join(format!("{case}-{round}.log"));
+            let mut daemon = vback_daemon(bin, &sock, args, &log).unwrap();
+            for p in refused {
+                let out = p.run();
+                assert!(
+                    !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock"),
+                    "round {round}: `{}` ran while {bin} {args:?} held the image: {out:?}",
+                    p.what
+                );
+            }
+            // SIGKILL and reap: the kernel must have released the lock by then, with nothing
+            // to wait for.
+            daemon.kill();
+            for p in refused.iter().chain(also) {
+                let out = p.run();
+                assert!(
+                    out.status.success(),
+                    "round {round}: `{}` right after kill -9 of {bin} {args:?}: {}",
+                    p.what,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
 }

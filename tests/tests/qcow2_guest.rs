@@ -117,18 +117,6 @@ check resize 'before=$(cat /sys/block/vda/size); echo VBACK-HOST:resize; i=0; \
         daemon.terminate(Duration::from_secs(10)).is_some(),
         "blkback stops on SIGTERM"
     );
-    // The kernel tears a dead process's io_uring down in the background: the image's lock
-    // goes with the ring's file references, a moment after the exit.
-    for _ in 0..50 {
-        let out = Command::new("qemu-img")
-            .args(["info", s(&top)])
-            .output()
-            .unwrap();
-        if !String::from_utf8_lossy(&out.stderr).contains("lock") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let check = Command::new("qemu-img")
         .args(["check", s(&top)])
         .output()

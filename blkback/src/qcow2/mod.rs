@@ -15,6 +15,10 @@
 //! the L2 changes that drop the references are durable (at the next flush). A crash can
 //! therefore leak clusters (reserved, or freed-but-not-yet-decremented), which `qemu-img check
 //! -r leaks` repairs, but never leave an entry pointing at a cluster with refcount 0.
+//!
+//! A write that fails (a full file system) gives back what it took before anything points at
+//! it: its cluster goes back to the reservation, a reservation or new table that cannot be
+//! written leaves the end where it was. Failed writes neither leak clusters nor grow the file.
 
 mod create;
 pub mod header;
@@ -25,7 +29,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
-use vback_common::lock::{LockMode, lock_image_patiently};
+use vback_common::lock::{ImageLock, LockMode};
 
 pub use create::create;
 pub use header::{Compression, Header, HeaderError};
@@ -165,6 +169,8 @@ struct Layer {
     size: u64,
     /// None for a raw backing file.
     meta: Option<Meta>,
+    /// A backing file's shared lock (the top image's is its opener's).
+    _lock: Option<ImageLock>,
 }
 
 /// Summary for `status` and tests.
@@ -279,7 +285,7 @@ impl Image {
     /// Opens the qcow2 image at `path` through `file` (read-write if `opts.writable`), and its
     /// backing chain as the policy allows.
     pub fn open(path: &Path, file: File, opts: &OpenOptions) -> Result<Image> {
-        let top = Self::open_layer(path, file, true)?;
+        let top = Self::open_layer(path, file, true, None)?;
         let Some(meta) = top.meta.as_ref() else {
             unreachable!("open_layer(qcow2 = true) returns qcow2 metadata")
         };
@@ -374,16 +380,14 @@ impl Image {
             let f = File::open(&canon).map_err(|e| {
                 refuse(format!("cannot open backing file {}: {e}", canon.display()))
             })?;
-            if opts.lock_backing {
-                lock_image_patiently(
-                    &f,
-                    &canon,
-                    LockMode::Shared,
-                    std::time::Duration::from_secs(3),
-                )
+            let mode = if opts.lock_backing {
+                LockMode::Shared
+            } else {
+                LockMode::None
+            };
+            let lock = ImageLock::acquire(&f, &canon, mode, std::time::Duration::from_secs(3))
                 .map_err(|e| refuse(e.to_string()))?;
-            }
-            let layer = Self::open_layer(&canon, f, fmt)?;
+            let layer = Self::open_layer(&canon, f, fmt, Some(lock))?;
             seen.push(canon);
             chain_h = match &layer.meta {
                 Some(m) => m.h.clone(),
@@ -458,7 +462,7 @@ impl Image {
         Ok(img)
     }
 
-    fn open_layer(path: &Path, file: File, qcow2: bool) -> Result<Layer> {
+    fn open_layer(path: &Path, file: File, qcow2: bool, lock: Option<ImageLock>) -> Result<Layer> {
         let io = |op, offset, source| Qcow2Error::Io {
             path: path.to_owned(),
             op,
@@ -475,6 +479,7 @@ impl Image {
                 file,
                 size: len,
                 meta: None,
+                _lock: lock,
             });
         }
         let mut first = vec![0u8; len.min(4096) as usize];
@@ -508,6 +513,7 @@ impl Image {
                 cache: L2Cache::new(0, cs),
                 h,
             }),
+            _lock: lock,
         })
     }
 
@@ -903,20 +909,31 @@ impl Image {
         self.end += cs;
         let own = (rb / cs) / per_block;
         let mut block = vec![0u8; cs as usize];
-        if own == rti {
+        let written = if own == rti {
             // The new block covers itself.
             let idx = (rb / cs) % per_block;
             Self::set_entry(&mut block, idx, self.top().h.refcount_order, 1);
+            Ok(())
         } else {
-            self.set_refcounts(rb, 1, 1)?;
+            self.set_refcounts(rb, 1, 1)
         }
-        self.write_at(&block, rb, "write a refcount block")?;
-        self.reftable[rti as usize] = rb;
-        self.write_at(
+        .and_then(|()| self.write_at(&block, rb, "write a refcount block"));
+        if let Err(e) = written {
+            // Nothing points at the block yet.
+            self.give_back(rb, 1);
+            return Err(e);
+        }
+        if let Err(e) = self.write_at(
             &rb.to_be_bytes(),
             self.reftable_offset + rti * 8,
             "update the refcount table",
-        )?;
+        ) {
+            if nothing_written(&e) {
+                self.give_back(rb, 1);
+            }
+            return Err(e);
+        }
+        self.reftable[rti as usize] = rb;
         Ok(rb)
     }
 
@@ -958,6 +975,18 @@ impl Image {
         n: u64,
         f: &mut dyn FnMut(u64) -> std::result::Result<u64, String>,
     ) -> Result<()> {
+        self.update_refcounts_in(start, n, true, f)
+    }
+
+    /// [`Image::update_refcounts`]; with `allocate` false, clusters that have no refcount
+    /// block (refcount 0) are left alone instead of getting one.
+    fn update_refcounts_in(
+        &mut self,
+        start: u64,
+        n: u64,
+        allocate: bool,
+        f: &mut dyn FnMut(u64) -> std::result::Result<u64, String>,
+    ) -> Result<()> {
         let (cs, bits, per_block) = self.refcount_geometry();
         let order = self.top().h.refcount_order;
         let mut ci = start / cs;
@@ -966,7 +995,17 @@ impl Image {
             let rti = ci / per_block;
             let first = ci % per_block;
             let count = (per_block - first).min(last - ci);
-            let rb = self.ensure_refblock(rti)?;
+            let rb = if allocate {
+                self.ensure_refblock(rti)?
+            } else {
+                match self.reftable.get(rti as usize) {
+                    Some(&e) if e & OFFSET_MASK != 0 => self.ensure_refblock(rti)?,
+                    _ => {
+                        ci += count;
+                        continue;
+                    }
+                }
+            };
             // The byte span holding entries [first, first + count).
             let b0 = first * bits / 8;
             let b1 = ((first + count) * bits).div_ceil(8);
@@ -1169,7 +1208,8 @@ impl Image {
         Ok(())
     }
 
-    /// Moves the refcount table to a larger one at the end of the file.
+    /// Moves the refcount table to a larger one at the end of the file. If that fails before
+    /// the header names the new table, everything stays as it was (the end does not move).
     fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
         let cs = self.cluster_size();
         let old_off = self.reftable_offset;
@@ -1183,16 +1223,18 @@ impl Image {
         }
         let new_off = self.end;
         self.end += clusters * cs;
+        let old_table = self.reftable.clone();
         self.reftable.resize((clusters * cs / 8) as usize, 0);
         self.reftable_offset = new_off;
-        let bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.write_at(&bytes, new_off, "write the new refcount table")?;
-        // Refcounts for the table itself (entries for new blocks land in the new table).
-        self.set_refcounts(new_off, clusters, 1)?;
-        // Rewrite the table: set_refcounts may have added blocks.
-        let bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.write_at(&bytes, new_off, "write the new refcount table")?;
-        self.sync()?;
+        if let Err(e) = self.stage_reftable(new_off, clusters) {
+            // The header still names the old table, which points at none of the new clusters
+            // (the table, and the blocks linked only from it): give them all back.
+            self.reftable = old_table;
+            self.reftable_offset = old_off;
+            let taken = (self.end - new_off) / cs;
+            self.give_back(new_off, taken);
+            return Err(e);
+        }
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
@@ -1206,15 +1248,25 @@ impl Image {
         Ok(())
     }
 
-    /// A fresh cluster (refcount already 1 and durable).
+    /// Writes the (grown) refcount table at `off` and the refcounts of its `clusters`, durably.
+    fn stage_reftable(&mut self, off: u64, clusters: u64) -> Result<()> {
+        let bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_at(&bytes, off, "write the new refcount table")?;
+        // Refcounts for the table itself (entries for new blocks land in the new table).
+        self.set_refcounts(off, clusters, 1)?;
+        // Rewrite the table: set_refcounts may have added blocks.
+        let bytes: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.write_at(&bytes, off, "write the new refcount table")?;
+        self.sync()
+    }
+
+    /// A fresh cluster (refcount already 1 and durable). If the caller fails before anything
+    /// points at it, it hands it back with [`Image::unalloc_cluster`].
     fn alloc_cluster(&mut self) -> Result<u64> {
         if self.next >= self.reserved_end {
             let cs = self.cluster_size();
             let n = (RESERVE_BYTES / cs).clamp(1, 4096);
-            let start = self.end;
-            self.end += n * cs;
-            self.set_refcounts(start, n, 1)?;
-            self.sync()?;
+            let start = self.alloc_contiguous(n)?;
             self.next = start;
             self.reserved_end = start + n * cs;
         }
@@ -1223,14 +1275,43 @@ impl Image {
         Ok(h)
     }
 
-    /// `n` fresh consecutive clusters (for tables), refcounts durable.
+    /// Returns cluster `h`, just handed out by [`Image::alloc_cluster`] and referenced by
+    /// nothing, to the reservation: the next allocation takes it again (its refcount stays 1,
+    /// as for every reserved cluster).
+    fn unalloc_cluster(&mut self, h: u64) {
+        if h + self.cluster_size() == self.next {
+            self.next = h;
+        }
+    }
+
+    /// `n` fresh consecutive clusters at the end (for tables and reservations), refcounts
+    /// durable. On failure the end does not move.
     fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let start = self.end;
         self.end += n * cs;
-        self.set_refcounts(start, n, 1)?;
-        self.sync()?;
+        if let Err(e) = self.set_refcounts(start, n, 1).and_then(|()| self.sync()) {
+            self.give_back(start, n);
+            return Err(e);
+        }
         Ok(start)
+    }
+
+    /// Gives back `n` clusters from `start`, taken from the end and referenced by nothing: their
+    /// refcounts go back to 0 where a refcount block holds them (best effort: the clusters are
+    /// unused either way), and if nothing was taken after them the end moves back, so the next
+    /// allocation takes them again instead of growing the file.
+    fn give_back(&mut self, start: u64, n: u64) {
+        let cs = self.cluster_size();
+        if let Err(e) = self.update_refcounts_in(start, n, false, &mut |_| Ok(0)) {
+            log::warn!(
+                "cannot reset the refcounts of {n} unused clusters at {start:#x} ({e}); \
+                 `qemu-img check -r leaks` reclaims them"
+            );
+        }
+        if self.end == start + n * cs {
+            self.end = start;
+        }
     }
 
     fn free_later(&mut self, ext: Ext) {
@@ -1271,25 +1352,38 @@ impl Image {
         }
         let cs = self.cluster_size();
         let h = self.alloc_cluster()?;
-        self.write_at(&vec![0u8; cs as usize], h, "write a new L2 table")?;
-        let m = self.top_mut();
+        if let Err(e) = self.write_at(&vec![0u8; cs as usize], h, "write a new L2 table") {
+            self.unalloc_cluster(h);
+            return Err(e);
+        }
+        let m = self.top();
         let l1i = guest >> (m.h.cluster_bits + m.h.l2_entries().trailing_zeros());
+        let l1_off = m.h.l1_table_offset + l1i * 8;
+        if let Err(e) = self.write_at(&(h | COPIED).to_be_bytes(), l1_off, "update the L1 table") {
+            // If the entry may have reached the file, the cluster stays taken (a leak at worst).
+            if nothing_written(&e) {
+                self.unalloc_cluster(h);
+            }
+            return Err(e);
+        }
+        let m = self.top_mut();
         m.l1[l1i as usize] = h | COPIED;
         let entries = (cs / 8) as usize;
         m.cache
             .get(h, || Ok::<_, Qcow2Error>(vec![0u64; entries]))?;
-        let l1_off = m.h.l1_table_offset + l1i * 8;
-        self.write_at(&(h | COPIED).to_be_bytes(), l1_off, "update the L1 table")?;
         Ok(self.l2_slot(0, guest)?.unwrap_or((h, 0)))
     }
 
+    /// Sets an L2 entry: in the file first, then in the cache (a failed write leaves both as
+    /// they were).
     fn set_l2(&mut self, off: u64, idx: usize, entry: u64) -> Result<()> {
-        self.table(0, off)?[idx] = entry;
         self.write_at(
             &entry.to_be_bytes(),
             off + idx as u64 * 8,
             "update an L2 table",
-        )
+        )?;
+        self.table(0, off)?[idx] = entry;
+        Ok(())
     }
 
     /// Writes guest bytes (allocating clusters as needed, copying on write from the backing
@@ -1322,16 +1416,30 @@ impl Image {
                 }
                 old => {
                     let h = self.alloc_cluster()?;
-                    if take as u64 == cs {
-                        self.write_at(chunk, h, "write data")?;
+                    let written = if take as u64 == cs {
+                        self.write_at(chunk, h, "write data")
                     } else {
                         let mut full = vec![0u8; cs as usize];
-                        self.read_layer(0, g - in_cluster, &mut full)?;
-                        full[in_cluster as usize..in_cluster as usize + take]
-                            .copy_from_slice(chunk);
-                        self.write_at(&full, h, "write data")?;
+                        self.read_layer(0, g - in_cluster, &mut full)
+                            .and_then(|()| {
+                                full[in_cluster as usize..in_cluster as usize + take]
+                                    .copy_from_slice(chunk);
+                                self.write_at(&full, h, "write data")
+                            })
+                    };
+                    // A write that fails gives its cluster back (a full file system must not
+                    // leak a cluster per attempt); after a failed L2 update only if the entry
+                    // cannot have reached the file.
+                    if let Err(e) = written {
+                        self.unalloc_cluster(h);
+                        return Err(e);
                     }
-                    self.set_l2(off, idx, h | COPIED)?;
+                    if let Err(e) = self.set_l2(off, idx, h | COPIED) {
+                        if nothing_written(&e) {
+                            self.unalloc_cluster(h);
+                        }
+                        return Err(e);
+                    }
                     self.free_later(old);
                 }
             }
@@ -1457,8 +1565,14 @@ impl Image {
             l1.resize((clusters * cs / 8) as usize, 0);
             let off = self.alloc_contiguous(clusters)?;
             let bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.write_at(&bytes, off, "write the new L1 table")?;
-            self.sync()?;
+            let staged = self
+                .write_at(&bytes, off, "write the new L1 table")
+                .and_then(|()| self.sync());
+            if let Err(e) = staged {
+                // Nothing points at the new table yet.
+                self.give_back(off, clusters);
+                return Err(e);
+            }
             let mut hdr = [0u8; 12];
             hdr[..4].copy_from_slice(&(need as u32).to_be_bytes());
             hdr[4..].copy_from_slice(&off.to_be_bytes());
@@ -1506,6 +1620,13 @@ impl Drop for Image {
             log::error!("closing the qcow2 image: {e}");
         }
     }
+}
+
+/// Whether `e` is a write that the kernel refused before writing anything (no space, or over
+/// quota): what it was to change is as it was.
+fn nothing_written(e: &Qcow2Error) -> bool {
+    matches!(e, Qcow2Error::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 fn fallocate_punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {

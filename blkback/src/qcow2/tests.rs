@@ -172,3 +172,212 @@ fn the_refcount_table_grows_and_the_l1_table_moves_on_resize() {
     assert!(all[1 << 20..(1 << 20) + data.len()] == data[..]);
     assert!(all[..1 << 20].iter().all(|&b| b == 0));
 }
+
+/// A size-limited tmpfs mounted under a temporary directory for the life of the value (the
+/// test needs root); unmounted on drop.
+struct SmallFs {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(bytes: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "vback-test"])
+            .arg(&mnt)
+            .output()
+            .expect("mount(8) is required for this test");
+        assert!(
+            out.status.success(),
+            "cannot mount a {bytes}-byte tmpfs at {} (this test needs root): {}",
+            mnt.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { mnt, _dir: dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let out = Command::new("umount").arg(&self.mnt).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("cannot unmount {}: {out:?}", self.mnt.display());
+        }
+    }
+}
+
+fn is_enospc(e: &Qcow2Error) -> bool {
+    matches!(e, Qcow2Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+}
+
+fn cluster_data(i: u64) -> Vec<u8> {
+    (0..4096u64).map(|b| (i * 7 + b / 512) as u8 | 1).collect()
+}
+
+#[test]
+fn writes_on_a_full_file_system_fail_without_leaking_and_succeed_once_space_is_back() {
+    const FS: u64 = 32 << 20;
+    const CS: u64 = 4096;
+    let fs = SmallFs::mount(FS);
+    let p = fs.mnt.join("full.qcow2");
+    let ps = p.to_str().unwrap();
+    // 4 KiB clusters: a refcount block covers 8 MiB, so reservations need new blocks often.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        ps,
+        "256M",
+    ]);
+    let filler = fs.mnt.join("filler");
+    std::fs::write(&filler, vec![0x55u8; 8 << 20]).unwrap();
+    let file_len = || std::fs::metadata(&p).unwrap().len();
+
+    // Fill the file system with guest data.
+    let mut img = open(&p, true);
+    let mut written = 0u64;
+    loop {
+        match img.write(written * CS, &cluster_data(written)) {
+            Ok(()) => written += 1,
+            Err(e) => {
+                assert!(is_enospc(&e), "the first failure is ENOSPC: {e}");
+                break;
+            }
+        }
+        assert!(written < FS / CS, "the file system never filled up");
+    }
+    assert!(written > 1000, "only {written} clusters fit");
+
+    // Many more allocating writes (three reservations' worth) fail, and neither leak a
+    // cluster nor move the end of the allocation.
+    let end = img.end;
+    let len = file_len();
+    for i in written..written + 3 * 2048 {
+        let e = img.write(i * CS, &cluster_data(i)).unwrap_err();
+        assert!(is_enospc(&e), "write {i}: {e}");
+        assert_eq!(img.end, end, "write {i} moved the allocation end");
+    }
+    assert_eq!(file_len(), len);
+    img.close().unwrap();
+    drop(img);
+
+    // Reopened while still full: the first allocation needs a fresh reservation, which fails
+    // too, without moving the end either.
+    let mut img = open(&p, true);
+    let end = img.end;
+    for i in written..written + 100 {
+        let e = img.write(i * CS, &cluster_data(i)).unwrap_err();
+        assert!(is_enospc(&e), "write {i} after reopening: {e}");
+        assert_eq!(img.end, end, "write {i} after reopening moved the end");
+    }
+    img.close().unwrap();
+    drop(img);
+    qemu_img(&["check", ps]);
+
+    // Space comes back: writes succeed again, and everything written reads back.
+    std::fs::remove_file(&filler).unwrap();
+    let mut img = open(&p, true);
+    let more = 1024;
+    for i in written..written + more {
+        img.write(i * CS, &cluster_data(i))
+            .unwrap_or_else(|e| panic!("write {i} with space back: {e}"));
+    }
+    img.flush().unwrap();
+    let mut got = vec![0u8; CS as usize];
+    for i in 0..written + more {
+        img.read(i * CS, &mut got).unwrap();
+        assert!(got == cluster_data(i), "cluster {i} reads back other data");
+    }
+    // (While the image is open its unused reservation counts as leaked: check after closing.)
+    img.close().unwrap();
+    let report = img.check().unwrap();
+    assert_eq!((report.leaks, report.errors), (0, 0), "{report:?}");
+    drop(img);
+    // At most one reservation (a hole, unless used) past what the file system holds.
+    assert!(
+        file_len() <= FS + RESERVE_BYTES + 16 * CS,
+        "the image grew to {} bytes on a {FS}-byte file system",
+        file_len()
+    );
+    // qemu-img check exits nonzero on leaks too.
+    qemu_img(&["check", ps]);
+}
+
+/// Writes `path` until the file system is full.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x55u8; 64 << 10];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn table_moves_on_a_full_file_system_fail_without_leaking() {
+    const FS: u64 = 32 << 20;
+    let fs = SmallFs::mount(FS);
+    let p = fs.mnt.join("t.qcow2");
+    let ps = p.to_str().unwrap();
+    // 512-byte clusters: the refcount table qemu-img makes covers the first 8 MiB of the file.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        ps,
+        "1M",
+    ]);
+    let filler = fs.mnt.join("filler");
+    fill_up(&filler);
+
+    let mut img = open(&p, true);
+    let (end, rt_off, rt_len) = (img.end, img.reftable_offset, img.reftable.len());
+    // A larger virtual size needs a larger L1 table, written at the end of the file.
+    let e = img.resize(64 << 20).unwrap_err();
+    assert!(is_enospc(&e), "{e}");
+    assert_eq!(img.size(), 1 << 20);
+    assert_eq!(img.end, end, "a failed resize moved the allocation end");
+    // A larger refcount table (needed once the file outgrows the one it has) fails the same
+    // way, and the image keeps the table its header names.
+    // (Large enough not to fit in the file's last, partly used page.)
+    let e = img.grow_reftable(4096).unwrap_err();
+    assert!(is_enospc(&e), "{e}");
+    assert_eq!(
+        (img.end, img.reftable_offset, img.reftable.len()),
+        (end, rt_off, rt_len),
+        "a failed refcount table move changed the image"
+    );
+    img.close().unwrap();
+    drop(img);
+    qemu_img(&["check", ps]);
+
+    // With space back, both happen for real: the resize, and (writing 12 MiB) the table move.
+    std::fs::remove_file(&filler).unwrap();
+    let mut img = open(&p, true);
+    img.resize(64 << 20).unwrap();
+    let data: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i / 512) as u8 ^ (i % 251) as u8)
+        .collect();
+    img.write(1 << 20, &data).unwrap();
+    assert_ne!(img.reftable_offset, rt_off, "the refcount table moved");
+    let mut back = vec![0u8; data.len()];
+    img.read(1 << 20, &mut back).unwrap();
+    assert!(back == data, "the data reads back");
+    img.close().unwrap();
+    drop(img);
+    qemu_img(&["check", ps]);
+}

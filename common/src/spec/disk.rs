@@ -914,9 +914,9 @@ mod tests {
             }
         );
         assert_eq!(a.mode, Some(DiskMode::ReadOnly));
-        assert_eq!(a.vdev.unwrap().name, "xvda");
+        assert_eq!(a.vdev.as_ref().unwrap().name, "xvda");
         let u = DiskArg::parse("tap:aio:/img").unwrap();
-        assert_eq!((u.mode, u.vdev), (None, None));
+        assert_eq!((u.mode, u.vdev.as_ref()), (None, None));
         let i = DiskArg::parse("iscsi:iqn.2001-04.com.example:disk,1").unwrap();
         assert!(matches!(i.uname, DiskUname::Iscsi { lun: 1, .. }));
         assert_eq!(
