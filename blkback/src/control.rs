@@ -78,6 +78,7 @@ impl ControlHandler for BlkControl {
             "queues": dev.stats.len(),
             "engine": self.backend.engine_name(),
             "serial": String::from_utf8_lossy(&dev.serial).trim_end_matches('\0'),
+            "warning": dev.disk.format_warning,
         })
     }
 

@@ -118,9 +118,32 @@ pub struct Disk {
     /// The qcow2 metadata, for [`DiskKind::Qcow2`] (the engine files are the image's).
     pub qcow2: Option<Mutex<Image>>,
     capacity: AtomicU64,
+    /// Set when a raw disk begins with another format's signature (see [`format_warning`]).
+    pub format_warning: Option<String>,
     /// QEMU's locks on the image, on a descriptor of their own (the engine's are registered
     /// with io_uring, which would keep them past a crash); None for the null device.
     _lock: Option<ImageLock>,
+}
+
+/// A warning when a disk served as raw begins with the signature of an image format. The
+/// format is never guessed from the content (a guest may write any bytes to its own raw disk),
+/// but an operator who named a qcow2 or VMDK image `tap:aio:` should hear about it: the guest
+/// sees the header as data, and may overwrite it.
+pub fn format_warning(head: &[u8], path: &Path) -> Option<String> {
+    let (format, spec) = if head.starts_with(b"QFI\xfb") {
+        ("a qcow2", "tap:qcow:")
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
+        ("a VMDK", "tap:vmdk: (not served yet)")
+    } else if head.starts_with(b"# Disk DescriptorFile") {
+        ("a VMDK descriptor", "tap:vmdk: (not served yet)")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} starts with {format} header but is served as a raw disk, as its spec says: the guest \
+         sees the header as data and can overwrite it; if it is {format} image, use {spec}",
+        path.display()
+    ))
 }
 
 // Block-device ioctls (linux/fs.h).
@@ -186,6 +209,7 @@ impl Disk {
                     discard: true,
                     qcow2: None,
                     capacity: AtomicU64::new(*size),
+                    format_warning: None,
                     _lock: None,
                 });
             }
@@ -304,6 +328,17 @@ impl Disk {
         } else {
             (meta.len(), (meta.blksize() as u32).clamp(512, 65536), true)
         };
+        let format_warning = if image.is_none() {
+            let mut head = [0u8; 32];
+            let probe = buffered.as_deref().unwrap_or(&main);
+            let n = std::os::unix::fs::FileExt::read_at(probe, &mut head, 0).unwrap_or(0);
+            format_warning(&head[..n], &path)
+        } else {
+            None
+        };
+        if let Some(w) = &format_warning {
+            log::warn!("{w}");
+        }
         if size % SECTOR != 0 {
             log::warn!(
                 "{}: size {size} is not a multiple of 512; the last {} bytes are not visible to the guest",
@@ -334,6 +369,7 @@ impl Disk {
             discard,
             qcow2: image.map(Mutex::new),
             capacity: AtomicU64::new(size - size % SECTOR),
+            format_warning,
             _lock: Some(lock),
         })
     }

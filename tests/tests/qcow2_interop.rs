@@ -832,3 +832,57 @@ fn vbimg_create_info_check_and_resize_agree_with_qemu_img() {
     assert_eq!(qemu_check_code(&p), 0);
     assert_ne!(vbimg(&["resize", s(&p), "1G"]).0, 0, "shrinking is refused");
 }
+
+#[test]
+fn a_qcow2_image_named_as_raw_is_served_raw_with_a_loud_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    qcow2_create(&img, None, "64M");
+    let len = std::fs::metadata(&img).unwrap().len();
+    let (sock, ctl) = (dir.path().join("b.sock"), dir.path().join("b.ctl"));
+    let spec = format!("tap:aio:{}", img.display());
+    let d = vback_tests::process::blkback(
+        &sock,
+        &["--disk", &spec, "--control", s(&ctl)],
+        &dir.path().join("b.log"),
+    )
+    .unwrap();
+    // Never probed: the spec decides (the guest sees the file's bytes, header included) ...
+    let st = vback_common::control::ControlClient::connect(&ctl)
+        .unwrap()
+        .call("status", serde_json::Value::Null)
+        .unwrap();
+    assert_eq!(st["device"]["kind"], "file", "{st}");
+    assert_eq!(st["device"]["size"], len - len % 512, "{st}");
+    // ... but the operator is told, in the log and in status.
+    let w = st["device"]["warning"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        w.contains("starts with a qcow2 header") && w.contains("tap:qcow:"),
+        "{st}"
+    );
+    assert!(
+        d.log().contains("starts with a qcow2 header"),
+        "{}",
+        d.log()
+    );
+
+    // A raw image with ordinary content gets no warning.
+    let raw = dir.path().join("plain.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let (sock2, ctl2) = (dir.path().join("p.sock"), dir.path().join("p.ctl"));
+    let spec = format!("tap:aio:{}", raw.display());
+    let _p = vback_tests::process::blkback(
+        &sock2,
+        &["--disk", &spec, "--control", s(&ctl2)],
+        &dir.path().join("p.log"),
+    )
+    .unwrap();
+    let st = vback_common::control::ControlClient::connect(&ctl2)
+        .unwrap()
+        .call("status", serde_json::Value::Null)
+        .unwrap();
+    assert!(st["device"]["warning"].is_null(), "{st}");
+}
