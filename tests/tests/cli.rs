@@ -279,17 +279,44 @@ fn vbctl_talks_to_a_control_socket() {
 fn install_stages_binaries_and_hotplug_scripts() {
     let stage = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let install = || {
+        let o = Command::new(root.join("scripts/install.sh"))
+            .arg("--no-build")
+            .env("DESTDIR", stage.path())
+            .env("PROFILE", "debug")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        o
+    };
+    install();
+    let again = install();
+    assert!(
+        !stderr(&again).contains(".orig"),
+        "a second run changes nothing: {}",
+        stderr(&again)
+    );
     let o = Command::new(root.join("scripts/install.sh"))
-        .arg("--no-build")
-        .env("DESTDIR", stage.path())
-        .env("PROFILE", "debug")
+        .arg("--help")
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("vbimg"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("set -"), "{}", stdout(&o));
+    // Stripped: far smaller than the unstripped build.
+    for b in ["blkback", "vbimg"] {
+        let built = std::fs::metadata(vback_tests::process::workspace_bin(b).unwrap())
+            .unwrap()
+            .len();
+        let installed = std::fs::metadata(stage.path().join("usr/local/bin").join(b))
+            .unwrap()
+            .len();
+        assert!(installed * 2 < built, "{b}: {installed} bytes installed, {built} built");
+    }
     use std::os::unix::fs::PermissionsExt;
     for f in [
         "usr/local/bin/netback",
         "usr/local/bin/vbctl",
+        "usr/local/bin/vbimg",
         "etc/vback/scripts/vif-bridge",
         "etc/vback/scripts/vif-route",
         "etc/vback/scripts/vif-nat",
