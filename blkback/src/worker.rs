@@ -512,7 +512,16 @@ impl Worker {
         slot.status = status;
         let request = match parsed.request {
             Ok(r) => r,
-            Err(st) => return self.finish_now(idx, st, 0, vring),
+            Err(st) => {
+                return self.refuse(
+                    idx,
+                    st,
+                    "request",
+                    None,
+                    "malformed or unsupported (header, type, descriptor layout or length)",
+                    vring,
+                );
+            }
         };
         let dev = self.dev.clone();
         let capacity = dev.disk.sectors();
@@ -520,11 +529,26 @@ impl Worker {
         match request {
             Request::Read { sector, len } | Request::Write { sector, len } => {
                 let write = matches!(request, Request::Write { .. });
+                let what = if write { "write" } else { "read" };
                 if write && dev.disk.read_only {
-                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                    return self.refuse(
+                        idx,
+                        Status::IoErr,
+                        what,
+                        Some(sector),
+                        "the disk is read-only",
+                        vring,
+                    );
                 }
                 if len % SECTOR != 0 || !virtio::range_ok(sector, len, capacity) {
-                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                    return self.refuse(
+                        idx,
+                        Status::IoErr,
+                        what,
+                        Some(sector),
+                        "the length is not a multiple of 512 or the range ends past the disk",
+                        vring,
+                    );
                 }
                 let data = if write { 0 } else { len };
                 if null || len == 0 {
@@ -621,15 +645,29 @@ impl Worker {
                 } else {
                     0
                 };
+                let what = if zero { "write-zeroes" } else { "discard" };
                 if seg.flags & !allowed != 0 {
-                    return self.finish_now(idx, Status::Unsupp, 0, vring);
+                    return self.refuse(
+                        idx,
+                        Status::Unsupp,
+                        what,
+                        Some(seg.sector),
+                        "unknown flags",
+                        vring,
+                    );
                 }
                 let len = u64::from(seg.num_sectors) * SECTOR;
-                if dev.disk.read_only
-                    || seg.num_sectors > dev.max_discard_sectors
-                    || !virtio::range_ok(seg.sector, len, capacity)
-                {
-                    return self.finish_now(idx, Status::IoErr, 0, vring);
+                let why = if dev.disk.read_only {
+                    Some("the disk is read-only")
+                } else if seg.num_sectors > dev.max_discard_sectors {
+                    Some("more sectors than the device's maximum")
+                } else if !virtio::range_ok(seg.sector, len, capacity) {
+                    Some("the range ends past the disk")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return self.refuse(idx, Status::IoErr, what, Some(seg.sector), why, vring);
                 }
                 let offset = seg.sector * SECTOR;
                 let unmap = !zero || seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
@@ -945,6 +983,28 @@ impl Worker {
             Some(v) => self.finish_now(idx, status, data, v),
             None => self.release(idx),
         }
+    }
+
+    /// Answers a request the device does not carry out with an error status, saying why at
+    /// debug level (rate-limited: a guest decides how often).
+    fn refuse(
+        &mut self,
+        idx: u32,
+        status: Status,
+        what: &str,
+        sector: Option<u64>,
+        why: &str,
+        vring: &Vring,
+    ) {
+        let head = self.slots[idx as usize].head;
+        let at = sector
+            .map(|s| format!(" at sector {s}"))
+            .unwrap_or_default();
+        vback_common::debug_limited!(
+            "queue {}: request {head} ({what}{at}) answered {status:?}: {why}",
+            self.queue
+        );
+        self.finish_now(idx, status, 0, vring);
     }
 
     /// Writes the status, returns the chain on the used ring and frees the slot.

@@ -37,7 +37,8 @@ pub enum LogLevel {
     Warn,
     /// Connections, configuration and state changes (default).
     Info,
-    /// Protocol-level detail.
+    /// Also each vhost-user message both ways (type, ring, key values) and each request
+    /// answered with an error status (type, sector, status, reason; rate-limited).
     Debug,
     /// Everything.
     Trace,
@@ -677,7 +678,9 @@ impl Daemon {
         .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
         on_connection(&daemon.get_epoll_handlers())
             .map_err(|e| format!("cannot register the device's event sources: {e}"))?;
-        let peer = if self.early_enable_relay {
+        // At debug level every connection is relayed, so that each message is logged.
+        let relay = self.early_enable_relay || log::log_enabled!(log::Level::Debug);
+        let peer = if relay {
             self.start_relayed(&mut daemon, listener, backend.num_queues())?
         } else {
             daemon.start(listener).map_err(|e| e.to_string())?;
@@ -731,7 +734,10 @@ impl Daemon {
             .map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name("vu-relay-in".into())
-            .spawn(move || crate::shim::relay(frontend, ours, num_queues))
+            .spawn({
+                let answer_early = self.early_enable_relay;
+                move || crate::shim::relay(frontend, ours, num_queues, answer_early)
+            })
             .map_err(|e| format!("cannot start the relay thread: {e}"))?;
         Ok(peer)
     }

@@ -82,10 +82,129 @@ fn send(s: &UnixStream, m: &Msg) -> bool {
         .is_ok_and(|n| n == buf.len())
 }
 
+/// The name of a front-end request (vhost-user spec numbering).
+pub fn request_name(req: u32) -> &'static str {
+    const NAMES: [&str; 44] = [
+        "NONE",
+        "GET_FEATURES",
+        "SET_FEATURES",
+        "SET_OWNER",
+        "RESET_OWNER",
+        "SET_MEM_TABLE",
+        "SET_LOG_BASE",
+        "SET_LOG_FD",
+        "SET_VRING_NUM",
+        "SET_VRING_ADDR",
+        "SET_VRING_BASE",
+        "GET_VRING_BASE",
+        "SET_VRING_KICK",
+        "SET_VRING_CALL",
+        "SET_VRING_ERR",
+        "GET_PROTOCOL_FEATURES",
+        "SET_PROTOCOL_FEATURES",
+        "GET_QUEUE_NUM",
+        "SET_VRING_ENABLE",
+        "SEND_RARP",
+        "NET_SET_MTU",
+        "SET_BACKEND_REQ_FD",
+        "IOTLB_MSG",
+        "SET_VRING_ENDIAN",
+        "GET_CONFIG",
+        "SET_CONFIG",
+        "CREATE_CRYPTO_SESSION",
+        "CLOSE_CRYPTO_SESSION",
+        "POSTCOPY_ADVISE",
+        "POSTCOPY_LISTEN",
+        "POSTCOPY_END",
+        "GET_INFLIGHT_FD",
+        "SET_INFLIGHT_FD",
+        "GPU_SET_SOCKET",
+        "RESET_DEVICE",
+        "VRING_KICK",
+        "GET_MAX_MEM_SLOTS",
+        "ADD_MEM_REG",
+        "REM_MEM_REG",
+        "SET_STATUS",
+        "GET_STATUS",
+        "GET_SHARED_OBJECT",
+        "SET_DEVICE_STATE_FD",
+        "CHECK_DEVICE_STATE",
+    ];
+    NAMES.get(req as usize).copied().unwrap_or("UNKNOWN")
+}
+
+/// One line describing a message: its name, ring and key values.
+fn describe(m: &Msg) -> String {
+    let req = m.request();
+    let b = &m.body;
+    let u32_at = |i: usize| {
+        b.get(i..i + 4)
+            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let u64_at = |i: usize| {
+        b.get(i..i + 8).map(|x| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(x);
+            u64::from_le_bytes(a)
+        })
+    };
+    let detail = match req {
+        // A u64: features, protocol features, queue count, status.
+        1 | 2 | 15 | 16 | 17 | 39 | 40 => u64_at(0).map(|v| format!(" {v:#x}")),
+        // A vring state: index and number.
+        8 | 10 | 11 | 18 => match (u32_at(0), u32_at(4)) {
+            (Some(i), Some(n)) => Some(format!(" ring {i} num {n}")),
+            _ => None,
+        },
+        // A vring address.
+        9 => match (u32_at(0), u64_at(8), u64_at(16), u64_at(24)) {
+            (Some(i), Some(d), Some(u), Some(a)) => {
+                Some(format!(" ring {i} desc {d:#x} used {u:#x} avail {a:#x}"))
+            }
+            _ => None,
+        },
+        // A vring file: index, and bit 8 for "no fd".
+        12..=14 => u64_at(0).map(|v| {
+            format!(
+                " ring {}{}",
+                v & 0xff,
+                if v & 0x100 != 0 {
+                    " (no fd: polling)"
+                } else {
+                    ""
+                }
+            )
+        }),
+        // The memory table: region count, then (gpa, size, user address, offset) each.
+        5 => u32_at(0).map(|n| {
+            let regions: Vec<String> = (0..n.min(8) as usize)
+                .filter_map(|r| {
+                    let at = 8 + 32 * r;
+                    Some(format!("{:#x}+{:#x}", u64_at(at)?, u64_at(at + 8)?))
+                })
+                .collect();
+            format!(" {n} regions [{}]", regions.join(", "))
+        }),
+        24 | 25 => match (u32_at(0), u32_at(4)) {
+            (Some(off), Some(size)) => Some(format!(" offset {off} size {size}")),
+            _ => None,
+        },
+        _ => None,
+    };
+    format!(
+        "{}{} ({} bytes, {} fds)",
+        request_name(req),
+        detail.unwrap_or_default(),
+        b.len(),
+        m.fds.len()
+    )
+}
+
 /// Relays between `frontend` and `backend` until either side closes. `num_queues` is the
 /// back end's number of rings: an early SET_VRING_ENABLE for a ring beyond it is passed to the
 /// back end, which refuses it, so the relay keeps at most one pending state per real ring.
-pub fn relay(frontend: UnixStream, backend: UnixStream, num_queues: usize) {
+/// Without `answer_early`, early enables are forwarded too (the relay only logs).
+pub fn relay(frontend: UnixStream, backend: UnixStream, num_queues: usize, answer_early: bool) {
     let (Ok(f2), Ok(b2)) = (frontend.try_clone(), backend.try_clone()) else {
         return;
     };
@@ -94,13 +213,14 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, num_queues: usize) {
         .spawn(move || {
             // Back end to front end: replies, verbatim.
             while let Some(m) = recv(&b2) {
+                log::debug!("vhost-user reply {}", describe(&m));
                 if !send(&f2, &m) {
                     break;
                 }
             }
             let _ = f2.shutdown(std::net::Shutdown::Both);
         });
-    relay_requests(&frontend, &backend, num_queues);
+    relay_requests(&frontend, &backend, num_queues, answer_early);
     let _ = backend.shutdown(std::net::Shutdown::Both);
     if let Ok(t) = back {
         let _ = t.join();
@@ -108,21 +228,22 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, num_queues: usize) {
 }
 
 /// The front-end-to-back-end half of [`relay`].
-fn relay_requests(frontend: &UnixStream, backend: &UnixStream, num_queues: usize) {
+fn relay_requests(
+    frontend: &UnixStream,
+    backend: &UnixStream,
+    num_queues: usize,
+    answer_early: bool,
+) {
     let mut features_seen = false;
     // The last state asked for each ring before SET_FEATURES (index = ring).
     let mut early: Vec<Option<u32>> = vec![None; num_queues];
     while let Some(m) = recv(frontend) {
         let req = m.request();
-        log::trace!(
-            "front end request {req} ({} bytes, {} fds)",
-            m.body.len(),
-            m.fds.len()
-        );
+        log::debug!("vhost-user request {}", describe(&m));
         if req == SET_FEATURES {
             features_seen = true;
         }
-        let early_state = (req == SET_VRING_ENABLE && !features_seen)
+        let early_state = (answer_early && req == SET_VRING_ENABLE && !features_seen)
             .then(|| <[u8; 8]>::try_from(&m.body[..]).ok())
             .flatten()
             .map(|b| {
@@ -227,7 +348,7 @@ mod tests {
             got
         });
         let t0 = Instant::now();
-        relay_requests(&fe_peer, &be_peer, num_queues);
+        relay_requests(&fe_peer, &be_peer, num_queues, true);
         let took = t0.elapsed();
         drop(be_peer);
         drop(fe_peer);
@@ -276,5 +397,35 @@ mod tests {
         want.extend(enable(1, 1, false));
         let (got, took) = run(&input, 2);
         assert!(got == want, "one replay per real ring (took {took:?})");
+    }
+
+    #[test]
+    fn messages_are_described_with_their_key_values() {
+        let m = Msg {
+            hdr: {
+                let mut h = [0u8; HDR];
+                h[..4].copy_from_slice(&8u32.to_le_bytes());
+                h[8..].copy_from_slice(&8u32.to_le_bytes());
+                h
+            },
+            body: [3u32.to_le_bytes(), 256u32.to_le_bytes()].concat(),
+            fds: Vec::new(),
+        };
+        assert_eq!(
+            describe(&m),
+            "SET_VRING_NUM ring 3 num 256 (8 bytes, 0 fds)"
+        );
+        assert_eq!(request_name(5), "SET_MEM_TABLE");
+        assert_eq!(request_name(999), "UNKNOWN");
+        // Without answering early enables, the relay forwards them as they come.
+        let (fe_peer, mut fe) = UnixStream::pair().unwrap();
+        let (be_peer, mut be) = UnixStream::pair().unwrap();
+        fe.write_all(&enable(0, 1, false)).unwrap();
+        fe.shutdown(std::net::Shutdown::Write).unwrap();
+        relay_requests(&fe_peer, &be_peer, 2, false);
+        drop(be_peer);
+        let mut got = Vec::new();
+        be.read_to_end(&mut got).unwrap();
+        assert_eq!(got, enable(0, 1, false));
     }
 }

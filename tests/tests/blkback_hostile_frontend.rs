@@ -63,3 +63,40 @@ fn a_guest_cannot_flood_the_log() {
         log.lines().take(40).collect::<Vec<_>>().join("\n")
     );
 }
+
+#[test]
+fn debug_logs_each_message_and_each_refused_request() {
+    use vback_tests::frontend::BlkDriver;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let d = blkback(
+        &sock,
+        &[
+            "--disk",
+            "null:1M",
+            "--queue-size",
+            "16",
+            "--log-level",
+            "debug",
+        ],
+        &dir.path().join("b.log"),
+    )
+    .unwrap();
+    let mut drv = BlkDriver::connect(&sock);
+    // VIRTIO_BLK_T_IN (0) within the disk works through the logging relay...
+    assert!(drv.request(0, 0, None), "{}", d.log());
+    // ... and a write (1) past the end is refused, with the reason at debug.
+    assert!(!drv.request(1, 4096, Some(&[0u8; 512])));
+    let log = d.log();
+    for want in [
+        "vhost-user request GET_FEATURES",
+        "vhost-user reply GET_FEATURES 0x",
+        "vhost-user request SET_MEM_TABLE 1 regions [0x0+0x100000]",
+        "vhost-user request SET_VRING_NUM ring 0 num 16",
+        "vhost-user request SET_VRING_ADDR ring 0 desc",
+        "vhost-user request SET_VRING_KICK ring 0",
+        "(write at sector 4096) answered IoErr: the length is not a multiple of 512 or the range ends past the disk",
+    ] {
+        assert!(log.contains(want), "missing `{want}` in:\n{log}");
+    }
+}

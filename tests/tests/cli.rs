@@ -310,7 +310,10 @@ fn install_stages_binaries_and_hotplug_scripts() {
         let installed = std::fs::metadata(stage.path().join("usr/local/bin").join(b))
             .unwrap()
             .len();
-        assert!(installed * 2 < built, "{b}: {installed} bytes installed, {built} built");
+        assert!(
+            installed * 2 < built,
+            "{b}: {installed} bytes installed, {built} built"
+        );
     }
     use std::os::unix::fs::PermissionsExt;
     for f in [
