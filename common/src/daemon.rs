@@ -627,6 +627,14 @@ impl Daemon {
             if self.stop.is_stopping() {
                 daemon.request_shutdown();
             }
+            // Who connected: the relay knows; otherwise look for the accepted socket (after the
+            // state above is updated: the front end is already being served).
+            let peer = peer.or_else(|| {
+                // SAFETY: the listener's descriptor stays open for the whole borrow (`listener`
+                // is borrowed for this function and outlives the call).
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+                crate::socket::accepted_peer(fd)
+            });
             let who = peer.map_or_else(|| "peer unknown".to_owned(), |p| p.to_string());
             log::info!("front end #{serial} connected ({who})");
             notify::status(&format!("serving front end #{serial} on {listen_desc}"));
@@ -684,10 +692,7 @@ impl Daemon {
             self.start_relayed(&mut daemon, listener, backend.num_queues())?
         } else {
             daemon.start(listener).map_err(|e| e.to_string())?;
-            // SAFETY: the listener's descriptor stays open for the whole borrow (`listener`
-            // is borrowed for this function and outlives the call).
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-            crate::socket::accepted_peer(fd)
+            None
         };
         Ok((daemon, peer))
     }
