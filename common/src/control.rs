@@ -877,16 +877,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn connections_are_capped_with_a_slot_kept_for_the_operator() {
+    /// A server taking 4 connections (+1 for the operator) with the given timeouts.
+    fn limited_server(
+        idle: Duration,
+        request: Duration,
+    ) -> (tempfile::TempDir, PathBuf, ControlServer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let limits = ControlLimits {
             max_connections: 4,
-            idle: Duration::from_secs(60),
-            request: Duration::from_secs(10),
+            idle,
+            request,
         };
-        let _s = ControlServer::start_with(
+        let s = ControlServer::start_with(
             &path,
             Arc::new(Info),
             Arc::new(NoDeviceCommands),
@@ -894,6 +897,12 @@ mod tests {
             limits,
         )
         .unwrap();
+        (dir, path, s)
+    }
+
+    #[test]
+    fn connections_are_capped_with_a_slot_kept_for_the_operator() {
+        let (_dir, path, _s) = limited_server(Duration::from_secs(60), Duration::from_secs(10));
         // Idle clients fill the general slots, and the test (root or the daemon's own user:
         // the operator) still gets the kept one.
         let mut idle = Vec::new();
@@ -932,21 +941,8 @@ mod tests {
 
     #[test]
     fn idle_and_slow_clients_are_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ctl.sock");
-        let limits = ControlLimits {
-            max_connections: 4,
-            idle: Duration::from_millis(300),
-            request: Duration::from_millis(300),
-        };
-        let _s = ControlServer::start_with(
-            &path,
-            Arc::new(Info),
-            Arc::new(NoDeviceCommands),
-            SocketPerms::default(),
-            limits,
-        )
-        .unwrap();
+        let (_dir, path, _s) =
+            limited_server(Duration::from_millis(300), Duration::from_millis(300));
         // An idle client is closed without a word.
         let c = UnixStream::connect(&path).unwrap();
         assert!(read_reply(&c).is_none(), "closed when idle");

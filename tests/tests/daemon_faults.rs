@@ -3,12 +3,12 @@
 //! and netback's relay must not depend on a path another user can prepare.
 
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vback_common::control::ControlClient;
-use vback_tests::process::{Daemon, blkback, netback, vback_daemon};
+use vback_tests::process::{Daemon, blkback, vback_daemon};
 use vhost::VhostBackend;
 use vhost::vhost_user::Frontend;
 
@@ -63,52 +63,34 @@ fn assert_no_leak(name: &str, d: &Daemon, sock: &Path, ctl: &Path) {
     );
 }
 
+/// A daemon started with a vhost-user socket and a control socket under `dir`, named after
+/// its program: (daemon, socket, control socket).
+fn started(bin: &str, dir: &Path, args: &[&str]) -> (Daemon, PathBuf, PathBuf) {
+    let (sock, ctl) = (
+        dir.join(format!("{bin}.sock")),
+        dir.join(format!("{bin}.ctl")),
+    );
+    let mut all = args.to_vec();
+    all.extend(["--control", ctl.to_str().unwrap()]);
+    let d = vback_daemon(bin, &sock, &all, &dir.join(format!("{bin}.log"))).unwrap();
+    (d, sock, ctl)
+}
+
+const NULL_DISK: &[&str] = &["--disk", "null:64M"];
+const NULL_NET: &[&str] = &["--host", "null", "--vif", ""];
+
 #[test]
 fn reconnects_leak_no_descriptors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-
-    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
-    let b = blkback(
-        &sock,
-        &[
-            "--disk",
-            "null:64M",
-            "--queues",
-            "2",
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &p.join("b.log"),
-    )
-    .unwrap();
-    assert_no_leak("blkback", &b, &sock, &ctl);
-
-    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
-    let n = netback(
-        &sock,
-        &[
-            "--host",
-            "null",
-            "--vif",
-            "",
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &p.join("n.log"),
-    )
-    .unwrap();
-    assert_no_leak("netback", &n, &sock, &ctl);
-
-    let (sock, ctl) = (p.join("c.sock"), p.join("c.ctl"));
-    let c = vback_daemon(
-        "cdrom",
-        &sock,
-        &["--empty", "--control", ctl.to_str().unwrap()],
-        &p.join("c.log"),
-    )
-    .unwrap();
-    assert_no_leak("cdrom", &c, &sock, &ctl);
+    for (bin, args) in [
+        ("blkback", &["--disk", "null:64M", "--queues", "2"][..]),
+        ("netback", NULL_NET),
+        ("cdrom", &["--empty"][..]),
+    ] {
+        let (d, sock, ctl) = started(bin, p, args);
+        assert_no_leak(bin, &d, &sock, &ctl);
+    }
 }
 
 /// Sets the process's soft limit of open files.
@@ -174,52 +156,18 @@ fn survives_fd_exhaustion(name: &str, mut d: Daemon, sock: &Path, ctl: &Path) {
 #[test]
 fn running_out_of_descriptors_does_not_end_a_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
-    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
-    let b = blkback(
-        &sock,
-        &["--disk", "null:64M", "--control", ctl.to_str().unwrap()],
-        &p.join("b.log"),
-    )
-    .unwrap();
-    survives_fd_exhaustion("blkback", b, &sock, &ctl);
-
     // netback accepts through its relay (a different path through the serve loop).
-    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
-    let n = netback(
-        &sock,
-        &[
-            "--host",
-            "null",
-            "--vif",
-            "",
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &p.join("n.log"),
-    )
-    .unwrap();
-    survives_fd_exhaustion("netback", n, &sock, &ctl);
+    for (bin, args) in [("blkback", NULL_DISK), ("netback", NULL_NET)] {
+        let (d, sock, ctl) = started(bin, dir.path(), args);
+        survives_fd_exhaustion(bin, d, &sock, &ctl);
+    }
 }
 
 #[test]
 fn the_relay_uses_no_predictable_path() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    let (sock, ctl) = (p.join("n.sock"), p.join("n.ctl"));
-    let n = netback(
-        &sock,
-        &[
-            "--host",
-            "null",
-            "--vif",
-            "",
-            "--control",
-            ctl.to_str().unwrap(),
-        ],
-        &p.join("n.log"),
-    )
-    .unwrap();
+    let (n, sock, ctl) = started("netback", p, NULL_NET);
     // What a local user could prepare at the relay's old path (temp dir + netback's pid): a
     // file (every connection failed with "Not a directory") and a victim file named `s`
     // behind a symlink (netback deleted it).
@@ -363,14 +311,7 @@ fn sighup_is_logged_and_survived() {
 #[test]
 fn an_in_use_check_is_no_front_end_and_front_ends_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
-    let (sock, ctl) = (p.join("b.sock"), p.join("b.ctl"));
-    let d = blkback(
-        &sock,
-        &["--disk", "null:64M", "--control", ctl.to_str().unwrap()],
-        &p.join("b.log"),
-    )
-    .unwrap();
+    let (d, sock, ctl) = started("blkback", dir.path(), NULL_DISK);
     // A second daemon on the same socket finds it in use, without connecting to it.
     let out = blkback_cmd(&["--disk", "null:64M", "--socket", sock.to_str().unwrap()])
         .output()
