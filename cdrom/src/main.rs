@@ -10,7 +10,8 @@ use vback_common::{CommonArgs, init_logging};
 /// Serve a CD-ROM drive (an ISO image or a host drive) to a guest over vhost-user-scsi, with
 /// media change, guest eject and tray lock.
 ///
-/// QEMU attaches it with:
+/// QEMU attaches it with (vhost-user needs the guest's memory shared: size= as -m):
+///   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
 ///   -chardev socket,id=c0,path=SOCK -device vhost-user-scsi-pci,chardev=c0,num_queues=1
 /// The guest sees /dev/sr0 (a removable MMC device).
 #[derive(Debug, Parser)]

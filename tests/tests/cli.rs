@@ -88,6 +88,22 @@ fn every_binary_has_a_complete_help() {
 }
 
 #[test]
+fn qemu_command_lines_in_help_share_guest_memory() {
+    // vhost-user maps the guest's memory: a QEMU command line copied from --help must give
+    // the guest a shared memory backend, or the device cannot start.
+    for bin in ["blkback", "netback", "cdrom"] {
+        let text = stdout(&run(bin, &["--help"]));
+        for must in [
+            "-object memory-backend-memfd,id=mem,size=",
+            ",share=on",
+            "-machine q35,memory-backend=mem",
+        ] {
+            assert!(text.contains(must), "{bin} --help lacks {must}:\n{text}");
+        }
+    }
+}
+
+#[test]
 fn capabilities_follow_qemus_schema() {
     for (bin, ty) in [("blkback", "block"), ("netback", "net"), ("cdrom", "scsi")] {
         let o = run(bin, &["--print-capabilities"]);
