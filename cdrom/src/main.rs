@@ -58,6 +58,14 @@ Example:
         --empty --media-dir /var/lib/isos --media-dir /srv/bob/isos";
 
 fn parse_cd(s: &str) -> Result<PathBuf, String> {
+    // A bare path: the only prefix cdrom takes is tap:cdrom: (the generic uname error would
+    // suggest file:, tap:qcow: or phy:, which are disks, not CDs).
+    let first = s.split(',').next().unwrap_or(s);
+    if !first.contains(':') {
+        return Err(format!(
+            "`{first}` has no prefix: write tap:cdrom:{first} (an ISO image or a host drive)"
+        ));
+    }
     let uname = if s.contains(',') {
         DiskEntry::parse(s).map_err(|e| e.to_string())?.uname
     } else {

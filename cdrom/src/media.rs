@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vback_common::lock::{LockMode, lock_image_patiently};
+use vback_common::lock::{LockError, LockMode, lock_image_patiently};
 
 use crate::MediumError;
 use crate::mmc::Medium;
@@ -343,8 +343,18 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
     } else {
         LockMode::Exclusive
     };
-    lock_image_patiently(&file, &path, mode, std::time::Duration::from_secs(3))
-        .map_err(MediumError::Locked)?;
+    lock_image_patiently(&file, &path, mode, std::time::Duration::from_secs(3)).map_err(
+        |e| match e {
+            // The lock's own words speak of writing, which cdrom never does: say it in
+            // cdrom's terms.
+            LockError::InUse { path, holder, .. } => MediumError::Locked {
+                path,
+                holder,
+                shared,
+            },
+            other => MediumError::Lock(other),
+        },
+    )?;
     Medium::new(path.clone(), file, size).map_err(|e| io("set up the I/O engine for", e))
 }
 

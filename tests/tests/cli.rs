@@ -175,6 +175,18 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
 }
 
 #[test]
+fn cdrom_suggests_only_prefixes_it_takes() {
+    // A bare path: the generic uname error suggests file:, which cdrom then refuses.
+    for spec in ["/srv/isos/install.iso", "/srv/isos/install.iso,hdc:cdrom,r"] {
+        let o = run("cdrom", &["--socket", "/tmp/x", "--disk", spec]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("tap:cdrom:/srv/isos/install.iso"), "{e}");
+        assert!(!e.contains("file:"), "suggests a prefix cdrom refuses: {e}");
+    }
+}
+
+#[test]
 fn vmm_min_names_an_unreadable_kernel() {
     let o = run(
         "vmm-min",
