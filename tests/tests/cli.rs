@@ -175,6 +175,25 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
 }
 
 #[test]
+fn vbimg_summary_names_every_command() {
+    let text = stdout(&run("vbimg", &["--help"]));
+    let summary = text.split("\n\n").next().unwrap_or_default();
+    for cmd in ["create", "info", "check", "convert", "resize"] {
+        assert!(summary.contains(cmd), "the summary omits {cmd}:\n{text}");
+    }
+    for (cmd, opts) in [
+        ("info", &["-U, --force-share", "--output"][..]),
+        ("check", &["-U, --force-share", "--output"][..]),
+        ("convert", &["-U, --force-share"][..]),
+    ] {
+        let text = stdout(&run("vbimg", &[cmd, "--help"]));
+        for o in opts {
+            assert!(text.contains(o), "vbimg {cmd} --help lacks {o}:\n{text}");
+        }
+    }
+}
+
+#[test]
 fn cdrom_suggests_only_prefixes_it_takes() {
     // A bare path: the generic uname error suggests file:, which cdrom then refuses.
     for spec in ["/srv/isos/install.iso", "/srv/isos/install.iso,hdc:cdrom,r"] {

@@ -37,10 +37,13 @@ enum Cmd {
         #[arg(long, short = 'F')]
         backing_format: Option<String>,
     },
-    /// Describe an image (JSON with qemu-img's key names).
+    /// Describe an image: JSON with qemu-img's keys and meanings (qemu-img info --output json).
     Info {
         /// The image.
         file: PathBuf,
+        /// Output format: json only (accepted as in qemu-img info --output json).
+        #[arg(long, value_enum, default_value_t = InfoOutput::Json)]
+        output: InfoOutput,
         #[command(flatten)]
         share: ForceShare,
     },
@@ -49,6 +52,9 @@ enum Cmd {
     Check {
         /// The image.
         file: PathBuf,
+        /// Output format: human (qemu-img check's lines) or json (its JSON keys).
+        #[arg(long, value_enum, default_value_t = CheckOutput::Human)]
+        output: CheckOutput,
         #[command(flatten)]
         share: ForceShare,
     },
@@ -81,6 +87,19 @@ enum Cmd {
         /// The new virtual size.
         size: String,
     },
+}
+
+/// `info --output`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum InfoOutput {
+    Json,
+}
+
+/// `check --output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CheckOutput {
+    Human,
+    Json,
 }
 
 /// `-U`: read an image without locking it.
@@ -221,35 +240,35 @@ fn run(cmd: Cmd) -> Result<u8, String> {
             qcow2::create(&file, bytes, size(&cluster_size)?, b).map_err(|e| e.to_string())?;
             Ok(0)
         }
-        Cmd::Info { file, share } => {
+        Cmd::Info {
+            file,
+            output: InfoOutput::Json,
+            share,
+        } => {
             let img = open(&file, Access::read(share))?;
-            let i = img.info();
-            let actual = std::fs::metadata(&file)
-                .map(|m| m.len())
-                .unwrap_or_default();
-            let v = json!({
-                "filename": file.display().to_string(),
-                "format": "qcow2",
-                "virtual-size": i.size,
-                "actual-size-bytes": actual,
-                "cluster-size": i.cluster_size,
-                "format-specific": {
-                    "type": "qcow2",
-                    "data": {
-                        "compat": if i.version >= 3 { "1.1" } else { "0.10" },
-                        "compression-type": if i.compression == "deflate" { "zlib" } else { i.compression },
-                        "refcount-bits": i.refcount_bits,
-                        "extended-l2": i.extended_l2,
-                    }
-                },
-                "backing-chain": i.backing_chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            });
+            let v = info_json(&file, &img.info());
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(0)
         }
-        Cmd::Check { file, share } => {
+        Cmd::Check {
+            file,
+            output,
+            share,
+        } => {
             let mut img = open(&file, Access::read(share))?;
             let r = img.check().map_err(|e| e.to_string())?;
+            let code = if r.errors > 0 {
+                2
+            } else if r.leaks > 0 {
+                3
+            } else {
+                0
+            };
+            if output == CheckOutput::Json {
+                let v = check_json(&file, &r);
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(code);
+            }
             for m in &r.messages {
                 println!("ERROR {m}");
             }
@@ -265,17 +284,21 @@ fn run(cmd: Cmd) -> Result<u8, String> {
             if r.errors == 0 && r.leaks == 0 {
                 println!("No errors were found on the image.");
             }
-            println!(
-                "{}/{} clusters allocated",
-                r.allocated_clusters, r.total_clusters
-            );
-            Ok(if r.errors > 0 {
-                2
-            } else if r.leaks > 0 {
-                3
-            } else {
-                0
-            })
+            if r.total_clusters != 0 && r.allocated_clusters != 0 {
+                let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
+                println!(
+                    "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+                    r.allocated_clusters,
+                    r.total_clusters,
+                    pct(r.allocated_clusters, r.total_clusters),
+                    pct(r.fragmented_clusters, r.allocated_clusters),
+                    pct(r.compressed_clusters, r.allocated_clusters),
+                );
+            }
+            if r.image_end_offset != 0 {
+                println!("Image end offset: {}", r.image_end_offset);
+            }
+            Ok(code)
         }
         Cmd::Convert {
             src,
@@ -301,6 +324,79 @@ fn run(cmd: Cmd) -> Result<u8, String> {
             Ok(0)
         }
     }
+}
+
+/// `qemu-img info --output json`'s keys and meanings for a qcow2 image (without its
+/// `children`, the file layer).
+fn info_json(file: &Path, i: &qcow2::Info) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt;
+    let filename = file.display().to_string();
+    // Bytes the file takes on disk, as qemu-img's actual-size (holes are not counted).
+    let actual = std::fs::metadata(file)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or_default();
+    let mut data = json!({
+        "compat": if i.version >= 3 { "1.1" } else { "0.10" },
+        "compression-type": if i.compression == "deflate" { "zlib" } else { i.compression },
+        "refcount-bits": i.refcount_bits,
+    });
+    if i.version >= 3 {
+        data["lazy-refcounts"] = json!(i.lazy_refcounts);
+        data["corrupt"] = json!(i.corrupt);
+        data["extended-l2"] = json!(i.extended_l2);
+    }
+    let mut v = json!({
+        "filename": filename,
+        "format": "qcow2",
+        "virtual-size": i.size,
+        "actual-size": actual,
+        "cluster-size": i.cluster_size,
+        "dirty-flag": i.dirty,
+        "format-specific": { "type": "qcow2", "data": data },
+    });
+    if let Some(b) = &i.backing_file {
+        v["backing-filename"] = json!(b);
+        v["full-backing-filename"] = json!(full_backing_filename(&filename, b));
+    }
+    if let Some(f) = &i.backing_format {
+        v["backing-filename-format"] = json!(f);
+    }
+    v
+}
+
+/// qemu's path_combine: a relative backing file name is relative to the image's directory, as
+/// the image was named (no canonicalisation).
+fn full_backing_filename(image: &str, backing: &str) -> String {
+    if backing.starts_with('/') {
+        return backing.to_owned();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}{backing}", &image[..=i]),
+        None => backing.to_owned(),
+    }
+}
+
+/// `qemu-img check --output json`'s keys (a key whose count is 0 is left out, as there).
+fn check_json(file: &Path, r: &qcow2::CheckReport) -> serde_json::Value {
+    let mut v = json!({
+        "filename": file.display().to_string(),
+        "format": "qcow2",
+        "check-errors": 0,
+    });
+    for (key, n) in [
+        ("corruptions", r.errors),
+        ("leaks", r.leaks),
+        ("image-end-offset", r.image_end_offset),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ] {
+        if n != 0 {
+            v[key] = json!(n);
+        }
+    }
+    v
 }
 
 /// Where converted data comes from or goes to.
