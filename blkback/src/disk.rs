@@ -50,7 +50,9 @@ pub enum DiskError {
         problem: String,
     },
     /// Another process has the image.
-    #[error(transparent)]
+    #[error(
+        "{0}, or, if you know the image is not used elsewhere, start blkback with --mode w! (writable, without locking)"
+    )]
     Locked(#[from] LockError),
     /// A resize that cannot be done.
     #[error("resize refused: {0}")]

@@ -9,7 +9,7 @@ use vback_common::{CommonArgs, init_logging};
 
 /// Serve a disk image or host block device to a guest over vhost-user-blk.
 ///
-/// QEMU attaches it with:
+/// QEMU attaches it with (vhost-user needs the guest's memory shared: size= as -m):
 ///   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
 ///   -chardev socket,id=d0,path=SOCK -device vhost-user-blk-pci,chardev=d0,num-queues=N
 #[derive(Debug, Parser)]

@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vback_common::lock::LockError;
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
 use crate::control::CdControl;
@@ -108,11 +107,28 @@ pub enum MediumError {
     /// A `--media-dir` that is not a directory.
     #[error("--media-dir {0} is not a directory")]
     MediaDirNotDir(PathBuf),
-    /// Another daemon or QEMU has it.
+    /// Another daemon or QEMU has it (cdrom itself only reads media).
     #[error(
-        "{0} (each CD image or drive serves one guest at a time; start both daemons with --shared to share read-only media)"
+        "{path} is in use{holder}: {}",
+        if *shared {
+            "that process does not share it (a cdrom daemon started without --shared, or a \
+             writer); stop it, or restart that cdrom daemon with --shared"
+        } else {
+            "each CD image or drive serves one guest at a time; stop that user, or, to share \
+             the medium read-only, start every cdrom daemon using it with --shared"
+        }
     )]
-    Locked(LockError),
+    Locked {
+        /// The medium.
+        path: PathBuf,
+        /// " by pid N (name)" when the holder could be found, else empty.
+        holder: String,
+        /// Whether this daemon was started with --shared.
+        shared: bool,
+    },
+    /// The lock could not be taken for another reason.
+    #[error(transparent)]
+    Lock(vback_common::lock::LockError),
 }
 
 /// Why the cdrom daemon could not run.

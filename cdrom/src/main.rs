@@ -10,7 +10,8 @@ use vback_common::{CommonArgs, init_logging};
 /// Serve a CD-ROM drive (an ISO image or a host drive) to a guest over vhost-user-scsi, with
 /// media change, guest eject and tray lock.
 ///
-/// QEMU attaches it with:
+/// QEMU attaches it with (vhost-user needs the guest's memory shared: size= as -m):
+///   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
 ///   -chardev socket,id=c0,path=SOCK -device vhost-user-scsi-pci,chardev=c0,num_queues=1
 /// The guest sees /dev/sr0 (a removable MMC device).
 #[derive(Debug, Parser)]
@@ -57,6 +58,14 @@ Example:
         --empty --media-dir /var/lib/isos --media-dir /srv/bob/isos";
 
 fn parse_cd(s: &str) -> Result<PathBuf, String> {
+    // A bare path: the only prefix cdrom takes is tap:cdrom: (the generic uname error would
+    // suggest file:, tap:qcow: or phy:, which are disks, not CDs).
+    let first = s.split(',').next().unwrap_or(s);
+    if !first.contains(':') {
+        return Err(format!(
+            "`{first}` has no prefix: write tap:cdrom:{first} (an ISO image or a host drive)"
+        ));
+    }
     let arg = DiskArg::parse(s).map_err(|e| e.to_string())?;
     if arg.mode.is_some_and(DiskMode::writable) {
         return Err(format!(

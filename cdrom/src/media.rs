@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vback_common::lock::{ImageLock, LockMode};
+use vback_common::lock::{ImageLock, LockError, LockMode};
 
 use crate::MediumError;
 use crate::mmc::Medium;
@@ -344,8 +344,19 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
         LockMode::Exclusive
     };
     // Not on `file`, which the engine registers with io_uring (see ImageLock).
-    let lock = ImageLock::acquire(&file, &path, mode, std::time::Duration::from_secs(3))
-        .map_err(MediumError::Locked)?;
+    let lock =
+        ImageLock::acquire(&file, &path, mode, std::time::Duration::from_secs(3)).map_err(|e| {
+            match e {
+                // The lock's own words speak of writing, which cdrom never does: say it in
+                // cdrom's terms.
+                LockError::InUse { path, holder, .. } => MediumError::Locked {
+                    path,
+                    holder,
+                    shared,
+                },
+                other => MediumError::Lock(other),
+            }
+        })?;
     Ok(Medium::new(path.clone(), file, size)
         .map_err(|e| io("set up the I/O engine for", e))?
         .with_lock(lock))

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -611,16 +611,17 @@ impl Daemon {
             // Nothing a client does ends the daemon: a connection that cannot be set up (no
             // descriptors left, a failed accept) is logged and retried after a pause, and the
             // front end waiting in the backlog is served once resources are back.
-            let (mut daemon, peer) = match self.accept_frontend(listener, &backend, on_connection) {
-                Ok(d) => d,
-                Err(e) => {
-                    crate::warn_limited!(
-                        "cannot take a front end connection on {listen_desc}: {e}; retrying"
-                    );
-                    self.pause(RETRY_PAUSE);
-                    continue;
-                }
-            };
+            let (mut daemon, peer, memory) =
+                match self.accept_frontend(listener, &backend, on_connection) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        crate::warn_limited!(
+                            "cannot take a front end connection on {listen_desc}: {e}; retrying"
+                        );
+                        self.pause(RETRY_PAUSE);
+                        continue;
+                    }
+                };
             let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
             state.connected.store(true, Ordering::Release);
             *self.stop.lock_current() = daemon.shutdown_handle();
@@ -646,7 +647,12 @@ impl Daemon {
                     vhost::vhost_user::Error::Disconnected
                     | vhost::vhost_user::Error::PartialMessage,
                 )) => log::info!("front end #{serial} disconnected"),
-                Err(e) => log::warn!("front end #{serial} disconnected after an error: {e}"),
+                Err(e) => match unshared_memory(&e, memory.memory().num_regions()) {
+                    Some(what) => log::error!(
+                        "front end #{serial} disconnected after an error: {e}: {what}; {UNSHARED_MEMORY_HINT}"
+                    ),
+                    None => log::warn!("front end #{serial} disconnected after an error: {e}"),
+                },
             }
             *self.stop.lock_current() = None;
             for h in daemon.get_epoll_handlers() {
@@ -663,6 +669,43 @@ impl Daemon {
     }
 }
 
+/// The guest memory of one connection, as the vhost-user handler maps it.
+type Memory<B> = GuestMemoryAtomic<GuestMemoryMmap<<B as VhostUserBackend>::Bitmap>>;
+
+/// A front end taken: its handler, who it is, and its guest memory.
+type Accepted<B> = (VhostUserDaemon<B>, Option<crate::socket::Peer>, Memory<B>);
+
+/// What to do when a front end's guest memory cannot be used by another process: QEMU's
+/// default RAM is private (anonymous, or a memory backend without `share=on`).
+pub const UNSHARED_MEMORY_HINT: &str = "guest memory is not shared: start QEMU with a shared \
+     memory backend (-object memory-backend-memfd,id=mem,size=...,share=on -machine \
+     memory-backend=mem)";
+
+/// Whether `e`, which ended a connection after which `regions` guest memory regions were
+/// mapped, comes from guest memory the front end did not share, and if so how it showed.
+///
+/// vhost-user-backend maps the regions itself before any backend code sees them, so this is
+/// told from the error it returns: a region whose descriptor cannot be mapped (the mapping
+/// error of vm-memory), or ring addresses given while no memory was ever mapped (QEMU with
+/// private RAM sends no region at all, then the rings; the handler answers "invalid
+/// parameters").
+fn unshared_memory(e: &vhost_user_backend::Error, regions: usize) -> Option<&'static str> {
+    use vhost::vhost_user::Error as VuError;
+    match e {
+        vhost_user_backend::Error::HandleRequest(VuError::ReqHandlerError(io))
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<vm_memory::mmap::MmapRegionError>()) =>
+        {
+            Some("a guest memory region it sent cannot be mapped")
+        }
+        vhost_user_backend::Error::HandleRequest(VuError::InvalidParam) if regions == 0 => {
+            Some("it set up the rings without sharing any guest memory")
+        }
+        _ => None,
+    }
+}
+
 /// How long the serve loop waits before it retries a connection it could not set up.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -673,17 +716,17 @@ impl Daemon {
         listener: &mut Listener,
         backend: &B,
         on_connection: &F,
-    ) -> Result<(VhostUserDaemon<B>, Option<crate::socket::Peer>), String>
+    ) -> Result<Accepted<B>, String>
     where
         B: Servable,
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
     {
-        let mut daemon = VhostUserDaemon::new(
-            self.info.name.to_owned(),
-            backend.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new()),
-        )
-        .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
+        // The handler replaces the memory in this atomic (shared with our clone) when the front
+        // end's memory table is mapped: after the connection, it tells whether one ever was.
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
+        let mut daemon =
+            VhostUserDaemon::new(self.info.name.to_owned(), backend.clone(), memory.clone())
+                .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
         on_connection(&daemon.get_epoll_handlers())
             .map_err(|e| format!("cannot register the device's event sources: {e}"))?;
         // At debug level every connection is relayed, so that each message is logged.
@@ -694,7 +737,7 @@ impl Daemon {
             daemon.start(listener).map_err(|e| e.to_string())?;
             None
         };
-        Ok((daemon, peer))
+        Ok((daemon, peer, memory))
     }
 
     /// Waits for `d` or until the daemon is asked to stop.
@@ -1036,6 +1079,24 @@ mod tests {
             sock.exists(),
             "an inherited socket's file belongs to whoever bound it"
         );
+    }
+
+    #[test]
+    fn unshared_guest_memory_is_told_from_other_errors() {
+        use vhost::vhost_user::Error as VuError;
+        let err = |e| vhost_user_backend::Error::HandleRequest(e);
+        let mmap = err(VuError::ReqHandlerError(io::Error::other(
+            vm_memory::mmap::MmapRegionError::Mmap(io::Error::from_raw_os_error(libc::ENODEV)),
+        )));
+        assert!(unshared_memory(&mmap, 0).is_some());
+        assert!(unshared_memory(&mmap, 1).is_some());
+        // Ring addresses refused while no memory was ever mapped: QEMU with private RAM.
+        assert!(unshared_memory(&err(VuError::InvalidParam), 0).is_some());
+        // The same refusal with memory mapped is a plain bad request.
+        assert!(unshared_memory(&err(VuError::InvalidParam), 1).is_none());
+        let other = err(VuError::ReqHandlerError(io::Error::other("no")));
+        assert!(unshared_memory(&other, 0).is_none());
+        assert!(unshared_memory(&err(VuError::InvalidMessage), 0).is_none());
     }
 
     #[test]

@@ -53,9 +53,7 @@ pub enum LockMode {
 #[derive(Debug, Error)]
 pub enum LockError {
     /// Another process holds a conflicting lock.
-    #[error(
-        "{path} is in use{holder}: it {conflict}; stop that user first (or, if sharing is really intended, use mode w!)"
-    )]
+    #[error("{path} is in use{holder}: it {conflict}; stop that user first")]
     InUse {
         /// The image.
         path: PathBuf,

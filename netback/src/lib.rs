@@ -15,7 +15,7 @@ pub mod rate;
 pub mod tap;
 pub mod vhost;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -158,6 +158,29 @@ struct NetControl {
     hotplug: Mutex<Value>,
 }
 
+impl NetControl {
+    /// The bridge the interface is on now, as the kernel has it (the hotplug script chose it:
+    /// `bridge=`, or for vif-bridge without it the first bridge on the host); `None` without a
+    /// tap or when the tap is not a bridge port.
+    fn bridge(&self) -> Option<String> {
+        match self.config.host {
+            Host::Tap => bridge_of(&self.config.ifname),
+            Host::Null { .. } => None,
+        }
+    }
+}
+
+/// The bridge `ifname` is a port of, from sysfs (`master` links to the bridge).
+fn bridge_of(ifname: &str) -> Option<String> {
+    let master = std::fs::read_link(format!("/sys/class/net/{ifname}/master")).ok()?;
+    let name = master.file_name()?.to_str()?.to_owned();
+    Path::new("/sys/class/net")
+        .join(&name)
+        .join("bridge")
+        .is_dir()
+        .then_some(name)
+}
+
 impl ControlHandler for NetControl {
     fn status(&self) -> Value {
         let rate = |r: Option<vback_common::spec::Rate>| {
@@ -168,7 +191,7 @@ impl ControlHandler for NetControl {
             "mac": self.config.mac.to_string(),
             "vifname": self.config.ifname,
             "queues": self.config.queues,
-            "bridge": self.config.vif.bridge,
+            "bridge": self.bridge(),
             "ip": self.config.vif.ip.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "hotplug": *lock(&self.hotplug),
             "rate": rate(self.config.vif.rate),
@@ -211,7 +234,10 @@ pub fn run(config: Config) -> Result<(), NetbackError> {
                 let _ = tap::set_link_up(tap.name(), false);
                 return Err(e.into());
             }
-            log::info!("{} online: connected", h.path.display());
+            match bridge_of(tap.name()) {
+                Some(b) => log::info!("{} online: connected, on bridge {b}", h.path.display()),
+                None => log::info!("{} online: connected", h.path.display()),
+            }
             hotplug_status = json!({"status": "connected", "script": h.path});
             Some(h)
         }

@@ -11,7 +11,8 @@ use vback_common::{CommonArgs, init_logging};
 /// Serve a guest network interface over vhost-user-net; the host side is a kernel tap that
 /// Xen-style hotplug scripts put on a bridge, a route or a NAT.
 ///
-/// QEMU attaches it with:
+/// QEMU attaches it with (vhost-user needs the guest's memory shared: size= as -m):
+///   -object memory-backend-memfd,id=mem,size=1G,share=on -machine q35,memory-backend=mem
 ///   -chardev socket,id=n0,path=SOCK -netdev vhost-user,id=net0,chardev=n0
 ///   -device virtio-net-pci,netdev=net0
 #[derive(Debug, Parser)]

@@ -40,6 +40,7 @@ fn writers_exclude_each_other_across_blkback_and_qemu() {
         "{msg}"
     );
     assert!(msg.contains("(blkback)"), "the holder is named: {msg}");
+    assert!(msg.contains("start blkback with --mode w!"), "{msg}");
     let q = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 4k"])
         .arg(&image)
@@ -90,6 +91,88 @@ fn writers_exclude_each_other_across_blkback_and_qemu() {
         &d.join("w.log"),
     )
     .unwrap();
+}
+
+fn vbimg(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(workspace_bin("vbimg").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// vbimg refuses an image a running blkback writes, naming its own -U (not blkback's w!), and
+/// with -U reads it as qemu-img -U does: info, check and convert's source; writing commands
+/// stay refused.
+#[test]
+fn vbimg_reads_an_image_in_use_only_with_force_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.qcow2");
+    let img = image.to_str().unwrap();
+    let (code, _, err) = vbimg(&["create", img, "64M"]);
+    assert_eq!(code, 0, "{err}");
+    let disk = format!("tap:qcow2:{img}");
+    let mut a = blkback(&d.join("a.sock"), &["--disk", &disk], &d.join("a.log")).unwrap();
+
+    for cmd in [
+        vec!["info", img],
+        vec!["check", img],
+        vec![
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            img,
+            "/nonexistent/x.raw",
+        ],
+    ] {
+        let (code, _, err) = vbimg(&cmd);
+        assert_eq!(code, 1, "{cmd:?} is refused: {err}");
+        assert!(
+            err.contains("in use by pid") && err.contains("(blkback)"),
+            "{err}"
+        );
+        assert!(err.contains("pass -U (--force-share)"), "{cmd:?}: {err}");
+        assert!(!err.contains("w!"), "names blkback's mode: {err}");
+    }
+    let (code, out, err) = vbimg(&["info", "-U", img]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["virtual-size"], 64u64 << 20, "{v}");
+    let (code, out, err) = vbimg(&["check", "--force-share", img]);
+    assert!(code == 0 || code == 3, "{out}{err}");
+    assert!(out.contains("Image end offset: "), "{out}");
+    let copy = d.join("copy.raw");
+    let (code, _, err) = vbimg(&[
+        "convert",
+        "-U",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        img,
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 64 << 20);
+
+    // Writing commands have no -U: their refusal offers none.
+    let (code, _, err) = vbimg(&["resize", img, "128M"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("in use") && !err.contains("-U") && !err.contains("w!"),
+        "{err}"
+    );
+    assert_eq!(
+        a.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0)
+    );
 }
 
 /// A QEMU tool run that wants the image in a way a running daemon's lock forbids.

@@ -420,3 +420,54 @@ fn media_insert_takes_only_images_and_drives_under_the_media_directories() {
         "{bad}"
     );
 }
+
+/// A disc another daemon holds is refused in cdrom's terms: it names cdrom's --shared (cdrom
+/// has no mode w!) and does not call a read-only disc "opened for write". No guest needed.
+#[test]
+fn a_disc_in_use_is_refused_naming_cdroms_own_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let disc = d.join("disc.iso");
+    std::fs::write(&disc, vec![0u8; 64 * 2048]).unwrap();
+    let spec = format!("tap:cdrom:{}", disc.display());
+    let mut first = cdrom(d, &d.join("a.sock"), &d.join("a.ctl"), &["--disk", &spec]).unwrap();
+    for (name, extra, says) in [
+        ("b", None, "start every cdrom daemon using it with --shared"),
+        (
+            "c",
+            Some("--shared"),
+            "restart that cdrom daemon with --shared",
+        ),
+    ] {
+        let mut args = vec!["--disk", spec.as_str()];
+        args.extend(extra);
+        let msg = cdrom(
+            d,
+            &d.join(format!("{name}.sock")),
+            &d.join(format!("{name}.ctl")),
+            &args,
+        )
+        .unwrap_err();
+        assert!(msg.contains(says), "{msg}");
+        assert!(msg.contains("in use by pid"), "{msg}");
+        for wrong in ["w!", "opened for write"] {
+            assert!(!msg.contains(wrong), "names `{wrong}`: {msg}");
+        }
+    }
+    first.terminate(Duration::from_secs(5));
+    // Daemons that all pass --shared share the disc.
+    let _a = cdrom(
+        d,
+        &d.join("d.sock"),
+        &d.join("d.ctl"),
+        &["--disk", &spec, "--shared"],
+    )
+    .unwrap();
+    let _b = cdrom(
+        d,
+        &d.join("e.sock"),
+        &d.join("e.ctl"),
+        &["--disk", &spec, "--shared"],
+    )
+    .unwrap();
+}

@@ -88,6 +88,22 @@ fn every_binary_has_a_complete_help() {
 }
 
 #[test]
+fn qemu_command_lines_in_help_share_guest_memory() {
+    // vhost-user maps the guest's memory: a QEMU command line copied from --help must give
+    // the guest a shared memory backend, or the device cannot start.
+    for bin in ["blkback", "netback", "cdrom"] {
+        let text = stdout(&run(bin, &["--help"]));
+        for must in [
+            "-object memory-backend-memfd,id=mem,size=",
+            ",share=on",
+            "-machine q35,memory-backend=mem",
+        ] {
+            assert!(text.contains(must), "{bin} --help lacks {must}:\n{text}");
+        }
+    }
+}
+
+#[test]
 fn capabilities_follow_qemus_schema() {
     for (bin, ty) in [("blkback", "block"), ("netback", "net"), ("cdrom", "scsi")] {
         let o = run(bin, &["--print-capabilities"]);
@@ -155,6 +171,37 @@ fn bad_configuration_strings_are_refused_with_the_part_named() {
         let o = run(bin, args);
         assert_eq!(o.status.code(), Some(2), "{bin} {args:?}");
         assert!(stderr(&o).contains(says), "{bin} {args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn vbimg_summary_names_every_command() {
+    let text = stdout(&run("vbimg", &["--help"]));
+    let summary = text.split("\n\n").next().unwrap_or_default();
+    for cmd in ["create", "info", "check", "convert", "resize"] {
+        assert!(summary.contains(cmd), "the summary omits {cmd}:\n{text}");
+    }
+    for (cmd, opts) in [
+        ("info", &["-U, --force-share", "--output"][..]),
+        ("check", &["-U, --force-share", "--output"][..]),
+        ("convert", &["-U, --force-share"][..]),
+    ] {
+        let text = stdout(&run("vbimg", &[cmd, "--help"]));
+        for o in opts {
+            assert!(text.contains(o), "vbimg {cmd} --help lacks {o}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn cdrom_suggests_only_prefixes_it_takes() {
+    // A bare path: the generic uname error suggests file:, which cdrom then refuses.
+    for spec in ["/srv/isos/install.iso", "/srv/isos/install.iso,hdc:cdrom,r"] {
+        let o = run("cdrom", &["--socket", "/tmp/x", "--disk", spec]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains("tap:cdrom:/srv/isos/install.iso"), "{e}");
+        assert!(!e.contains("file:"), "suggests a prefix cdrom refuses: {e}");
     }
 }
 

@@ -470,6 +470,45 @@ check r10 'iperf3 -c 10.235.0.20 -t 5 -O 1 | tail -3'
     }
 }
 
+/// `status` tells which bridge the interface is on when vif-bridge chose it (no `bridge=`: the
+/// first bridge on the host), and none when no script put it on one. No guest needed.
+#[test]
+fn status_names_the_bridge_the_script_joined() {
+    let _guests = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let dom0 = Netns::new("dom0").unwrap();
+    dom0.sh("ip link add xbr7 type bridge && ip link set xbr7 up")
+        .unwrap();
+    let status = |vif: &str, dom: &str| {
+        let sock = dir.path().join(format!("net{dom}.sock"));
+        let ctl = dir.path().join(format!("net{dom}.ctl"));
+        let mut d = dom0
+            .netback(
+                &sock,
+                &[
+                    "--domain",
+                    dom,
+                    "--vif",
+                    vif,
+                    "--control",
+                    ctl.to_str().unwrap(),
+                ],
+                &dir.path().join(format!("net{dom}.log")),
+            )
+            .unwrap();
+        let st = ControlClient::connect(&ctl)
+            .unwrap()
+            .call("status", Value::Null)
+            .unwrap();
+        d.terminate(Duration::from_secs(10));
+        st
+    };
+    let st = status("mac=00:16:3e:00:07:01", "7");
+    assert_eq!(st["device"]["bridge"], "xbr7", "{st}");
+    let st = status("mac=00:16:3e:00:08:01,script=none", "8");
+    assert_eq!(st["device"]["bridge"], Value::Null, "{st}");
+}
+
 /// A failing hotplug script: netback reports the script's message, takes the port down and
 /// exits; the tap does not outlive it.
 #[test]

@@ -192,6 +192,16 @@ pub struct Info {
     pub backing_chain: Vec<PathBuf>,
     /// L2 tables the caches may hold in total.
     pub cache_tables: usize,
+    /// The backing file name as the header stores it (relative to the image if relative).
+    pub backing_file: Option<String>,
+    /// The backing file's format as the header records it.
+    pub backing_format: Option<String>,
+    /// The dirty bit (refcounts may be stale: lazy refcounts and no clean close).
+    pub dirty: bool,
+    /// The corrupt bit.
+    pub corrupt: bool,
+    /// The lazy refcounts compatible feature.
+    pub lazy_refcounts: bool,
 }
 
 /// What [`Image::check`] found.
@@ -203,10 +213,26 @@ pub struct CheckReport {
     pub errors: u64,
     /// The first errors, as sentences.
     pub messages: Vec<String>,
-    /// Host clusters in use.
+    /// Guest clusters the image itself maps (data, compressed, or zeroes with a host cluster),
+    /// as `qemu-img check` counts them; clusters left to the backing file are not counted.
     pub allocated_clusters: u64,
     /// Guest clusters of the virtual disk.
     pub total_clusters: u64,
+    /// Of the allocated clusters, those not right after the previous one in the file, and the
+    /// compressed ones (as `qemu-img check` counts them).
+    pub fragmented_clusters: u64,
+    /// Of the allocated clusters, the compressed ones.
+    pub compressed_clusters: u64,
+    /// The end of the last host cluster in use.
+    pub image_end_offset: u64,
+}
+
+/// Guest clusters as [`CheckReport`] counts them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Allocation {
+    allocated: u64,
+    fragmented: u64,
+    compressed: u64,
 }
 
 /// An open qcow2 image and its backing chain.
@@ -566,6 +592,11 @@ impl Image {
                 Compression::Zstd => "zstd",
             },
             backing_chain: self.layers[1..].iter().map(|l| l.path.clone()).collect(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,
+            corrupt: h.incompatible & header::INCOMPAT_CORRUPT != 0,
+            lazy_refcounts: h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0,
             cache_tables: self
                 .layers
                 .iter()
@@ -1059,7 +1090,7 @@ impl Image {
     /// How many times the metadata references each host cluster of the top image (header, L1,
     /// refcount table and blocks, L2 tables, data and compressed clusters), up to the end of
     /// the file.
-    fn count_references(&mut self) -> Result<Vec<u64>> {
+    fn count_references(&mut self) -> Result<(Vec<u64>, Allocation)> {
         let cs = self.cluster_size();
         let file_len = self.layers[0]
             .file
@@ -1108,11 +1139,15 @@ impl Image {
             }
         }
         let l1 = self.top().l1.clone();
+        let mut alloc = Allocation::default();
         for e in &l1 {
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
+            // Where the next data cluster would be if this table's clusters were contiguous in
+            // the file (qemu-img check's fragmentation, judged within each L2 table).
+            let mut next_contiguous = 0u64;
             refer(self, l2, cs, "an L2 table")?;
             let table = self.table(0, l2)?.clone();
             let step = if h.extended_l2() { 2 } else { 1 };
@@ -1124,13 +1159,22 @@ impl Image {
                     {
                         refer(self, host & !511, sectors * 512, "a compressed cluster")?;
                     }
+                    // Compressed clusters count as fragmented (qemu: they are by nature).
+                    alloc.allocated += 1;
+                    alloc.compressed += 1;
+                    alloc.fragmented += 1;
                 } else if e & OFFSET_MASK != 0 {
                     let host = e & OFFSET_MASK & !(cs - 1);
                     refer(self, host, cs, "a data cluster")?;
+                    alloc.allocated += 1;
+                    if next_contiguous != 0 && host != next_contiguous {
+                        alloc.fragmented += 1;
+                    }
+                    next_contiguous = host + cs;
                 }
             }
         }
-        Ok(want)
+        Ok((want, alloc))
     }
 
     /// The stored refcount of every host cluster below `clusters`.
@@ -1156,14 +1200,20 @@ impl Image {
     /// Compares the stored refcounts with the references, as `qemu-img check` does: clusters
     /// with a refcount higher than their references are leaks, lower are errors.
     pub fn check(&mut self) -> Result<CheckReport> {
-        let want = self.count_references()?;
+        let (want, alloc) = self.count_references()?;
         let have = self.stored_refcounts(want.len() as u64)?;
         let cs = self.cluster_size();
-        let mut r = CheckReport::default();
+        let mut r = CheckReport {
+            allocated_clusters: alloc.allocated,
+            fragmented_clusters: alloc.fragmented,
+            compressed_clusters: alloc.compressed,
+            image_end_offset: want
+                .iter()
+                .rposition(|&w| w > 0)
+                .map_or(0, |c| (c as u64 + 1) * cs),
+            ..CheckReport::default()
+        };
         for (c, (&w, &h)) in want.iter().zip(&have).enumerate() {
-            if w > 0 {
-                r.allocated_clusters += 1;
-            }
             if h > w {
                 r.leaks += 1;
             } else if h < w {
@@ -1186,7 +1236,7 @@ impl Image {
     fn repair_refcounts(&mut self) -> Result<()> {
         let cs = self.cluster_size();
         let h = self.top().h.clone();
-        let want = self.count_references()?;
+        let (want, _) = self.count_references()?;
         let clusters = want.len() as u64;
         // New refcount blocks go past everything referenced.
         self.end = self.end.max(clusters * cs);

@@ -143,6 +143,16 @@ impl VifSpec {
             if value.is_empty() {
                 return Err(bad("the value is empty".into()));
             }
+            // `bridge=br0 mac=...`: keys separated by a space instead of a comma.
+            if let Some(next) = value.split_whitespace().skip(1).find(|w| {
+                w.split_once('=')
+                    .is_some_and(|(k, _)| VIF_KEYS.contains(&k))
+            }) {
+                let first = value.split_whitespace().next().unwrap_or_default();
+                return Err(bad(format!(
+                    "the value contains a space; separate keys with commas, as in `{key}={first},{next}`"
+                )));
+            }
             match key {
                 "bridge" => {
                     check_ifname(value)
@@ -225,17 +235,17 @@ impl VifSpec {
 
 /// Linux interface names: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
 fn check_ifname(name: &str) -> Result<(), &'static str> {
+    if name.chars().any(char::is_whitespace) {
+        return Err("it contains white space");
+    }
+    if name.chars().any(|c| c == '/' || c == ':' || c.is_control()) {
+        return Err("it contains '/', ':' or a control character");
+    }
     if name.len() > 15 {
         return Err("longer than 15 characters");
     }
     if name == "." || name == ".." {
         return Err("`.` and `..` are reserved");
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err("it contains '/', ':' or white space");
     }
     Ok(())
 }
@@ -302,6 +312,24 @@ mod tests {
             ("bridge=br 0", "bridge", "white space"),
             ("mtu=20", "mtu", "68 to 65535"),
             ("mtu=big", "mtu", "68 to 65535"),
+            // A space instead of a comma between keys.
+            (
+                "bridge=br0 mac=00:16:3e:4f:94:a9",
+                "bridge",
+                "the value contains a space; separate keys with commas, as in \
+                 `bridge=br0,mac=00:16:3e:4f:94:a9`",
+            ),
+            (
+                "ip=10.0.0.2 10.0.0.3 script=vif-route",
+                "ip",
+                "separate keys with commas, as in `ip=10.0.0.2,script=vif-route`",
+            ),
+            (
+                "vifname=a-long-name mtu=1500",
+                "vifname",
+                "contains a space",
+            ),
+            ("bridge=a-very-long-bridge name", "bridge", "white space"),
         ] {
             let e = VifSpec::parse(input).unwrap_err();
             assert_eq!(e.part, part, "{input}: {e}");
