@@ -421,6 +421,16 @@ fn fill(file: &Path, size: u64) -> Result<(), String> {
     f.sync_all().map_err(|e| e.to_string())
 }
 
+/// The one-minute load average (/proc/loadavg).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The run with the median IOPS (the first error if any run failed).
 fn median(mut runs: Vec<Result<Result1, String>>) -> Result<Result1, String> {
     if let Some(e) = runs.iter().find_map(|r| r.as_ref().err()) {
@@ -507,11 +517,20 @@ pub fn run(args: &Args) -> Result<(), String> {
     let idle_rss = idle.pid().and_then(rss_kib);
     idle.terminate(Duration::from_secs(5));
 
+    // A ratio taken while other work loads the machine is not a result: record the load.
+    let load = load_average();
+    match load {
+        Some(l) if l >= 1.0 => eprintln!(
+            "warning: load average {l:.2} at the start (1 or more): other work is running, and \
+             the ratios below will not hold on a quiet machine"
+        ),
+        _ => {}
+    }
     let mut rows = Vec::new();
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | blkback IOPS | qsd IOPS | blkback/qsd | host fio IOPS | blkback/fio |"
+        "| workload | blkback IOPS | qsd IOPS | blkback/qsd min / median / max | host fio IOPS | blkback/fio |"
     );
     let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|");
     for w in selected {
@@ -565,6 +584,23 @@ pub fn run(args: &Args) -> Result<(), String> {
                 _ => Err("-".to_string()),
             });
         }
+        // The ratio of each round (blkback and qsd measured back to back), then its spread.
+        let mut ratios: Vec<f64> = bbs
+            .iter()
+            .zip(&qss)
+            .filter_map(|(a, b)| match (a, b) {
+                (Ok(a), Ok(b)) if b.iops > 0.0 => Some(a.iops / b.iops),
+                _ => None,
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let spread = (!ratios.is_empty()).then(|| {
+            (
+                ratios[0],
+                ratios[ratios.len() / 2],
+                ratios[ratios.len() - 1],
+            )
+        });
         let (bb, qs, fio) = (median(bbs), median(qss), median(fios));
         let show = |r: &Result<Result1, String>| match r {
             Ok(r) if r.errors > 0 => format!("{:.0} ({} errors)", r.iops, r.errors),
@@ -581,7 +617,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             w.name,
             show(&bb),
             show(&qs),
-            ratio(&bb, &qs),
+            spread.map_or_else(
+                || "-".into(),
+                |(lo, mid, hi)| format!("{lo:.2}× / {mid:.2}× / {hi:.2}×")
+            ),
             show(&fio),
             ratio(&bb, &fio)
         );
@@ -596,10 +635,15 @@ pub fn run(args: &Args) -> Result<(), String> {
             Err(e) => json!({"error": e}),
         };
         rows.push(
-            json!({"workload": w.name, "blkback": j(&bb), "qsd": j(&qs), "host_fio": j(&fio)}),
+            json!({"workload": w.name, "blkback": j(&bb), "qsd": j(&qs), "host_fio": j(&fio),
+                   "blkback_per_qsd": spread.map(|(lo, mid, hi)| json!({"min": lo, "median": mid, "max": hi}))}),
         );
     }
     println!("{table}");
+    match load {
+        Some(l) => println!("load average at the start: {l:.2}"),
+        None => println!("load average at the start: unknown"),
+    }
     match idle_rss {
         Some(k) => println!(
             "blkback idle RSS (file disk, 1 queue): {:.1} MiB",
@@ -608,7 +652,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         None => println!("blkback idle RSS: unknown"),
     }
     if let Some(p) = &args.json {
-        let doc = json!({"seconds": args.seconds, "size": args.size, "repeat": args.repeat, "results": rows, "blkback_idle_rss_kib": idle_rss});
+        let doc = json!({"seconds": args.seconds, "size": args.size, "repeat": args.repeat, "load_average": load, "results": rows, "blkback_idle_rss_kib": idle_rss});
         std::fs::write(p, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", p.display()))?;
     }
