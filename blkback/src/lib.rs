@@ -1,18 +1,15 @@
 //! blkback: a vhost-user-blk backend on io_uring, Xen's blkback for KVM guests.
 //!
 //! - [`virtio`]: the virtio-blk request model and configuration space (transport-free);
-//! - [`disk`]: opening what backs the disk (raw files, qcow2 images, block devices, the null
-//!   device), locks, resize;
-//! - [`qcow2`]: the qcow2 format layer (metadata, allocation, backing chains);
 //! - [`worker`]: one worker per queue, turning requests into io_uring operations;
 //! - [`vhost`]: the only module that knows vhost-user;
 //! - [`control`]: `status`, `stats` and `resize` on the control socket.
 //!
-//! [`run`] wires them to the shared daemon ([`vback_common::Daemon`]).
+//! The disk itself (raw files, qcow2 images, block devices, the null device, their locks and
+//! the I/O engine) comes from the storage library, [`vback_block`]. [`run`] wires them to the
+//! shared daemon ([`vback_common::Daemon`]).
 
 pub mod control;
-pub mod disk;
-pub mod qcow2;
 pub mod stats;
 pub mod vhost;
 pub mod virtio;
@@ -22,13 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use thiserror::Error;
-use vback_common::engine::{EngineChoice, open_engine};
-use vback_common::lock::LockMode;
+use vback_block::disk::{Disk, DiskError, DiskOptions};
+use vback_block::engine::{EngineChoice, open_engine};
+use vback_block::lock::LockMode;
 use vback_common::spec::{DiskMode, DiskUname};
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
 use crate::control::BlkControl;
-use crate::disk::{Disk, DiskError, DiskOptions};
 use crate::stats::QueueStats;
 use crate::vhost::BlkBackend;
 use crate::virtio::Limits;
@@ -62,7 +59,7 @@ pub struct Config {
     pub poll: std::time::Duration,
     /// qcow2 images: metadata cache size and backing chain policy (`writable` is set from
     /// `mode`).
-    pub qcow2: qcow2::OpenOptions,
+    pub qcow2: vback_block::qcow2::OpenOptions,
     /// Daemon options.
     pub common: CommonArgs,
 }

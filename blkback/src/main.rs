@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use vback_common::engine::EngineChoice;
+use vback_block::engine::EngineChoice;
 use vback_common::spec::{DiskArg, DiskMode};
 use vback_common::{CommonArgs, init_logging};
 
@@ -79,7 +79,7 @@ struct Args {
     backing_dir: Vec<std::path::PathBuf>,
 
     /// The longest qcow2 backing chain accepted (images below the top one).
-    #[arg(long, value_name = "N", default_value_t = blkback::qcow2::DEFAULT_MAX_DEPTH)]
+    #[arg(long, value_name = "N", default_value_t = vback_block::qcow2::DEFAULT_MAX_DEPTH)]
     backing_depth: usize,
 
     #[command(flatten)]
@@ -163,10 +163,10 @@ fn main() -> ExitCode {
             Engine::ThreadPool => EngineChoice::ThreadPool,
         },
         poll: std::time::Duration::from_micros(args.poll_us),
-        qcow2: blkback::qcow2::OpenOptions {
+        qcow2: vback_block::qcow2::OpenOptions {
             writable: false,
             cache_bytes: args.qcow2_cache_size,
-            backing: blkback::qcow2::BackingPolicy {
+            backing: vback_block::qcow2::BackingPolicy {
                 max_depth: args.backing_depth,
                 allowed_dirs: args.backing_dir,
                 any_dir: matches!(args.backing_policy, BackingPolicyArg::Relaxed),

@@ -12,14 +12,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use vback_common::engine::{Completion, Engine, Op, Submit};
+use vback_block::disk::{Disk, DiskKind};
+use vback_block::engine::{Completion, Engine, Op, Submit};
 use vback_common::sync::lock;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::disk::{Disk, DiskKind};
 use crate::stats::QueueStats;
 use crate::virtio::{self, Limits, Parsed, Request, SECTOR, Status};
 
@@ -1090,11 +1090,11 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::{Disk, DiskOptions};
     use crate::virtio::Limits;
     use std::os::unix::fs::FileExt;
-    use vback_common::engine::{EngineChoice, open_engine};
-    use vback_common::lock::LockMode;
+    use vback_block::disk::{Disk, DiskOptions};
+    use vback_block::engine::{EngineChoice, open_engine};
+    use vback_block::lock::LockMode;
     use vback_common::spec::DiskUname;
     use vback_common::testing::MockQueue;
     use virtio_bindings::virtio_blk::*;

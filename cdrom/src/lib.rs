@@ -128,7 +128,7 @@ pub enum MediumError {
     },
     /// The lock could not be taken for another reason.
     #[error(transparent)]
-    Lock(vback_common::lock::LockError),
+    Lock(vback_block::lock::LockError),
 }
 
 /// Why the cdrom daemon could not run.

@@ -18,7 +18,8 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vback_common::lock::{ImageLock, LockError, LockMode};
+use vback_block::device_size;
+use vback_block::lock::{ImageLock, LockError, LockMode};
 
 use crate::MediumError;
 use crate::mmc::Medium;
@@ -326,18 +327,7 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
         path: path.clone(),
         source,
     };
-    let meta = file.metadata().map_err(|e| io("inspect", e))?;
-    let size = if meta.file_type().is_block_device() {
-        let mut v: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 into `v`, which lives for the call.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut v) };
-        if r < 0 {
-            return Err(io("read the size of", std::io::Error::last_os_error()));
-        }
-        v
-    } else {
-        meta.len()
-    };
+    let size = device_size(&file).map_err(|e| io("read the size of", e))?;
     let mode = if shared {
         LockMode::Shared
     } else {

@@ -8,8 +8,8 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vback_common::engine::{Engine, EngineChoice, EngineFiles, Op, Submit, open_engine};
-use vback_common::lock::ImageLock;
+use vback_block::engine::{Engine, EngineChoice, EngineFiles, Op, Submit, open_engine};
+use vback_block::lock::ImageLock;
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;

@@ -5,13 +5,13 @@
 //! - [`control`]: the line-delimited JSON control protocol, server and client;
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
+//!
+//! Storage (the I/O engine, image locks, disks and their formats) is the `vback-block` crate's.
 
 pub mod chain;
 pub mod control;
 pub mod daemon;
-pub mod engine;
 pub mod exit;
-pub mod lock;
 pub mod logging;
 pub mod notify;
 pub mod ring;

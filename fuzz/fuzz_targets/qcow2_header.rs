@@ -5,8 +5,8 @@
 
 use std::io::Write;
 
-use blkback::qcow2::{Header, Image, OpenOptions};
 use libfuzzer_sys::fuzz_target;
+use vback_block::qcow2::{Header, Image, OpenOptions};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(h) = Header::parse(data, data.len() as u64) else {

@@ -2,8 +2,8 @@
 //! or to a mapping that stays inside the cluster and moves forward.
 #![no_main]
 
-use blkback::qcow2::l2::{Ext, decode_l2};
 use libfuzzer_sys::fuzz_target;
+use vback_block::qcow2::l2::{Ext, decode_l2};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 27 {

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use blkback::qcow2::{BackingPolicy, Image, OpenOptions};
+use vback_block::qcow2::{BackingPolicy, Image, OpenOptions};
 use vback_tests::qemu_tools::{path_str as s, qcow2_create, qcow2_overlay, qemu_img, qemu_io};
 
 const MIB: u64 = 1 << 20;

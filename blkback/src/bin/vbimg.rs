@@ -1,13 +1,14 @@
-//! vbimg: qcow2 image tools built on blkback's format layer (the same code that serves guests).
+//! vbimg: qcow2 image tools built on vback-block's format layer (the same code that serves
+//! guests).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use blkback::qcow2::{self, BackingPolicy, Image, OpenOptions};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use thiserror::Error;
-use vback_common::lock::{LockError, LockMode, lock_image_patiently};
+use vback_block::lock::{LockError, LockMode, lock_image_patiently};
+use vback_block::qcow2::{self, BackingPolicy, Image, OpenOptions};
 
 /// qcow2 image tools: create, info, check, convert, resize. They agree with `qemu-img` and take
 /// the same locks as QEMU and blkback, so an image in use is refused (info, check and convert's

@@ -1,12 +1,12 @@
 //! qcow2-crash-writer IMAGE SEED FLUSH_EVERY: applies the operation stream of SEED to the qcow2
-//! image through blkback's format layer, flushing after every FLUSH_EVERY operations and then
+//! image through vback-block's format layer, flushing after every FLUSH_EVERY operations and then
 //! printing `flushed N` (N operations are durable), until it is killed. The qcow2 crash test
 //! kills it with SIGKILL at random moments.
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use blkback::qcow2::{Image, OpenOptions};
+use vback_block::qcow2::{Image, OpenOptions};
 use vback_tests::qcow2_ops::{Qcow2Op, Qcow2Ops};
 
 fn main() -> ExitCode {

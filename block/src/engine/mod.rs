@@ -152,7 +152,7 @@ pub fn open_engine(
         EngineChoice::Auto => match IoUringEngine::new(files, depth) {
             Ok(e) => Ok(Box::new(e)),
             Err(e) => {
-                crate::warn_limited!(
+                vback_common::warn_limited!(
                     "io_uring is unavailable ({e}); using the thread-pool engine (preadv/pwritev), \
                      which is slower"
                 );

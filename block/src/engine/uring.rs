@@ -146,7 +146,7 @@ impl Engine for IoUringEngine {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
-                    crate::error_limited!("waiting for in-flight I/O failed: {e}");
+                    vback_common::error_limited!("waiting for in-flight I/O failed: {e}");
                     return;
                 }
             }

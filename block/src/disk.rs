@@ -1,7 +1,7 @@
 //! What backs the virtual disk: a raw image file, a host block device, or the null device.
 //!
 //! Opening is where policy lives: the format always comes from the spec (never probed), the
-//! image is locked the way QEMU locks it (see `vback_common::lock`), images are opened with
+//! image is locked the way QEMU locks it (see [`crate::lock`]), images are opened with
 //! O_DIRECT unless the operator asks for the page cache, and a second, buffered descriptor is
 //! kept for the rare request whose buffers O_DIRECT cannot take.
 
@@ -13,12 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vback_common::engine::EngineFiles;
-use vback_common::lock::{ImageLock, LockError, LockMode};
 use vback_common::spec::{DiskUname, ImageFormat};
 
+use crate::engine::EngineFiles;
+use crate::lock::{ImageLock, LockError, LockMode};
 use crate::qcow2::{self, Image, Qcow2Error};
-use crate::virtio::SECTOR;
+
+/// The unit of a disk's capacity: the 512-byte sector virtio-blk counts in. A size that is not
+/// a multiple is rounded down.
+pub const SECTOR: u64 = 512;
 
 /// Why a disk could not be opened or changed.
 #[derive(Debug, Error)]
@@ -163,6 +166,16 @@ fn ioctl_u64(file: &File, req: libc::c_ulong) -> std::io::Result<u64> {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(v)
+    }
+}
+
+/// The size in bytes of an open regular file or host block device (`BLKGETSIZE64`).
+pub fn device_size(file: &File) -> std::io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        ioctl_u64(file, BLKGETSIZE64)
+    } else {
+        Ok(meta.len())
     }
 }
 
@@ -324,7 +337,7 @@ impl Disk {
         let (size, physical_block, discard) = if let Some(img) = &image {
             (img.size(), (meta.blksize() as u32).clamp(512, 65536), true)
         } else if is_block {
-            let size = ioctl_u64(&main, BLKGETSIZE64).map_err(|e| io("read the size of", e))?;
+            let size = device_size(&main).map_err(|e| io("read the size of", e))?;
             let pbs = ioctl_u64(&main, BLKPBSZGET).unwrap_or(512) as u32;
             (size, pbs, block_discard_supported(&meta))
         } else {
@@ -457,7 +470,7 @@ impl Disk {
                     ));
                 }
                 let path = self.path().map(Path::to_path_buf).unwrap_or_default();
-                ioctl_u64(&f.main, BLKGETSIZE64).map_err(|source| DiskError::Io {
+                device_size(&f.main).map_err(|source| DiskError::Io {
                     op: "read the size of",
                     path,
                     source,

@@ -1,4 +1,4 @@
-//! qcow2 images: the format layer (metadata only; the worker moves guest data).
+//! qcow2 images: the format layer (metadata only; blkback's worker moves guest data).
 //!
 //! - [`header`]: the header and its extensions, validated;
 //! - [`l2`]: L2 entry decoding (standard, compressed, extended L2) and the bounded L2 cache;
@@ -28,8 +28,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::lock::{ImageLock, LockMode};
 use thiserror::Error;
-use vback_common::lock::{ImageLock, LockMode};
 
 pub use create::create;
 pub use header::{Compression, Header, HeaderError};
@@ -733,7 +733,7 @@ impl Image {
     /// Like [`Image::map_direct`], for ranges that are data in the top image but not at
     /// consecutive host offsets: fills `extents` with (host offset, length) pieces in guest
     /// order and returns true if the whole range is data (referenced once, for a write) in at
-    /// most `max` pieces. The worker queues them one after the other on the engine.
+    /// most `max` pieces. blkback's worker queues them one after the other on the engine.
     pub fn map_extents(
         &mut self,
         guest: u64,
