@@ -23,7 +23,7 @@ for a in "$@"; do
 done
 BINS=(blkback netback cdrom usbback bridge vmm-min vbctl vbimg)
 if [ "$BUILD" = 1 ]; then
-  (cd "$ROOT" && cargo build --profile "${PROFILE/debug/dev}" --locked $(printf -- '-p %s ' blkback netback cdrom usbback bridge vmm-min vbctl))
+  (cd "$ROOT" && cargo build --profile "${PROFILE/debug/dev}" --locked $(printf -- '-p %s ' blkback netback cdrom usbback bridge vmm-min vbctl vbimg))
 fi
 install -d "$DESTDIR$PREFIX/bin" "$DESTDIR$SCRIPT_DIR"
 for b in "${BINS[@]}"; do

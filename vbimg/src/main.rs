@@ -1,5 +1,5 @@
 //! vbimg: qcow2 image tools built on vback-block's format layer (the same code that serves
-//! guests).
+//! guests in blkback).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
