@@ -4,6 +4,8 @@
 //!   after a front end disconnects, systemd socket activation and readiness, clean shutdown;
 //! - [`control`]: the line-delimited JSON control protocol, server and client;
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
+//! - [`vhost_user`]: the vhost-user back-end core (the request handler, vrings, worker
+//!   threads) and the [`vhost_user::VhostUserBackend`] trait every backend implements;
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
 
 pub mod chain;
@@ -20,6 +22,7 @@ pub mod socket;
 pub mod spec;
 pub mod sync;
 pub mod testing;
+pub mod vhost_user;
 
 pub use daemon::{
     CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, fatal, init_logging,
