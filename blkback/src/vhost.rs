@@ -3,22 +3,17 @@
 //! config-space reads, and sends the config-change message when the disk is resized.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use vback_common::exit::ExitEvents;
 use vback_common::sync::lock;
+use vback_common::vhost_user::{BackendChannel, VhostUserBackend, VringEpollHandler};
 
-use vhost::vhost_user::Backend;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::virtio::{BlkConfig, CONFIG_WCE_OFFSET};
 use crate::worker::{Device, Mem, Vring, Worker};
@@ -34,10 +29,8 @@ struct Inner {
     workers: Vec<Mutex<Worker>>,
     queue_size: u16,
     acked: AtomicU64,
-    /// Our own duplicate of the back-end request channel (for CONFIG_CHANGE_MSG).
-    channel: Mutex<Option<OwnedFd>>,
-    /// The worker threads' exit eventfds, reused across connections.
-    exit: ExitEvents,
+    /// The back-end request channel of the connected front end (for CONFIG_CHANGE_MSG).
+    channel: Mutex<Option<BackendChannel>>,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -49,7 +42,7 @@ impl std::fmt::Debug for BlkBackend {
 }
 
 /// The epoll token of a worker's engine completion eventfd (queue tokens are 0..num_queues and
-/// the exit event is num_queues).
+/// the worker's wake-up event is num_queues).
 pub fn completion_token(num_queues: usize) -> u64 {
     num_queues as u64 + 1
 }
@@ -64,7 +57,6 @@ impl BlkBackend {
                 queue_size,
                 acked: AtomicU64::new(0),
                 channel: Mutex::new(None),
-                exit: ExitEvents::new(),
             }),
         }
     }
@@ -147,128 +139,20 @@ impl BlkBackend {
     /// and interrupts the guest. Returns false if no front end offered a back-end channel.
     pub fn notify_config_change(&self) -> bool {
         let guard = lock(&self.inner.channel);
-        let Some(fd) = guard.as_ref() else {
+        let Some(channel) = guard.as_ref() else {
             return false;
         };
-        // struct VhostUserMsg header: request = VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2),
-        // flags = version 1 (no NEED_REPLY: no answer to wait for), size = 0.
-        let mut msg = [0u8; 12];
-        msg[0..4].copy_from_slice(&2u32.to_le_bytes());
-        msg[4..8].copy_from_slice(&1u32.to_le_bytes());
-        // SAFETY: `fd` is our own duplicate of the channel socket; `msg` is valid for its length.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n != msg.len() as isize {
-            log::warn!(
-                "cannot send the config-change message: {}",
-                io::Error::last_os_error()
-            );
-            return false;
+        match channel.config_changed() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("{e}");
+                false
+            }
         }
-        true
     }
-}
-
-/// Finds the back-end request channel QEMU just handed over (SET_BACKEND_REQ_FD) and returns a
-/// duplicate of it. The vhost crate wraps that socket in a `Backend` that can only send
-/// shared-object and shmem messages, not CONFIG_CHANGE_MSG, and does not expose the socket; the
-/// channel is recognised instead as the one unnamed unix stream socket of this process whose
-/// peer is another process (the front-end connection is named after our listening socket,
-/// control connections after the control socket, internal socket pairs peer with ourselves,
-/// and descriptors 0–2 are skipped).
-fn find_backend_channel() -> Option<OwnedFd> {
-    let me = std::process::id();
-    let mut found: Option<RawFd> = None;
-    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
-        if fd <= 2 {
-            continue;
-        }
-        let Ok(link) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        if !link.to_string_lossy().starts_with("socket:") {
-            continue;
-        }
-        // SAFETY: borrowing an open descriptor of our own process for the duration of a few
-        // getsockopt/getsockname calls; ManuallyDrop keeps it from being closed.
-        let sock = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
-        let Ok(addr) = sock.local_addr() else {
-            continue;
-        };
-        if addr.as_pathname().is_some() || !addr.is_unnamed() {
-            continue;
-        }
-        if !is_stream(fd) {
-            continue;
-        }
-        match peer_pid(fd) {
-            Some(pid) if pid != me && pid != 0 => {}
-            _ => continue,
-        }
-        if found.is_some() {
-            log::warn!("several candidate back-end channels; resize notifications are disabled");
-            return None;
-        }
-        found = Some(fd);
-    }
-    let fd = found?;
-    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new descriptor we own.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if dup < 0 {
-        return None;
-    }
-    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-    Some(unsafe { OwnedFd::from_raw_fd(dup) })
-}
-
-fn is_stream(fd: RawFd) -> bool {
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_TYPE writes one int into `ty`; both pointers are valid for the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut ty).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && ty == libc::SOCK_STREAM
-}
-
-fn peer_pid(fd: RawFd) -> Option<u32> {
-    // SAFETY: an all-zero ucred is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes a ucred into `cred`; both pointers are valid for the call.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then(|| u32::try_from(cred.pid).ok()).flatten()
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -358,22 +242,12 @@ impl VhostUserBackend for BlkBackend {
         ))
     }
 
-    fn set_backend_req_fd(&self, _backend: Backend) {
-        let ch = find_backend_channel();
-        if ch.is_none() {
-            log::warn!(
-                "could not identify the back-end request channel; the guest will not be told about resizes"
-            );
-        }
-        *lock(&self.inner.channel) = ch;
+    fn set_backend_req_fd(&self, channel: BackendChannel) {
+        *lock(&self.inner.channel) = Some(channel);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.inner.workers.len()).map(|i| 1u64 << i).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.inner.exit.get(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

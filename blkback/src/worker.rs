@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vback_block::disk::{Disk, DiskKind};
 use vback_block::engine::{Completion, Engine, Op, Submit};
 use vback_common::sync::lock;
-use vhost_user_backend::{VringRwLock, VringT};
+use vback_common::vhost_user::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};

@@ -3,18 +3,16 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
-use vback_common::exit::ExitEvents;
 use vback_common::sync::lock;
+use vback_common::vhost_user::{VhostUserBackend, VringRwLock, VringT};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::mmc::Cdrom;
 use crate::virtio_scsi::{handle_command, handle_control};
@@ -35,8 +33,6 @@ pub struct CdBackend {
 struct Inner {
     cd: Arc<Mutex<Cdrom>>,
     mem: Mutex<Option<Arc<Mem>>>,
-    /// The worker thread's exit eventfd, reused across connections.
-    exit: ExitEvents,
     #[cfg(test)]
     between_pop_and_enable: tests::Hook,
 }
@@ -48,7 +44,6 @@ impl CdBackend {
             inner: Arc::new(Inner {
                 cd,
                 mem: Mutex::new(None),
-                exit: ExitEvents::new(),
                 #[cfg(test)]
                 between_pop_and_enable: tests::Hook::default(),
             }),
@@ -118,7 +113,6 @@ impl CdBackend {
 }
 
 impl VhostUserBackend for CdBackend {
-    type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -156,10 +150,6 @@ impl VhostUserBackend for CdBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![0b111]
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.inner.exit.get(thread_index)
     }
 
     fn handle_event(

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,15 +18,13 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use thiserror::Error;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringEpollHandler};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{ControlHandler, ControlLimits, ControlServer, DaemonInfo};
 use crate::notify;
 use crate::socket::{BindError, SocketPerms, bind_unix_with};
+use crate::vhost_user::{Connection, SetupError, VhostUserBackend, VringEpollHandler};
 
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -346,7 +344,8 @@ pub struct StopHandle {
 struct StopInner {
     stopping: AtomicBool,
     event: EventFd,
-    current: Mutex<Option<ShutdownHandle>>,
+    /// The front end's socket while one is served (shut down to end its connection).
+    current: Mutex<Option<Arc<UnixStream>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -372,8 +371,8 @@ impl StopHandle {
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         let _ = self.inner.event.write(1);
-        if let Some(h) = self.lock_current().as_ref() {
-            h.shutdown();
+        if let Some(s) = self.lock_current().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -382,35 +381,19 @@ impl StopHandle {
         self.inner.stopping.load(Ordering::Acquire)
     }
 
-    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<UnixStream>>> {
         crate::sync::lock(&self.inner.current)
     }
 }
 
-/// A backend the daemon can serve: what `vhost_user_backend::VhostUserDaemon` needs of it.
+/// A backend the daemon can serve: a [`VhostUserBackend`] cloned into each connection.
 pub trait Servable:
-    VhostUserBackend<
-        Bitmap: vhost_user_backend::bitmap::BitmapReplace
-                    + vm_memory::mmap::NewBitmap
-                    + Clone
-                    + Send
-                    + Sync,
-        Vring: Clone + Send + Sync,
-    > + Clone
-    + 'static
+    VhostUserBackend<Vring: Clone + Send + Sync + 'static> + Clone + 'static
 {
 }
 
 impl<T> Servable for T where
-    T: VhostUserBackend<
-            Bitmap: vhost_user_backend::bitmap::BitmapReplace
-                        + vm_memory::mmap::NewBitmap
-                        + Clone
-                        + Send
-                        + Sync,
-            Vring: Clone + Send + Sync,
-        > + Clone
-        + 'static
+    T: VhostUserBackend<Vring: Clone + Send + Sync + 'static> + Clone + 'static
 {
 }
 
@@ -422,7 +405,6 @@ pub struct Daemon {
     stop: StopHandle,
     handle_signals: bool,
     on_disconnect: Option<Box<dyn Fn() + Send>>,
-    early_enable_relay: bool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -448,7 +430,6 @@ impl Daemon {
             stop: StopHandle::new().map_err(DaemonError::Setup)?,
             handle_signals: true,
             on_disconnect: None,
-            early_enable_relay: false,
         })
     }
 
@@ -463,14 +444,6 @@ impl Daemon {
     /// resets per-connection state there).
     pub fn on_disconnect(mut self, f: impl Fn() + Send + 'static) -> Self {
         self.on_disconnect = Some(Box::new(f));
-        self
-    }
-
-    /// Relay each connection through [`crate::shim`], which answers the SET_VRING_ENABLE that
-    /// QEMU's vhost-user netdev sends before SET_FEATURES (vhost-user-backend would refuse it
-    /// and drop the connection).
-    pub fn with_early_enable_relay(mut self) -> Self {
-        self.early_enable_relay = true;
         self
     }
 
@@ -550,8 +523,10 @@ impl Daemon {
         if self.handle_signals {
             install_signal_handlers(self.stop.clone())?;
         }
-        let mut listener = Listener::from(listener);
-        let result = self.serve_loop(&mut listener, &state, backend, &listen_desc, &on_connection);
+        // Readiness comes from epoll; a connection gone from the backlog by the time it is
+        // accepted must not block the loop.
+        listener.set_nonblocking(true).map_err(DaemonError::Setup)?;
+        let result = self.serve_loop(&listener, &state, backend, &listen_desc, &on_connection);
         notify::notify("STOPPING=1");
         drop(listener);
         if let Some(p) = created_path {
@@ -563,7 +538,7 @@ impl Daemon {
 
     fn serve_loop<B, F>(
         &self,
-        listener: &mut Listener,
+        listener: &UnixListener,
         state: &State,
         backend: B,
         listen_desc: &str,
@@ -611,43 +586,38 @@ impl Daemon {
             // Nothing a client does ends the daemon: a connection that cannot be set up (no
             // descriptors left, a failed accept) is logged and retried after a pause, and the
             // front end waiting in the backlog is served once resources are back.
-            let (mut daemon, peer, memory) =
-                match self.accept_frontend(listener, &backend, on_connection) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        crate::warn_limited!(
-                            "cannot take a front end connection on {listen_desc}: {e}; retrying"
-                        );
-                        self.pause(RETRY_PAUSE);
-                        continue;
-                    }
-                };
+            let (mut conn, frontend) = match self.accept_frontend(listener, &backend, on_connection)
+            {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    crate::warn_limited!(
+                        "cannot take a front end connection on {listen_desc}: {e}; retrying"
+                    );
+                    self.pause(RETRY_PAUSE);
+                    continue;
+                }
+            };
+            let frontend = Arc::new(frontend);
             let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
             state.connected.store(true, Ordering::Release);
-            *self.stop.lock_current() = daemon.shutdown_handle();
+            *self.stop.lock_current() = Some(frontend.clone());
             if self.stop.is_stopping() {
-                daemon.request_shutdown();
+                let _ = frontend.shutdown(std::net::Shutdown::Both);
             }
-            // Who connected: the relay knows; otherwise look for the accepted socket (after the
-            // state above is updated: the front end is already being served).
-            let peer = peer.or_else(|| {
-                // SAFETY: the listener's descriptor stays open for the whole borrow (`listener`
-                // is borrowed for this function and outlives the call).
-                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-                crate::socket::accepted_peer(fd)
-            });
-            let who = peer.map_or_else(|| "peer unknown".to_owned(), |p| p.to_string());
+            let who = {
+                use std::os::fd::AsFd;
+                crate::socket::peer_of(frontend.as_fd())
+                    .map_or_else(|| "peer unknown".to_owned(), |p| p.to_string())
+            };
             log::info!("front end #{serial} connected ({who})");
             notify::status(&format!("serving front end #{serial} on {listen_desc}"));
 
-            match daemon.wait() {
+            // The front end's requests are served on this thread until it hangs up (even
+            // mid-message: that is how a front end ends a session) or a request is refused.
+            match conn.serve(&frontend) {
                 Ok(()) => log::info!("front end #{serial} disconnected"),
-                // A hang-up (even mid-message) is how a front end ends a session.
-                Err(vhost_user_backend::Error::HandleRequest(
-                    vhost::vhost_user::Error::Disconnected
-                    | vhost::vhost_user::Error::PartialMessage,
-                )) => log::info!("front end #{serial} disconnected"),
-                Err(e) => match unshared_memory(&e, memory.memory().num_regions()) {
+                Err(e) => match e.unshared_memory() {
                     Some(what) => log::error!(
                         "front end #{serial} disconnected after an error: {e}: {what}; {UNSHARED_MEMORY_HINT}"
                     ),
@@ -655,11 +625,9 @@ impl Daemon {
                 },
             }
             *self.stop.lock_current() = None;
-            for h in daemon.get_epoll_handlers() {
-                h.send_exit_event();
-            }
-            // Dropping the daemon joins its worker threads.
-            drop(daemon);
+            // Dropping the connection stops and joins its worker threads.
+            drop(conn);
+            drop(frontend);
             state.connected.store(false, Ordering::Release);
             if let Some(f) = &self.on_disconnect {
                 f();
@@ -669,75 +637,53 @@ impl Daemon {
     }
 }
 
-/// The guest memory of one connection, as the vhost-user handler maps it.
-type Memory<B> = GuestMemoryAtomic<GuestMemoryMmap<<B as VhostUserBackend>::Bitmap>>;
-
-/// A front end taken: its handler, who it is, and its guest memory.
-type Accepted<B> = (VhostUserDaemon<B>, Option<crate::socket::Peer>, Memory<B>);
-
 /// What to do when a front end's guest memory cannot be used by another process: QEMU's
 /// default RAM is private (anonymous, or a memory backend without `share=on`).
 pub const UNSHARED_MEMORY_HINT: &str = "guest memory is not shared: start QEMU with a shared \
      memory backend (-object memory-backend-memfd,id=mem,size=...,share=on -machine \
      memory-backend=mem)";
 
-/// Whether `e`, which ended a connection after which `regions` guest memory regions were
-/// mapped, comes from guest memory the front end did not share, and if so how it showed.
-///
-/// vhost-user-backend maps the regions itself before any backend code sees them, so this is
-/// told from the error it returns: a region whose descriptor cannot be mapped (the mapping
-/// error of vm-memory), or ring addresses given while no memory was ever mapped (QEMU with
-/// private RAM sends no region at all, then the rings; the handler answers "invalid
-/// parameters").
-fn unshared_memory(e: &vhost_user_backend::Error, regions: usize) -> Option<&'static str> {
-    use vhost::vhost_user::Error as VuError;
-    match e {
-        vhost_user_backend::Error::HandleRequest(VuError::ReqHandlerError(io))
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<vm_memory::mmap::MmapRegionError>()) =>
-        {
-            Some("a guest memory region it sent cannot be mapped")
-        }
-        vhost_user_backend::Error::HandleRequest(VuError::InvalidParam) if regions == 0 => {
-            Some("it set up the rings without sharing any guest memory")
-        }
-        _ => None,
-    }
-}
-
 /// How long the serve loop waits before it retries a connection it could not set up.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Why the next front end could not be taken.
+#[derive(Debug, Error)]
+enum AcceptError {
+    /// Its vrings or worker threads could not be built.
+    #[error("{0}")]
+    Setup(#[from] SetupError),
+    /// The device could not register its event sources with the worker threads.
+    #[error("cannot register the device's event sources: {0}")]
+    Register(io::Error),
+    /// accept(2) failed.
+    #[error("accept: {0}")]
+    Accept(io::Error),
+}
+
 impl Daemon {
-    /// Builds the vhost-user handler for the next connection and accepts the front end.
+    /// Builds the vhost-user connection for the next front end (vrings, worker threads) and
+    /// accepts it. `None` if nobody was waiting after all.
     fn accept_frontend<B, F>(
         &self,
-        listener: &mut Listener,
+        listener: &UnixListener,
         backend: &B,
         on_connection: &F,
-    ) -> Result<Accepted<B>, String>
+    ) -> Result<Option<(Connection<B>, UnixStream)>, AcceptError>
     where
         B: Servable,
         F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
     {
-        // The handler replaces the memory in this atomic (shared with our clone) when the front
-        // end's memory table is mapped: after the connection, it tells whether one ever was.
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<B::Bitmap>::new());
-        let mut daemon =
-            VhostUserDaemon::new(self.info.name.to_owned(), backend.clone(), memory.clone())
-                .map_err(|e| format!("cannot create the vhost-user handler: {e}"))?;
-        on_connection(&daemon.get_epoll_handlers())
-            .map_err(|e| format!("cannot register the device's event sources: {e}"))?;
-        // At debug level every connection is relayed, so that each message is logged.
-        let relay = self.early_enable_relay || log::log_enabled!(log::Level::Debug);
-        let peer = if relay {
-            self.start_relayed(&mut daemon, listener, backend.num_queues())?
-        } else {
-            daemon.start(listener).map_err(|e| e.to_string())?;
-            None
-        };
-        Ok((daemon, peer, memory))
+        // Everything the connection needs comes first, the front end last: should resources
+        // run out, it stays in the backlog until they are back.
+        let conn = Connection::new(backend.clone())?;
+        on_connection(conn.epoll_handlers()).map_err(AcceptError::Register)?;
+        match listener.accept() {
+            // accept(2) gives a blocking socket whatever the listener's mode.
+            Ok((stream, _)) => Ok(Some((conn, stream))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(AcceptError::Accept(e)),
+        }
     }
 
     /// Waits for `d` or until the daemon is asked to stop.
@@ -752,69 +698,6 @@ impl Daemon {
         // `revents` field.
         unsafe { libc::poll(&mut pfd, 1, ms) };
     }
-
-    /// Accepts the front end ourselves and hands vhost-user-backend the other end of a relay.
-    ///
-    /// vhost-user-backend accepts only from a listener, so the relay's inner end is a listener
-    /// bound in a fresh private directory (mkdtemp: a new, unpredictable name, mode 0700, owned
-    /// by us); it is connected at once and its path removed before the handler accepts, so no
-    /// other process can reach it and nothing at a shared, predictable path is ever touched.
-    fn start_relayed<B: Servable>(
-        &self,
-        daemon: &mut VhostUserDaemon<B>,
-        listener: &mut Listener,
-        num_queues: usize,
-    ) -> Result<Option<crate::socket::Peer>, String> {
-        let frontend = loop {
-            match listener.accept() {
-                Ok(Some(s)) => break s,
-                Ok(None) => continue,
-                Err(e) => return Err(format!("accept: {e}")),
-            }
-        };
-        let peer = {
-            use std::os::fd::AsFd;
-            crate::socket::peer_of(frontend.as_fd())
-        };
-        let (inner, ours) = private_socket_pair().map_err(|e| format!("relay socket: {e}"))?;
-        daemon
-            .start(&mut Listener::from(inner))
-            .map_err(|e| e.to_string())?;
-        std::thread::Builder::new()
-            .name("vu-relay-in".into())
-            .spawn({
-                let answer_early = self.early_enable_relay;
-                move || crate::shim::relay(frontend, ours, num_queues, answer_early)
-            })
-            .map_err(|e| format!("cannot start the relay thread: {e}"))?;
-        Ok(peer)
-    }
-}
-
-/// A listening socket with one connection already pending on it, and that connection's
-/// client end; the listener's path (in a private mkdtemp directory) is gone when this returns.
-fn private_socket_pair() -> io::Result<(UnixListener, std::os::unix::net::UnixStream)> {
-    use std::os::unix::ffi::OsStrExt;
-    let template = std::env::temp_dir().join("vback-relay-XXXXXX");
-    let mut buf = template.as_os_str().as_bytes().to_vec();
-    buf.push(0);
-    // SAFETY: `buf` is a NUL-terminated, writable template ending in XXXXXX, as mkdtemp(3)
-    // requires; it rewrites those six bytes in place and touches nothing else.
-    let p = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    buf.pop();
-    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf));
-    let path = dir.join("s");
-    let result = (|| {
-        let l = UnixListener::bind(&path)?;
-        let s = std::os::unix::net::UnixStream::connect(&path)?;
-        Ok((l, s))
-    })();
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
-    result
 }
 
 /// SIGTERM/SIGINT stop the daemon; a second one exits at once. SIGHUP (a closed terminal, or
@@ -856,13 +739,9 @@ mod tests {
     use vhost::VhostBackend;
     use vhost::vhost_user::message::VhostUserProtocolFeatures;
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost_user_backend::VringRwLock;
     use vmm_sys_util::epoll::EventSet;
-    use vmm_sys_util::event::{
-        EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-    };
 
-    type Gm = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+    use crate::vhost_user::{Memory, VringRwLock};
 
     /// The smallest backend: one queue, no device logic; counts feature negotiations.
     #[derive(Clone, Default)]
@@ -871,8 +750,7 @@ mod tests {
     }
 
     impl VhostUserBackend for Nop {
-        type Bitmap = ();
-        type Vring = VringRwLock<Gm>;
+        type Vring = VringRwLock<Memory>;
         fn num_queues(&self) -> usize {
             1
         }
@@ -890,11 +768,8 @@ mod tests {
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
         }
         fn set_event_idx(&self, _enabled: bool) {}
-        fn update_memory(&self, _mem: Gm) -> std::io::Result<()> {
+        fn update_memory(&self, _mem: Memory) -> std::io::Result<()> {
             Ok(())
-        }
-        fn exit_event(&self, _t: usize) -> Option<(EventConsumer, EventNotifier)> {
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
         }
         fn handle_event(
             &self,
@@ -1083,20 +958,38 @@ mod tests {
 
     #[test]
     fn unshared_guest_memory_is_told_from_other_errors() {
-        use vhost::vhost_user::Error as VuError;
-        let err = |e| vhost_user_backend::Error::HandleRequest(e);
-        let mmap = err(VuError::ReqHandlerError(io::Error::other(
-            vm_memory::mmap::MmapRegionError::Mmap(io::Error::from_raw_os_error(libc::ENODEV)),
-        )));
-        assert!(unshared_memory(&mmap, 0).is_some());
-        assert!(unshared_memory(&mmap, 1).is_some());
+        use crate::vhost_user::{ConnectionError, RequestError};
+        let refused = |source| ConnectionError::Refused {
+            request: "SET_MEM_TABLE",
+            source,
+        };
+        let mmap = refused(RequestError::Map {
+            gpa: 0,
+            size: 1 << 20,
+            source: vm_memory::mmap::MmapRegionError::Mmap(io::Error::from_raw_os_error(
+                libc::ENODEV,
+            )),
+        });
+        assert!(mmap.unshared_memory().is_some());
         // Ring addresses refused while no memory was ever mapped: QEMU with private RAM.
-        assert!(unshared_memory(&err(VuError::InvalidParam), 0).is_some());
-        // The same refusal with memory mapped is a plain bad request.
-        assert!(unshared_memory(&err(VuError::InvalidParam), 1).is_none());
-        let other = err(VuError::ReqHandlerError(io::Error::other("no")));
-        assert!(unshared_memory(&other, 0).is_none());
-        assert!(unshared_memory(&err(VuError::InvalidMessage), 0).is_none());
+        assert!(
+            refused(RequestError::NoGuestMemory { ring: 0 })
+                .unshared_memory()
+                .is_some()
+        );
+        // Ring addresses outside the memory that was mapped are a plain bad request.
+        let outside = refused(RequestError::OutsideMemory {
+            ring: 0,
+            what: "descriptor table",
+            addr: 0x1000,
+        });
+        assert!(outside.unshared_memory().is_none());
+        assert!(
+            refused(RequestError::Device(io::Error::other("no")))
+                .unshared_memory()
+                .is_none()
+        );
+        assert!(ConnectionError::TooManyFds.unshared_memory().is_none());
     }
 
     #[test]

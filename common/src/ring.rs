@@ -582,7 +582,7 @@ impl<'m> SplitRing<'m> {
 mod tests {
     use super::*;
     use crate::testing::{MockQueue, WRITE};
-    use vhost_user_backend::VringT;
+    use crate::vhost_user::VringT;
     use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 
     fn setup(size: u16) -> (GuestMemoryAtomic<GuestMemoryMmap<()>>, MockQueue) {

@@ -216,69 +216,6 @@ pub fn peer_of(fd: std::os::fd::BorrowedFd<'_>) -> Option<Peer> {
     })
 }
 
-/// The peer of the connection that was accepted from `listener` and is open in this process
-/// (the vhost-user library accepts the front end itself and keeps the socket to itself; the
-/// daemon serves one front end at a time, so there is at most one). Found by looking for a
-/// connected socket whose local address is the listener's.
-pub fn accepted_peer(listener: std::os::fd::BorrowedFd<'_>) -> Option<Peer> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let local = |fd: i32| -> Option<Vec<u8>> {
-        // SAFETY: an all-zero sockaddr_un is a valid value to be overwritten.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: getsockname(2) writes at most `len` bytes into `addr`, which is that big.
-        let r = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) };
-        if r != 0 || (addr.sun_family as i32) != libc::AF_UNIX {
-            return None;
-        }
-        let n = (len as usize).saturating_sub(std::mem::size_of::<libc::sa_family_t>());
-        Some(
-            addr.sun_path[..n.min(addr.sun_path.len())]
-                .iter()
-                .map(|c| *c as u8)
-                .collect(),
-        )
-    };
-    let want = local(listener.as_raw_fd()).filter(|a| a.first().is_some_and(|b| *b != 0))?;
-    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if fd == listener.as_raw_fd()
-            || !std::fs::read_link(entry.path())
-                .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
-        {
-            continue;
-        }
-        let mut listening: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: SO_ACCEPTCONN writes one int into `listening`; a descriptor closed since the
-        // directory was read only makes the call fail.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                (&raw mut listening).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 || listening != 0 || local(fd).as_ref() != Some(&want) {
-            continue;
-        }
-        // SAFETY: `fd` is open in this process (it was just queried) and is only borrowed for
-        // the SO_PEERCRED call; if another thread closed it meanwhile the call fails.
-        if let Some(p) = peer_of(unsafe { BorrowedFd::borrow_raw(fd) }) {
-            return Some(p);
-        }
-    }
-    None
-}
-
 /// The mode bits and group of the socket file at `path` (for status and tests).
 pub fn socket_perms(path: &Path) -> io::Result<SocketPerms> {
     let m = std::fs::symlink_metadata(path)?;

@@ -3,7 +3,7 @@
 //! ring, completions read back from the used ring), served through the same `VringRwLock` type
 //! the vhost-user framework hands the backends.
 
-use vhost_user_backend::{VringRwLock, VringT};
+use crate::vhost_user::{VringRwLock, VringT};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};

@@ -267,10 +267,7 @@ pub fn run(config: Config) -> Result<(), NetbackError> {
     });
     let (b2, b3) = (backend.clone(), backend.clone());
     let served = Daemon::new(INFO, config.common.clone(), control)
-        .map(|d| {
-            d.with_early_enable_relay()
-                .on_disconnect(move || b3.disconnected())
-        })
+        .map(|d| d.on_disconnect(move || b3.disconnected()))
         .and_then(|d| d.run_with(backend, move |h| b2.register(h)));
     if let Some(h) = hotplug {
         match h.run("offline") {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
 use serde_json::{Value, json};
-use vhost_user_backend::{VringRwLock, VringT};
+use vback_common::vhost_user::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -30,7 +30,7 @@ use vback_common::ring::{RingError, SplitRing, iov_write};
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
 pub(crate) type Vring = VringRwLock<vm_memory::GuestMemoryAtomic<Mem>>;
-type VringState = vhost_user_backend::VringState<vm_memory::GuestMemoryAtomic<Mem>>;
+type VringState = vback_common::vhost_user::VringState<vm_memory::GuestMemoryAtomic<Mem>>;
 
 /// Frames per transmit batch (one io_uring submission).
 const TX_BATCH: usize = 64;

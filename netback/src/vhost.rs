@@ -11,18 +11,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use vback_common::exit::ExitEvents;
 use vback_common::spec::MacAddr;
 use vback_common::sync::lock;
+use vback_common::vhost_user::{VhostUserBackend, VringEpollHandler, VringT};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::ctrl::{self, Command, CtrlError};
@@ -91,8 +89,6 @@ struct Inner {
     active_pairs: AtomicUsize,
     attached: Vec<std::sync::atomic::AtomicBool>,
     ctrl_errors: AtomicU64,
-    /// The worker threads' exit eventfds, reused across connections.
-    exit: ExitEvents,
 }
 
 impl NetBackend {
@@ -139,7 +135,6 @@ impl NetBackend {
                     .map(|i| std::sync::atomic::AtomicBool::new(i == 0))
                     .collect(),
                 ctrl_errors: AtomicU64::new(0),
-                exit: ExitEvents::new(),
             }),
         })
     }
@@ -153,7 +148,7 @@ impl NetBackend {
     }
 
     fn token(&self, k: u16) -> u16 {
-        // Tokens 0..=num_queues belong to the vrings and the exit event.
+        // Tokens 0..=num_queues belong to the vrings and the worker's wake-up event.
         self.num_queues() as u16 + k
     }
 
@@ -338,7 +333,7 @@ impl NetBackend {
     }
 }
 
-/// Token offsets above the vrings and the exit event.
+/// Token offsets above the vrings and the worker's wake-up event.
 const TAP: u16 = 1;
 const TX_TIMER: u16 = 2;
 const RX_TIMER: u16 = 3;
@@ -354,7 +349,6 @@ fn rx_max(mtu: Option<u16>, large: bool) -> u64 {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -464,10 +458,6 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.inner.exit.get(thread_index)
-    }
-
     fn handle_event(
         &self,
         device_event: u16,
@@ -481,7 +471,7 @@ impl VhostUserBackend for NetBackend {
         let Some(mem) = self.mem() else {
             return Ok(());
         };
-        // vhost-user-backend numbers a thread's vrings from 0 in the order of its mask, and
+        // The handler numbers a thread's vrings from 0 in the order of its mask, and
         // hands it only those: [rx, tx] for pair `thread`, then the control queue on thread 0.
         let Some(p) = self.inner.pairs.get(thread) else {
             return Ok(());

@@ -21,6 +21,16 @@ use crate::process::Daemon;
 /// Guest memory the hostile front end shares.
 pub const MEM: u64 = 1 << 20;
 
+/// CPU time (utime + stime, in clock ticks) the daemon has used.
+fn cpu_ticks(d: &Daemon) -> u64 {
+    let pid = d.pid().expect("the daemon runs");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which ends with ')'): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
 /// The backend under attack.
 #[derive(Debug)]
 pub struct Target<'a> {
@@ -179,6 +189,37 @@ impl Target<'_> {
             s.write_all(&msg).unwrap();
         }
         self.still_serving("an oversized message");
+    }
+
+    /// For each of `queues`: garbage rings kicked (a descriptor table straddling the end of
+    /// memory; an avail index more than a queue ahead, a broken driver whose queue must be left
+    /// alone, not polled in a loop) must not make the daemon spin, and it serves on.
+    pub fn garbage_rings_do_not_spin(&mut self, queues: &[usize]) {
+        for &queue in queues {
+            for (desc, idx, what) in [
+                (
+                    MEM - 16,
+                    5u16,
+                    "a descriptor table straddling the end of memory",
+                ),
+                (0x4000, 200, "an avail index more than a queue ahead"),
+            ] {
+                let conn = self.garbage_ring(queue, desc, idx);
+                std::thread::sleep(Duration::from_millis(200));
+                let before = cpu_ticks(self.daemon);
+                std::thread::sleep(Duration::from_secs(1));
+                let used = cpu_ticks(self.daemon) - before;
+                // A spinning worker would use about 100 ticks in that second.
+                assert!(
+                    used < 50,
+                    "{} used {used} clock ticks in 1 s after {what} on vring {queue}:\n{}",
+                    self.name,
+                    self.daemon.log()
+                );
+                drop(conn);
+                self.still_serving(what);
+            }
+        }
     }
 
     /// Starts vring `queue` with garbage in its avail ring (an index `avail_idx`, far ahead of

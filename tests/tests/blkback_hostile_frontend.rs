@@ -83,7 +83,7 @@ fn debug_logs_each_message_and_each_refused_request() {
     )
     .unwrap();
     let mut drv = BlkDriver::connect(&sock);
-    // VIRTIO_BLK_T_IN (0) within the disk works through the logging relay...
+    // VIRTIO_BLK_T_IN (0) within the disk works with every message logged...
     assert!(drv.request(0, 0, None), "{}", d.log());
     // ... and a write (1) past the end is refused, with the reason at debug.
     assert!(!drv.request(1, 4096, Some(&[0u8; 512])));

@@ -1,6 +1,7 @@
-//! Faults of the process plumbing every daemon shares (vback_common::daemon, control, shim):
-//! reconnections must not leak descriptors, running out of descriptors must not end a daemon,
-//! and netback's relay must not depend on a path another user can prepare.
+//! Faults of the process plumbing every daemon shares (vback_common::daemon, control,
+//! vhost_user): reconnections must not leak descriptors, running out of descriptors must not end
+//! a daemon, and no connection may depend on a path another user can prepare (netback used to
+//! relay each one through a socket in the shared temp dir).
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -156,7 +157,7 @@ fn survives_fd_exhaustion(name: &str, mut d: Daemon, sock: &Path, ctl: &Path) {
 #[test]
 fn running_out_of_descriptors_does_not_end_a_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    // netback accepts through its relay (a different path through the serve loop).
+    // Both daemons (netback used to take its front ends through a relay of its own).
     for (bin, args) in [("blkback", NULL_DISK), ("netback", NULL_NET)] {
         let (d, sock, ctl) = started(bin, dir.path(), args);
         survives_fd_exhaustion(bin, d, &sock, &ctl);

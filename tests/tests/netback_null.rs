@@ -3,8 +3,9 @@
 //! frames are counted, and Xen's `rate=` limit holds on the guest's transmit path (UDP from
 //! fio's net engine, measured by netback's own counters between two moments the guest marks;
 //! the host's timestamps carry the harness's 50 ms polling jitter, about ±1.5% here).
-//! QEMU's netdev enables its rings before it sets the features, which only works through the
-//! daemon's relay (`vback_common::shim`): this test covers that too.
+//! QEMU's netdev enables its rings before it sets the features, which only works because of the
+//! handler (`vback_common::vhost_user`, which remembers the early state per ring): this test
+//! covers that too.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,0 +1,413 @@
+//! The handler against a front end speaking raw vhost-user messages on a socket pair.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::wire::{FLAG_NEED_REPLY, FLAG_REPLY, encode, req};
+use super::*;
+use crate::sync::lock;
+
+/// A device that records what the handler hands it.
+#[derive(Clone, Default)]
+struct Probe {
+    events: Arc<Mutex<Vec<u16>>>,
+    channel: Arc<Mutex<Option<BackendChannel>>>,
+}
+
+impl VhostUserBackend for Probe {
+    type Vring = VringRwLock<Memory>;
+    fn num_queues(&self) -> usize {
+        2
+    }
+    fn max_queue_size(&self) -> usize {
+        16
+    }
+    fn features(&self) -> u64 {
+        1 << 32 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+    fn set_event_idx(&self, _enabled: bool) {}
+    fn update_memory(&self, _mem: Memory) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_backend_req_fd(&self, channel: BackendChannel) {
+        *lock(&self.channel) = Some(channel);
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        _vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        lock(&self.events).push(device_event);
+        Ok(())
+    }
+}
+
+impl Probe {
+    fn events_of(&self, ring: u16) -> usize {
+        lock(&self.events).iter().filter(|e| **e == ring).count()
+    }
+}
+
+/// The front end's side: raw messages.
+struct Raw {
+    s: UnixStream,
+}
+
+impl Raw {
+    fn send(&self, request: u32, flags: u32, body: &[u8], fds: &[RawFd]) {
+        let m = encode(request, flags, body);
+        self.s.send_with_fds(&[&m[..]], fds).unwrap();
+    }
+
+    /// A request with a reply of its own.
+    fn get(&self, request: u32) -> Vec<u8> {
+        self.send(request, 1, &[], &[]);
+        self.reply(request)
+    }
+
+    fn reply(&self, request: u32) -> Vec<u8> {
+        let mut hdr = [0u8; 12];
+        (&self.s).read_exact(&mut hdr).unwrap();
+        let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+        assert_eq!(
+            word(0),
+            request,
+            "a reply to {}",
+            wire::request_name(request)
+        );
+        assert_eq!(word(4), 1 | FLAG_REPLY);
+        let mut body = vec![0u8; word(8) as usize];
+        (&self.s).read_exact(&mut body).unwrap();
+        body
+    }
+
+    /// A request with NEED_REPLY: the REPLY_ACK code (0 is success).
+    fn ack(&self, request: u32, body: &[u8], fds: &[RawFd]) -> u64 {
+        self.send(request, 1 | FLAG_NEED_REPLY, body, fds);
+        let b = self.reply(request);
+        u64::from_le_bytes(b.try_into().unwrap())
+    }
+
+    fn u64(v: u64) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    fn state(ring: u32, num: u32) -> Vec<u8> {
+        [ring.to_le_bytes(), num.to_le_bytes()].concat()
+    }
+}
+
+/// Serves a connection to `probe` on a thread; returns the front end's side and the result.
+fn start(probe: &Probe) -> (Raw, std::thread::JoinHandle<Result<(), ConnectionError>>) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let p = probe.clone();
+    let t = std::thread::spawn(move || Connection::new(p).unwrap().serve(&theirs));
+    (Raw { s: ours }, t)
+}
+
+/// SET_OWNER, features, protocol features with REPLY_ACK (and `extra`).
+fn negotiate_protocol(fe: &Raw, extra: VhostUserProtocolFeatures) {
+    fe.send(req::SET_OWNER, 1, &[], &[]);
+    assert_eq!(fe.get(req::GET_FEATURES).len(), 8);
+    assert_eq!(fe.get(req::GET_PROTOCOL_FEATURES).len(), 8);
+    let pf = (VhostUserProtocolFeatures::REPLY_ACK | extra).bits();
+    fe.send(req::SET_PROTOCOL_FEATURES, 1, &Raw::u64(pf), &[]);
+}
+
+fn features() -> u64 {
+    Probe::default().features()
+}
+
+/// A memfd of `size` bytes: the guest memory.
+fn memfd(size: u64) -> File {
+    // SAFETY: memfd_create(2) reads the NUL-terminated name and creates a new descriptor; the
+    // result is checked before use.
+    let fd = unsafe { libc::memfd_create(c"vback-test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(size).unwrap();
+    f
+}
+
+/// The front-end address of the guest memory (any number: the back end maps the memfd).
+const VA: u64 = 0x7000_0000;
+
+/// A memory table of one region of 1 MiB at guest address 0, and rings `0..rings` of 8
+/// entries laid out in it, started with a kick and a call each (returned).
+fn set_up_rings(fe: &Raw, rings: u32) -> Vec<(EventFd, EventFd)> {
+    let mem = memfd(1 << 20);
+    let mut table = Vec::new();
+    table.extend_from_slice(&1u32.to_le_bytes());
+    table.extend_from_slice(&0u32.to_le_bytes());
+    for v in [0u64, 1 << 20, VA, 0] {
+        table.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(fe.ack(req::SET_MEM_TABLE, &table, &[mem.as_raw_fd()]), 0);
+    (0..rings)
+        .map(|ring| {
+            let base = VA + 0x1_0000 * u64::from(ring);
+            assert_eq!(fe.ack(req::SET_VRING_NUM, &Raw::state(ring, 8), &[]), 0);
+            let mut addr = Vec::new();
+            addr.extend_from_slice(&ring.to_le_bytes());
+            addr.extend_from_slice(&0u32.to_le_bytes());
+            for v in [base, base + 0x2000, base + 0x1000, 0] {
+                addr.extend_from_slice(&v.to_le_bytes());
+            }
+            assert_eq!(fe.ack(req::SET_VRING_ADDR, &addr, &[]), 0);
+            assert_eq!(fe.ack(req::SET_VRING_BASE, &Raw::state(ring, 0), &[]), 0);
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let r = Raw::u64(u64::from(ring));
+            assert_eq!(fe.ack(req::SET_VRING_CALL, &r, &[call.as_raw_fd()]), 0);
+            assert_eq!(fe.ack(req::SET_VRING_KICK, &r, &[kick.as_raw_fd()]), 0);
+            (kick, call)
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn an_early_vring_enable_is_answered_and_applied_with_the_features() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    // QEMU's vhost-user netdev: enables before SET_FEATURES. The last state of each ring
+    // counts.
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(0, 1), &[]), 0);
+    fe.send(req::SET_VRING_ENABLE, 1, &Raw::state(1, 1), &[]);
+    for _ in 0..10_000 {
+        fe.send(req::SET_VRING_ENABLE, 1, &Raw::state(1, 0), &[]);
+    }
+    let rings = set_up_rings(&fe, 2);
+    for (kick, _) in &rings {
+        kick.write(1).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        lock(&probe.events).len(),
+        0,
+        "no ring runs before the features"
+    );
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(features()), &[]), 0);
+    wait_until("ring 0 to be served", || probe.events_of(0) > 0);
+    rings[1].0.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(probe.events_of(1), 0, "ring 1 was disabled last");
+    // Enabled now, ring 1 is served once without a kick (it may have missed one).
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(1, 1), &[]), 0);
+    wait_until("ring 1 to be served", || probe.events_of(1) > 0);
+    drop(fe);
+    assert!(
+        t.join().unwrap().is_ok(),
+        "a hang-up ends the connection cleanly"
+    );
+}
+
+#[test]
+fn an_early_enable_of_a_ring_that_does_not_exist_is_refused() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(7, 1), &[]), 1);
+    let e = t.join().unwrap().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "SET_VRING_ENABLE refused: ring 7 does not exist (the device has 2)"
+    );
+}
+
+#[test]
+fn a_new_call_eventfd_is_signalled_once_and_a_new_kick_is_served() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(features()), &[]), 0);
+    let rings = set_up_rings(&fe, 1);
+    let (kick, call) = &rings[0];
+    assert_eq!(
+        call.read().unwrap(),
+        1,
+        "the new call eventfd was signalled"
+    );
+    assert!(call.read().is_err(), "once");
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(0, 1), &[]), 0);
+    wait_until("ring 0 to be served", || probe.events_of(0) > 0);
+
+    // A new call eventfd on a running ring (QEMU masking and unmasking an interrupt).
+    let call2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert_eq!(
+        fe.ack(req::SET_VRING_CALL, &Raw::u64(0), &[call2.as_raw_fd()]),
+        0
+    );
+    assert_eq!(call2.read().unwrap(), 1);
+    // No eventfd (polling): nothing to signal.
+    assert_eq!(fe.ack(req::SET_VRING_CALL, &Raw::u64(0x100), &[]), 0);
+
+    // A new kick on a running ring is the one served.
+    let kick2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert_eq!(
+        fe.ack(req::SET_VRING_KICK, &Raw::u64(0), &[kick2.as_raw_fd()]),
+        0
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let before = probe.events_of(0);
+    kick2.write(1).unwrap();
+    wait_until("the new kick to be served", || probe.events_of(0) > before);
+    let after = probe.events_of(0);
+    kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(probe.events_of(0), after, "the old kick is not watched");
+    drop(fe);
+    assert!(t.join().unwrap().is_ok());
+}
+
+#[test]
+fn the_back_end_channel_reaches_the_device() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::BACKEND_REQ);
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    assert_eq!(fe.ack(req::SET_BACKEND_REQ_FD, &[], &[ours.as_raw_fd()]), 0);
+    drop(ours);
+    let ch = lock(&probe.channel)
+        .clone()
+        .expect("the device got the channel");
+    ch.config_changed().unwrap();
+    let mut got = [0u8; 12];
+    theirs.read_exact(&mut got).unwrap();
+    assert_eq!(&got[..], &encode(2, 1, &[])[..], "CONFIG_CHANGE_MSG");
+
+    // Anything but a unix stream socket is refused.
+    let efd = EventFd::new(0).unwrap();
+    assert_eq!(fe.ack(req::SET_BACKEND_REQ_FD, &[], &[efd.as_raw_fd()]), 1);
+    let e = t.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("not a unix stream socket"), "{e}");
+}
+
+#[test]
+fn the_back_end_channel_needs_its_protocol_feature() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    assert_eq!(fe.ack(req::SET_BACKEND_REQ_FD, &[], &[ours.as_raw_fd()]), 1);
+    let e = t.join().unwrap().unwrap_err();
+    assert!(
+        e.to_string().contains("protocol feature BACKEND_REQ"),
+        "{e}"
+    );
+    assert!(lock(&probe.channel).is_none());
+}
+
+#[test]
+fn refusals_name_the_request_and_the_problem() {
+    type Bad = Box<dyn Fn(&Raw)>;
+    let cases: Vec<(Bad, &str)> = vec![
+        (
+            Box::new(|fe| {
+                fe.ack(req::SET_VRING_NUM, &Raw::state(0, 12), &[]);
+            }),
+            "SET_VRING_NUM refused: ring 0: queue size 12 is not a power of two from 1 to 16",
+        ),
+        (
+            Box::new(|fe| {
+                fe.ack(req::SET_FEATURES, &Raw::u64(1 << 40), &[]);
+            }),
+            "SET_FEATURES refused: the front end acked features 0x10000000000, which this back \
+             end did not offer",
+        ),
+        (
+            Box::new(|fe| {
+                fe.ack(req::SET_OWNER, &[], &[]);
+            }),
+            "SET_OWNER refused: the connection already has an owner (a second SET_OWNER)",
+        ),
+        (
+            Box::new(|fe| {
+                let efd = EventFd::new(0).unwrap();
+                fe.ack(req::SET_VRING_NUM, &Raw::state(0, 8), &[efd.as_raw_fd()]);
+            }),
+            "SET_VRING_NUM refused: it came with 1 file descriptors; this request takes none",
+        ),
+        (
+            Box::new(|fe| {
+                fe.send(req::GET_QUEUE_NUM, 1 | FLAG_NEED_REPLY, &[], &[]);
+            }),
+            "GET_QUEUE_NUM refused: it needs protocol feature MQ",
+        ),
+        (
+            Box::new(|fe| {
+                fe.ack(req::SET_VRING_ADDR, &[0u8; 40], &[]);
+            }),
+            "SET_VRING_ADDR refused: ring 0: ring addresses came before any guest memory was \
+             shared",
+        ),
+        (
+            Box::new(|fe| {
+                fe.ack(31, &[], &[]);
+            }),
+            "GET_INFLIGHT_FD refused: this back end does not implement it",
+        ),
+    ];
+    for (bad, want) in cases {
+        let (fe, t) = start(&Probe::default());
+        negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+        bad(&fe);
+        let e = t.join().unwrap().unwrap_err().to_string();
+        assert!(e.starts_with(want), "`{e}` is not `{want}`");
+    }
+}
+
+#[test]
+fn device_tokens_are_above_the_rings_and_the_wake_up() {
+    let (fe, t) = start(&Probe::default());
+    drop(fe);
+    assert!(t.join().unwrap().is_ok());
+    let conn = Connection::new(Probe::default()).unwrap();
+    let w = &conn.epoll_handlers()[0];
+    let efd = EventFd::new(0).unwrap();
+    // 0 and 1 are the rings, 2 the wake-up.
+    for reserved in 0..=2 {
+        assert!(
+            w.register_listener(efd.as_raw_fd(), EventSet::IN, reserved)
+                .is_err()
+        );
+    }
+    w.register_listener(efd.as_raw_fd(), EventSet::IN, 3)
+        .unwrap();
+    assert!(
+        w.register_listener(efd.as_raw_fd(), EventSet::IN, 3)
+            .is_err(),
+        "registered twice"
+    );
+    w.unregister_listener(efd.as_raw_fd(), EventSet::IN, 3)
+        .unwrap();
+    assert!(
+        w.unregister_listener(efd.as_raw_fd(), EventSet::IN, 3)
+            .is_err()
+    );
+}

@@ -1,0 +1,442 @@
+// Copyright 2019 Intel Corporation. All Rights Reserved.
+// Copyright 2021 Alibaba Cloud Computing. All rights reserved.
+//
+// SPDX-License-Identifier: Apache-2.0
+
+//! The state of one vhost-user virtqueue as the handler and the device share it: the
+//! virtio-queue `Queue`, its kick, call and error eventfds and whether the front end enabled it.
+//!
+//! Forked from vhost-user-backend 0.24.0 (`src/vring.rs`). Changed: `VringMutex` is gone (no
+//! backend used it); the eventfds are kept as `File`s and read and written as eventfds (no
+//! `unsafe` conversion to `EventConsumer`/`EventNotifier`), and reading a non-blocking kick with
+//! nothing pending is not an error; a poisoned lock is carried on rather than unwrapped.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::ops::{Deref, DerefMut};
+use std::result::Result;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use virtio_queue::{Error as VirtQueError, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace};
+
+/// Trait for objects returned by `VringT::get_ref()`.
+pub trait VringStateGuard<'a, M: GuestAddressSpace> {
+    /// Type for guard returned by `VringT::get_ref()`.
+    type G: Deref<Target = VringState<M>>;
+}
+
+/// Trait for objects returned by `VringT::get_mut()`.
+pub trait VringStateMutGuard<'a, M: GuestAddressSpace> {
+    /// Type for guard returned by `VringT::get_mut()`.
+    type G: DerefMut<Target = VringState<M>>;
+}
+
+/// A virtqueue shared between the request handler and the device's worker threads.
+pub trait VringT<M: GuestAddressSpace>:
+    for<'a> VringStateGuard<'a, M> + for<'a> VringStateMutGuard<'a, M>
+{
+    /// Create a new instance of Vring.
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, VirtQueError>
+    where
+        Self: Sized;
+
+    /// Get an immutable reference to the state.
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, M>>::G;
+
+    /// Get a mutable reference to the state.
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, M>>::G;
+
+    /// Add an used descriptor into the used queue.
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError>;
+
+    /// Notify the vhost-user front end that used descriptors have been put into the used queue.
+    fn signal_used_queue(&self) -> io::Result<()>;
+
+    /// Enable event notification for queue.
+    fn enable_notification(&self) -> Result<bool, VirtQueError>;
+
+    /// Disable event notification for queue.
+    fn disable_notification(&self) -> Result<(), VirtQueError>;
+
+    /// Check whether a notification to the guest is needed.
+    fn needs_notification(&self) -> Result<bool, VirtQueError>;
+
+    /// Set vring enabled state.
+    fn set_enabled(&self, enabled: bool);
+
+    /// Set queue addresses for descriptor table, available ring and used ring.
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), VirtQueError>;
+
+    /// Get queue next avail head.
+    fn queue_next_avail(&self) -> u16;
+
+    /// Set queue next avail head.
+    fn set_queue_next_avail(&self, base: u16);
+
+    /// Set queue next used head.
+    fn set_queue_next_used(&self, idx: u16);
+
+    /// Get queue next used head index from the guest memory.
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError>;
+
+    /// Set configured queue size.
+    fn set_queue_size(&self, num: u16);
+
+    /// Enable/disable queue event index feature.
+    fn set_queue_event_idx(&self, enabled: bool);
+
+    /// Set queue ready state.
+    fn set_queue_ready(&self, ready: bool);
+
+    /// Set the kick eventfd.
+    fn set_kick(&self, file: Option<File>);
+
+    /// Consume a kick; returns whether the ring is enabled.
+    fn read_kick(&self) -> io::Result<bool>;
+
+    /// Set the call eventfd.
+    fn set_call(&self, file: Option<File>);
+
+    /// Set the error eventfd.
+    fn set_err(&self, file: Option<File>);
+}
+
+/// The raw state of a vhost-user queue.
+#[derive(Debug)]
+pub struct VringState<M: GuestAddressSpace> {
+    queue: Queue,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    mem: M,
+}
+
+impl<M: GuestAddressSpace> VringState<M> {
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, VirtQueError> {
+        Ok(VringState {
+            queue: Queue::new(max_queue_size)?,
+            kick: None,
+            call: None,
+            err: None,
+            enabled: false,
+            mem,
+        })
+    }
+
+    /// Whether the vring is enabled or not.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Get an immutable reference to the underlying raw `Queue` object.
+    pub fn get_queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Get a mutable reference to the underlying raw `Queue` object.
+    pub fn get_queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    /// Add an used descriptor into the used queue.
+    pub fn add_used(&mut self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        self.queue
+            .add_used(self.mem.memory().deref(), desc_index, len)
+    }
+
+    /// Notify the vhost-user front end that used descriptors have been put into the used queue.
+    pub fn signal_used_queue(&self) -> io::Result<()> {
+        match self.call.as_ref() {
+            Some(call) => notify(call),
+            None => Ok(()),
+        }
+    }
+
+    /// Enable event notification for queue.
+    pub fn enable_notification(&mut self) -> Result<bool, VirtQueError> {
+        self.queue.enable_notification(self.mem.memory().deref())
+    }
+
+    /// Disable event notification for queue.
+    pub fn disable_notification(&mut self) -> Result<(), VirtQueError> {
+        self.queue.disable_notification(self.mem.memory().deref())
+    }
+
+    /// Check whether a notification to the guest is needed.
+    pub fn needs_notification(&mut self) -> Result<bool, VirtQueError> {
+        self.queue.needs_notification(self.mem.memory().deref())
+    }
+
+    fn set_queue_info(
+        &mut self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), VirtQueError> {
+        self.queue
+            .try_set_desc_table_address(GuestAddress(desc_table))?;
+        self.queue
+            .try_set_avail_ring_address(GuestAddress(avail_ring))?;
+        self.queue
+            .try_set_used_ring_address(GuestAddress(used_ring))
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
+        self.queue
+            .used_idx(self.mem.memory().deref(), Ordering::Relaxed)
+            .map(|idx| idx.0)
+    }
+
+    /// Whether a kick eventfd is set.
+    pub fn has_kick(&self) -> bool {
+        self.kick.is_some()
+    }
+
+    /// The kick eventfd, if any.
+    pub fn get_kick(&self) -> Option<&File> {
+        self.kick.as_ref()
+    }
+
+    /// The call eventfd, if any.
+    pub fn get_call(&self) -> Option<&File> {
+        self.call.as_ref()
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        if let Some(kick) = &self.kick {
+            let mut buf = [0u8; 8];
+            match (&*kick).read(&mut buf) {
+                Ok(_) => {}
+                // A non-blocking kick with nothing pending (a wake-up for a ring that was
+                // registered with an event already consumed).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.enabled)
+    }
+}
+
+/// Adds one to an eventfd's counter (a full counter means a notification is pending anyway).
+pub(crate) fn notify(eventfd: &File) -> io::Result<()> {
+    match (&*eventfd).write(&1u64.to_ne_bytes()) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A `VringState` object protected by a RwLock, shared by the handler and the worker threads.
+#[derive(Debug)]
+pub struct VringRwLock<M: GuestAddressSpace> {
+    state: Arc<RwLock<VringState<M>>>,
+}
+
+impl<M: GuestAddressSpace> Clone for VringRwLock<M> {
+    fn clone(&self) -> Self {
+        VringRwLock {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<M: GuestAddressSpace> VringRwLock<M> {
+    fn write_lock(&self) -> RwLockWriteGuard<'_, VringState<M>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, VringState<M>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateGuard<'a, M> for VringRwLock<M> {
+    type G = RwLockReadGuard<'a, VringState<M>>;
+}
+
+impl<'a, M: 'a + GuestAddressSpace> VringStateMutGuard<'a, M> for VringRwLock<M> {
+    type G = RwLockWriteGuard<'a, VringState<M>>;
+}
+
+impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
+    fn new(mem: M, max_queue_size: u16) -> Result<Self, VirtQueError> {
+        Ok(VringRwLock {
+            state: Arc::new(RwLock::new(VringState::new(mem, max_queue_size)?)),
+        })
+    }
+
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, M>>::G {
+        self.read_lock()
+    }
+
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, M>>::G {
+        self.write_lock()
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        self.write_lock().add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.read_lock().signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, VirtQueError> {
+        self.write_lock().enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), VirtQueError> {
+        self.write_lock().disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, VirtQueError> {
+        self.write_lock().needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.write_lock().enabled = enabled;
+    }
+
+    fn set_queue_info(
+        &self,
+        desc_table: u64,
+        avail_ring: u64,
+        used_ring: u64,
+    ) -> Result<(), VirtQueError> {
+        self.write_lock()
+            .set_queue_info(desc_table, avail_ring, used_ring)
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.read_lock().queue.next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.write_lock().queue.set_next_avail(base);
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.write_lock().queue.set_next_used(idx);
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
+        self.read_lock().queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.write_lock().queue.set_size(num);
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.write_lock().queue.set_event_idx(enabled);
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.write_lock().queue.set_ready(ready);
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.write_lock().kick = file;
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        self.read_lock().read_kick()
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        self.write_lock().call = file;
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.write_lock().err = file;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<()>>>;
+
+    fn vring() -> Vring {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        Vring::new(mem, 0x1000).unwrap()
+    }
+
+    fn eventfd_file() -> (File, EventFd) {
+        let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: the descriptor is a new duplicate that nothing else owns.
+        let file = unsafe { File::from_raw_fd(efd.try_clone().unwrap().into_raw_fd()) };
+        (file, efd)
+    }
+
+    #[test]
+    fn a_new_vring_is_configured_by_its_setters() {
+        let vring = vring();
+        assert!(!vring.get_ref().has_kick());
+        assert!(!vring.get_ref().is_enabled());
+        assert!(!vring.get_ref().get_queue().ready());
+        assert!(!vring.get_ref().get_queue().event_idx_enabled());
+
+        vring.set_enabled(true);
+        assert!(vring.get_ref().is_enabled());
+
+        vring.set_queue_info(0x100100, 0x100200, 0x100300).unwrap();
+        assert_eq!(vring.get_ref().get_queue().desc_table(), 0x100100);
+        assert_eq!(vring.get_ref().get_queue().avail_ring(), 0x100200);
+        assert_eq!(vring.get_ref().get_queue().used_ring(), 0x100300);
+
+        assert_eq!(vring.queue_next_avail(), 0);
+        vring.set_queue_next_avail(0x20);
+        assert_eq!(vring.queue_next_avail(), 0x20);
+
+        vring.set_queue_size(0x200);
+        assert_eq!(vring.get_ref().get_queue().size(), 0x200);
+
+        vring.set_queue_event_idx(true);
+        assert!(vring.get_ref().get_queue().event_idx_enabled());
+
+        vring.set_queue_ready(true);
+        assert!(vring.get_ref().get_queue().ready());
+    }
+
+    #[test]
+    fn kick_and_call_are_eventfds() {
+        let vring = vring();
+        vring.set_enabled(true);
+        // No kick yet: reading it only reports the ring's state.
+        assert!(vring.read_kick().unwrap());
+
+        let (kick, kick_efd) = eventfd_file();
+        vring.set_kick(Some(kick));
+        kick_efd.write(1).unwrap();
+        assert!(vring.read_kick().unwrap());
+        assert!(kick_efd.read().is_err(), "the kick was consumed");
+        // A spurious wake-up on a non-blocking kick does not fail.
+        assert!(vring.read_kick().unwrap());
+        vring.set_kick(None);
+        assert!(!vring.get_ref().has_kick());
+
+        let (call, call_efd) = eventfd_file();
+        vring.signal_used_queue().unwrap();
+        vring.set_call(Some(call));
+        vring.signal_used_queue().unwrap();
+        vring.signal_used_queue().unwrap();
+        assert_eq!(call_efd.read().unwrap(), 2);
+        vring.set_call(None);
+        assert!(vring.get_ref().get_call().is_none());
+    }
+}
