@@ -1103,6 +1103,31 @@ mod tests {
     }
 
     #[test]
+    fn storage_errors_answer_ioerr_and_are_kept_for_status() {
+        let mut r = rig(None, false);
+        assert!(lock(&r.worker.dev.last_error).is_none());
+        // The file shrinks under the disk: a read inside the capacity finds its end.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.image)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_IN, 16);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 512, W), (STATUS, 1, W)]),
+            (1, 1)
+        );
+        let e = lock(&r.worker.dev.last_error).clone().unwrap();
+        assert_eq!(e.kind, ErrorKind::OutOfBounds);
+        assert_eq!(e.queue, 0);
+        assert!(e.message.contains("offset 8192"), "{}", e.message);
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn read_only_disks_refuse_writes() {
         let mut r = rig(None, true);
         r.header(0x1000, VIRTIO_BLK_T_OUT, 0);
