@@ -1,8 +1,10 @@
 //! blkback's control commands: `status` and `stats` details, and `resize`.
 
 use serde_json::{Value, json};
+use vback_block::FormatInfo;
 use vback_common::control::{CommandInfo, ControlError, ControlHandler, ErrorKind};
 use vback_common::spec::parse_size;
+use vback_common::sync::lock;
 
 use crate::vhost::BlkBackend;
 
@@ -38,7 +40,7 @@ impl BlkControl {
         let new = dev
             .disk
             .resize(size)
-            .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
+            .map_err(|e| ControlError::new(ErrorKind::Failed, e.source.to_string()))?;
         let notified = new != old && self.backend.notify_config_change();
         if new != old {
             log::info!(
@@ -53,10 +55,12 @@ impl BlkControl {
 impl ControlHandler for BlkControl {
     fn status(&self) -> Value {
         let dev = self.backend.device();
-        let qcow2 = dev.disk.qcow2.as_ref().map(|img| {
-            let img = vback_common::sync::lock(img);
-            let i = img.info();
-            json!({
+        let info = dev.disk.info();
+        let qcow2 = info.format.as_ref().map(|f| match f {
+            FormatInfo::Qcow2 {
+                info: i,
+                cached_tables,
+            } => json!({
                 "version": i.version,
                 "cluster_size": i.cluster_size,
                 "refcount_bits": i.refcount_bits,
@@ -64,21 +68,30 @@ impl ControlHandler for BlkControl {
                 "compression": i.compression,
                 "backing_chain": i.backing_chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
                 "l2_cache_tables": i.cache_tables,
-                "l2_cached_now": img.cached_tables(),
+                "l2_cached_now": cached_tables,
+            }),
+        });
+        let last_error = lock(&dev.last_error).as_ref().map(|e| {
+            json!({
+                "kind": e.kind.name(),
+                "message": e.message,
+                "queue": e.queue,
+                "time": e.time,
             })
         });
         json!({
             "qcow2": qcow2,
-            "disk": dev.disk.uname.to_string(),
-            "kind": dev.disk.kind.name(),
+            "disk": info.uname,
+            "kind": info.kind,
             "size": dev.disk.capacity(),
-            "read_only": dev.disk.read_only,
-            "direct_io": dev.disk.direct,
+            "read_only": info.read_only,
+            "direct_io": info.direct,
             "write_cache": if dev.writeback.load(std::sync::atomic::Ordering::Relaxed) { "write-back" } else { "write-through" },
             "queues": dev.stats.len(),
             "engine": self.backend.engine_name(),
             "serial": String::from_utf8_lossy(&dev.serial).trim_end_matches('\0'),
-            "warning": dev.disk.format_warning,
+            "warning": info.warning,
+            "last_error": last_error,
         })
     }
 

@@ -1,12 +1,13 @@
 //! blkback: a vhost-user-blk backend on io_uring, Xen's blkback for KVM guests.
 //!
 //! - [`virtio`]: the virtio-blk request model and configuration space (transport-free);
-//! - [`worker`]: one worker per queue, turning requests into io_uring operations;
+//! - [`worker`]: one worker per queue, handing virtio-blk requests to the disk's queue object;
 //! - [`vhost`]: the only module that knows vhost-user;
 //! - [`control`]: `status`, `stats` and `resize` on the control socket.
 //!
 //! The disk itself (raw files, qcow2 images, block devices, the null device, their locks and
-//! the I/O engine) comes from the storage library, [`vback_block`]. [`run`] wires them to the
+//! the I/O engine) comes from the storage library, [`vback_block`], as a
+//! [`vback_block::BlockBackend`] that opens one [`vback_block::BlockQueue`] per virtqueue. [`run`] wires them to the
 //! shared daemon ([`vback_common::Daemon`]).
 
 pub mod control;
@@ -15,13 +16,14 @@ pub mod vhost;
 pub mod virtio;
 pub mod worker;
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use vback_block::disk::{Disk, DiskError, DiskOptions};
-use vback_block::engine::{EngineChoice, open_engine};
+use vback_block::disk::{DiskError, DiskOptions};
+use vback_block::engine::EngineChoice;
 use vback_block::lock::LockMode;
+use vback_block::{BlockError, open_backend};
 use vback_common::spec::{DiskMode, DiskUname};
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
@@ -70,9 +72,9 @@ pub enum Error {
     /// The disk could not be opened.
     #[error(transparent)]
     Disk(#[from] DiskError),
-    /// The I/O engine could not be created.
-    #[error("cannot set up the I/O engine: {0}")]
-    Engine(std::io::Error),
+    /// A queue on the disk (its I/O engine) could not be opened.
+    #[error("cannot set up the disk's queue: {0}")]
+    Queue(BlockError),
     /// A bad option.
     #[error("{0}")]
     Config(String),
@@ -89,7 +91,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         DiskMode::ReadWrite => LockMode::Exclusive,
         DiskMode::ReadWriteShared => LockMode::None,
     };
-    let disk = Disk::open(
+    let disk = open_backend(
         &config.disk,
         DiskOptions {
             read_only,
@@ -97,6 +99,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
             lock,
             qcow2: config.qcow2.clone(),
         },
+        config.engine,
     )?;
     let serial_text = config
         .serial
@@ -121,35 +124,30 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
             max_segments: 1,
         },
         max_discard_sectors: (1 << 30) / 512,
+        last_error: Mutex::new(None),
     });
     let mut workers = Vec::new();
     for q in 0..usize::from(config.queues) {
-        let engine = match &dev.disk.files {
-            Some(files) => Some(
-                open_engine(files, u32::from(queue_size) * 2, config.engine)
-                    .map_err(Error::Engine)?,
-            ),
-            None => None,
-        };
-        let mut w = Worker::new(q, dev.clone(), engine, usize::from(queue_size));
+        let io = dev
+            .disk
+            .open_queue(u32::from(queue_size))
+            .map_err(Error::Queue)?;
+        let mut w = Worker::new(q, dev.clone(), Some(io), usize::from(queue_size));
         w.set_poll(config.poll);
         workers.push(w);
     }
     let backend = BlkBackend::new(dev.clone(), workers, queue_size);
+    let info = dev.disk.info();
     log::info!(
         "disk {} ({}, {} bytes, {}{}), {} queue(s) of {}, engine {}, serial {}",
-        dev.disk.uname,
-        dev.disk.kind.name(),
+        info.uname,
+        info.kind,
         dev.disk.capacity(),
         if read_only { "read-only" } else { "writable" },
-        if dev.disk.files.is_some() {
-            if dev.disk.direct {
-                ", O_DIRECT"
-            } else {
-                ", page cache"
-            }
-        } else {
-            ""
+        match (info.kind, info.direct) {
+            ("null", _) => "",
+            (_, true) => ", O_DIRECT",
+            (_, false) => ", page cache",
         },
         config.queues,
         queue_size,

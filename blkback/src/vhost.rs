@@ -77,7 +77,7 @@ impl BlkBackend {
     /// The current configuration space.
     pub fn config(&self) -> BlkConfig {
         let d = &self.inner.dev;
-        let sectors_per_phys = (d.disk.physical_block / 512).max(1);
+        let sectors_per_phys = (d.disk.topology().physical_block / 512).max(1);
         BlkConfig {
             capacity: d.disk.sectors(),
             size_max: 4 << 20,
@@ -175,11 +175,11 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.inner.dev.disk.read_only {
+        if self.inner.dev.disk.read_only() {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
-            if self.inner.dev.disk.discard {
+            if self.inner.dev.disk.capabilities().discard {
                 f |= 1 << VIRTIO_BLK_F_DISCARD;
             }
         }

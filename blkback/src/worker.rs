@@ -1,19 +1,22 @@
-//! A queue worker: turns the requests of one virtqueue into engine operations and completes
-//! them. One worker per queue, each on its own thread with its own io_uring.
+//! A queue worker: knows virtio-blk and nothing about storage. It parses each chain, hands
+//! the request to its queue object ([`BlockQueue`], one per virtqueue, opened from the disk's
+//! [`vback_block::BlockBackend`]), writes the status byte when the request completes, publishes
+//! the used ring, counts, and polls. One worker per queue, each on its own thread.
 //!
 //! On a kick the worker pops every available chain, parses it into a preallocated slot (the
 //! slot's iovecs point straight into guest memory: no copies, no allocation), queues the
-//! operation, and hands the whole batch to the kernel in one submit. Completions arrive on the
-//! engine's eventfd; the worker writes each status byte, returns the chains on the used ring and
-//! interrupts the guest once per batch (or not at all, when EVENT_IDX says the guest is still
-//! busy). A slot keeps a reference to the guest memory map it points into, so a memory-table
-//! change while I/O is in flight cannot unmap buffers under the kernel.
+//! request, and hands the whole batch to the storage in one submit. Completions arrive on the
+//! queue object's eventfd; the worker writes each status byte, returns the chains on the used
+//! ring and interrupts the guest once per batch (or not at all, when EVENT_IDX says the guest is
+//! still busy). A slot keeps a reference to the guest memory map it points into, so a
+//! memory-table change while I/O is in flight cannot unmap buffers under the kernel.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use vback_block::disk::{Disk, DiskKind};
-use vback_block::engine::{Completion, Engine, Op, Submit};
+use vback_block::{
+    BlockBackend, BlockError, BlockQueue, ErrorKind, QueueCompletion, Request as Io,
+};
 use vback_common::sync::lock;
 use vback_common::vhost_user::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
@@ -30,87 +33,29 @@ const POLL_MAX_IN_FLIGHT: usize = 2;
 /// With deeper queues, how long to wait for the driver's next requests to batch them.
 const DEEP_POLL: std::time::Duration = std::time::Duration::from_micros(4);
 
-/// Largest bounce buffer of the qcow2 synchronous path.
-const SYNC_CHUNK: u64 = 1 << 20;
-
-/// Where a qcow2 read or write goes.
-enum Route {
-    /// One engine operation at this host offset.
-    Direct(u64),
-    /// Engine operations for the slot's pieces, one after the other.
-    Pieces,
-    /// The synchronous path.
-    Sync,
-}
-
-/// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
-const MAX_PIECES: usize = 16;
-
-/// Calls `f(address, length, offset)` for each piece of the iovec list `all` that covers `len`
-/// bytes from `skip` (`offset`: where the piece starts within those `len` bytes).
-fn for_each_piece(
-    all: &[libc::iovec],
-    mut skip: usize,
-    mut len: usize,
-    mut f: impl FnMut(*mut u8, usize, usize),
-) {
-    let mut done = 0;
-    for v in all {
-        if len == 0 {
-            break;
-        }
-        if skip >= v.iov_len {
-            skip -= v.iov_len;
-            continue;
-        }
-        let n = (v.iov_len - skip).min(len);
-        f(v.iov_base.cast::<u8>().wrapping_add(skip), n, done);
-        done += n;
-        len -= n;
-        skip = 0;
-    }
-}
-
-/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
-fn select_iov(all: &[libc::iovec], skip: usize, len: usize, out: &mut Vec<libc::iovec>) {
-    out.clear();
-    for_each_piece(all, skip, len, |p, n, _| {
-        out.push(libc::iovec {
-            iov_base: p.cast(),
-            iov_len: n,
-        });
-    });
-}
-
-/// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
-fn gather(iov: &[libc::iovec], skip: usize, dst: &mut [u8]) {
-    for_each_piece(iov, skip, dst.len(), |src, n, at| {
-        // SAFETY: the iovec was built by the chain parser from a guest buffer that the slot's
-        // memory reference keeps mapped, and `src..src + n` lies inside it; `dst` is a separate
-        // host buffer of at least `at + n` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst[at..].as_mut_ptr(), n) };
-    });
-}
-
-/// Copies `src` into the iovecs' data, starting `skip` bytes in.
-fn scatter(iov: &[libc::iovec], skip: usize, src: &[u8]) {
-    for_each_piece(iov, skip, src.len(), |dst, n, at| {
-        // SAFETY: as in `gather`: a mapped, device-writable guest buffer, written at
-        // `dst..dst + n`, from a separate host buffer of at least `at + n` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), dst, n) };
-    });
-}
-
 /// Guest memory as the vhost-user framework hands it to us.
 pub type Mem = GuestMemoryMmap<()>;
 /// The vring type the workers drive.
 pub type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
 
+/// The last storage error, for `status`.
+#[derive(Debug, Clone)]
+pub struct LastError {
+    /// Its stable kind.
+    pub kind: ErrorKind,
+    /// The message (operation, path, offset, cause).
+    pub message: String,
+    /// The queue that saw it.
+    pub queue: usize,
+    /// When (seconds since the epoch).
+    pub time: u64,
+}
+
 /// Device-wide state every worker reads.
 #[derive(Debug)]
 pub struct Device {
     /// The backing storage.
-    pub disk: Disk,
+    pub disk: Arc<dyn BlockBackend>,
     /// Write-back cache on (the guest may turn it off through the config space's WCE byte;
     /// writes are then durable on completion).
     pub writeback: AtomicBool,
@@ -122,6 +67,8 @@ pub struct Device {
     pub limits: Limits,
     /// Largest discard / write-zeroes, in sectors.
     pub max_discard_sectors: u32,
+    /// The last storage error any queue saw.
+    pub last_error: Mutex<Option<LastError>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,31 +85,20 @@ struct Slot {
     head: u16,
     status: GuestAddress,
     kind: Kind,
+    /// Data bytes (reads and writes).
+    len: u64,
     iov: Vec<libc::iovec>,
-    /// First iovec not yet transferred (partial transfers are resubmitted).
-    iov_start: usize,
-    offset: u64,
-    remaining: u64,
-    total: u64,
-    buffered: bool,
-    fallocate: Option<(u64, u64, i32)>,
     mem: Option<Arc<Mem>>,
-    /// qcow2: the request's host pieces (offset, length) when its clusters are not
-    /// consecutive in the image; `piece` is the one in flight. Empty otherwise.
-    pieces: Vec<(u64, u64)>,
-    piece: usize,
-    /// qcow2 pieces: the request's whole iovec list (`iov` holds the current piece's part).
-    all_iov: Vec<libc::iovec>,
 }
 
 /// A queue's worker.
 pub struct Worker {
     queue: usize,
     dev: Arc<Device>,
-    engine: Option<Box<dyn Engine>>,
+    io: Option<Box<dyn BlockQueue>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    done: Vec<Completion>,
+    done: Vec<QueueCompletion>,
     mem: Option<Arc<Mem>>,
     /// Chains were left on the avail ring because every slot was busy.
     starved: bool,
@@ -178,9 +114,10 @@ pub struct Worker {
 }
 
 // SAFETY: the raw pointers inside a Worker (the slots' iovecs) point into guest memory that the
-// slot keeps mapped through its `mem` reference; they are only dereferenced by the kernel (or the
-// engine's pool threads) while the slot's operation is in flight. A Worker is used by one thread
-// at a time (it lives behind a Mutex).
+// slot keeps mapped through its `mem` reference; they are only dereferenced by the storage
+// (the kernel, an engine's pool threads, a synchronous path of the queue object) while the
+// slot's request is in flight. A Worker is used by one thread at a time (it lives behind a
+// Mutex).
 unsafe impl Send for Worker {}
 
 impl std::fmt::Debug for Worker {
@@ -193,34 +130,27 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A worker for queue `queue` with room for `slots` requests in flight.
+    /// A worker for queue `queue` with room for `slots` requests in flight, serving them on
+    /// `io` (the queue object the disk opened for this queue; `None`: every request fails).
     pub fn new(
         queue: usize,
         dev: Arc<Device>,
-        engine: Option<Box<dyn Engine>>,
+        io: Option<Box<dyn BlockQueue>>,
         slots: usize,
     ) -> Worker {
         let max_iov = dev.limits.max_iov;
         Worker {
             queue,
             dev,
-            engine,
+            io,
             slots: (0..slots)
                 .map(|_| Slot {
                     head: 0,
                     status: GuestAddress(0),
                     kind: Kind::Flush,
+                    len: 0,
                     iov: Vec::with_capacity(max_iov),
-                    iov_start: 0,
-                    offset: 0,
-                    remaining: 0,
-                    total: 0,
-                    buffered: false,
-                    fallocate: None,
                     mem: None,
-                    pieces: Vec::with_capacity(MAX_PIECES),
-                    piece: 0,
-                    all_iov: Vec::new(),
                 })
                 .collect(),
             free: (0..slots as u32).rev().collect(),
@@ -235,23 +165,20 @@ impl Worker {
         }
     }
 
-    /// The engine's completion eventfd, to register with the worker thread's epoll.
+    /// The queue object's completion eventfd, to register with the worker thread's epoll.
     pub fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.engine.as_ref().map(|e| e.notify_fd())
+        self.io.as_ref().and_then(|q| q.notify_fd())
     }
 
-    /// The engine's name.
+    /// What carries the queue's I/O.
     pub fn engine_name(&self) -> &'static str {
-        self.engine
-            .as_ref()
-            .map_or("none (null device)", |e| e.name())
+        self.io.as_ref().map_or("none", |q| q.engine_name())
     }
 
-    /// Drops the I/O engine (after [`Worker::drain`]); the worker serves nothing afterwards.
+    /// Drops the queue object (after [`Worker::drain`]); the worker serves nothing afterwards.
     pub fn close_engine(&mut self) {
-        self.engine = None;
+        self.io = None;
     }
-
     /// Uses a new guest memory map for requests popped from now on.
     pub fn set_memory(&mut self, mem: Arc<Mem>) {
         self.mem = Some(mem);
@@ -268,10 +195,10 @@ impl Worker {
         self.poll(vring);
     }
 
-    /// Handles the engine's completion eventfd.
+    /// Handles the queue object's completion eventfd.
     pub fn handle_completions(&mut self, vring: &Vring) {
-        if let Some(e) = &self.engine {
-            e.clear_notify();
+        if let Some(q) = &self.io {
+            q.clear_notify();
         }
         self.reap(vring);
         if self.starved && !self.free.is_empty() {
@@ -402,7 +329,7 @@ impl Worker {
         }
         loop {
             let mut progress = false;
-            let in_flight = self.engine.as_ref().map_or(0, |e| e.in_flight());
+            let in_flight = self.io.as_ref().map_or(0, |q| q.in_flight());
             // Deep queues: completions batch better on the eventfd, so only linger a moment
             // for the driver's next requests (it refills as soon as it sees completions), to
             // submit them together.
@@ -418,6 +345,9 @@ impl Worker {
             if !self.free.is_empty() && self.avail_pending(vring, &mem) {
                 progress |= self.pop_all(vring, &mem) > 0;
                 self.submit();
+                // Requests may complete within the submit (the null device, synchronous
+                // paths): they have no eventfd wake-up to wait for.
+                self.reap(vring);
             }
             self.signal(vring);
             let now = std::time::Instant::now();
@@ -447,27 +377,23 @@ impl Worker {
     }
 
     fn submit(&mut self) {
-        if let Some(e) = self.engine.as_mut()
-            && let Err(err) = e.submit()
+        if let Some(q) = self.io.as_mut()
+            && let Err(err) = q.submit()
         {
             vback_common::error_limited!("queue {}: submitting I/O failed: {err}", self.queue);
         }
     }
 
     fn reap(&mut self, vring: &Vring) {
-        let Some(engine) = self.engine.as_mut() else {
+        let Some(q) = self.io.as_mut() else {
             return;
         };
         let mut done = std::mem::take(&mut self.done);
-        engine.reap(&mut |c| done.push(c));
-        let resubmit = !done.is_empty();
+        q.reap(&mut |c| done.push(c));
         for c in done.drain(..) {
-            self.complete_io(c, Some(vring));
+            self.complete(c, Some(vring));
         }
         self.done = done;
-        if resubmit {
-            self.submit();
-        }
     }
 
     fn signal(&mut self, vring: &Vring) {
@@ -525,12 +451,12 @@ impl Worker {
         };
         let dev = self.dev.clone();
         let capacity = dev.disk.sectors();
-        let null = dev.disk.kind == DiskKind::Null;
+        let fua = !dev.writeback.load(Ordering::Relaxed);
         match request {
             Request::Read { sector, len } | Request::Write { sector, len } => {
                 let write = matches!(request, Request::Write { .. });
                 let what = if write { "write" } else { "read" };
-                if write && dev.disk.read_only {
+                if write && dev.disk.read_only() {
                     return self.refuse(
                         idx,
                         Status::IoErr,
@@ -550,87 +476,29 @@ impl Worker {
                         vring,
                     );
                 }
-                let data = if write { 0 } else { len };
-                if null || len == 0 {
-                    self.count_rw(write, len);
-                    return self.finish_now(idx, Status::Ok, data, vring);
-                }
-                let mut offset = sector * SECTOR;
-                self.slots[idx as usize].pieces.clear();
-                if let Some(img) = &dev.disk.qcow2 {
-                    // qcow2: data clusters go to the engine like raw requests (zero copy), in
-                    // one piece or (clusters not consecutive in the image) a few, one after the
-                    // other; everything else takes the synchronous path.
-                    let mut g = lock(img);
-                    let slot = &mut self.slots[idx as usize];
-                    let route = g.map_direct(offset, len, write).and_then(|direct| {
-                        Ok(match direct {
-                            Some(host) => Route::Direct(host),
-                            None => {
-                                if g.map_extents(offset, len, write, MAX_PIECES, &mut slot.pieces)?
-                                {
-                                    Route::Pieces
-                                } else {
-                                    Route::Sync
-                                }
-                            }
-                        })
-                    });
-                    drop(g);
-                    match route {
-                        Ok(Route::Direct(host)) => offset = host,
-                        Ok(Route::Pieces) => {
-                            slot.all_iov.clone_from(&slot.iov);
-                            slot.piece = 0;
-                            let (host, n) = slot.pieces[0];
-                            select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
-                            offset = host;
-                        }
-                        Ok(Route::Sync) => {
-                            slot.pieces.clear();
-                            return self.qcow2_sync_rw(idx, write, offset, len, vring);
-                        }
-                        Err(e) => {
-                            slot.pieces.clear();
-                            vback_common::warn_limited!("queue {}: {e}", self.queue);
-                            return self.finish_now(idx, Status::IoErr, 0, vring);
-                        }
-                    }
-                }
-                let slot = &mut self.slots[idx as usize];
-                slot.kind = if write { Kind::Write } else { Kind::Read };
-                slot.offset = offset;
-                slot.remaining = slot.pieces.first().map_or(len, |p| p.1);
-                slot.total = len;
-                slot.iov_start = 0;
-                slot.buffered = !dev.disk.direct;
-                slot.fallocate = None;
-                slot.mem = Some(mem.clone());
-                self.queue_io(idx, vring);
-            }
-            Request::Flush => {
-                if null {
-                    QueueStats::add(&self.stats().flushes, 1);
+                if len == 0 {
+                    self.count_rw(write, 0);
                     return self.finish_now(idx, Status::Ok, 0, vring);
                 }
-                if let Some(img) = &dev.disk.qcow2 {
-                    let st = match lock(img).flush() {
-                        Ok(()) => {
-                            QueueStats::add(&self.stats().flushes, 1);
-                            Status::Ok
-                        }
-                        Err(e) => {
-                            vback_common::error_limited!("queue {}: flush failed: {e}", self.queue);
-                            Status::IoErr
-                        }
-                    };
-                    return self.finish_now(idx, st, 0, vring);
-                }
+                let offset = sector * SECTOR;
+                let slot = &mut self.slots[idx as usize];
+                slot.kind = if write { Kind::Write } else { Kind::Read };
+                slot.len = len;
+                slot.mem = Some(mem.clone());
+                let io = if write {
+                    Io::Write { offset, fua }
+                } else {
+                    Io::Read { offset }
+                };
+                self.hand_over(idx, io, vring);
+            }
+            Request::Flush => {
                 let slot = &mut self.slots[idx as usize];
                 slot.kind = Kind::Flush;
-                slot.fallocate = None;
+                slot.len = 0;
+                slot.iov.clear();
                 slot.mem = None;
-                self.queue_io(idx, vring);
+                self.hand_over(idx, Io::Flush, vring);
             }
             Request::GetId { len } => {
                 let n = len.min(20) as usize;
@@ -657,7 +525,7 @@ impl Worker {
                     );
                 }
                 let len = u64::from(seg.num_sectors) * SECTOR;
-                let why = if dev.disk.read_only {
+                let why = if dev.disk.read_only() {
                     Some("the disk is read-only")
                 } else if seg.num_sectors > dev.max_discard_sectors {
                     Some("more sectors than the device's maximum")
@@ -670,122 +538,46 @@ impl Worker {
                     return self.refuse(idx, Status::IoErr, what, Some(seg.sector), why, vring);
                 }
                 let offset = seg.sector * SECTOR;
-                let unmap = !zero || seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-                match dev.disk.kind {
-                    DiskKind::Null => {
-                        self.count_discard(zero);
-                        self.finish_now(idx, Status::Ok, 0, vring);
+                let slot = &mut self.slots[idx as usize];
+                slot.kind = if zero {
+                    Kind::WriteZeroes
+                } else {
+                    Kind::Discard
+                };
+                slot.len = 0;
+                slot.iov.clear();
+                slot.mem = None;
+                let io = if zero {
+                    Io::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+                        fua,
                     }
-                    DiskKind::Qcow2 => {
-                        let r = match &dev.disk.qcow2 {
-                            Some(img) => {
-                                let mut g = lock(img);
-                                g.discard(offset, len, zero).and_then(|()| {
-                                    if dev.writeback.load(Ordering::Relaxed) {
-                                        Ok(())
-                                    } else {
-                                        g.flush()
-                                    }
-                                })
-                            }
-                            None => Ok(()),
-                        };
-                        let st = match r {
-                            Ok(()) => {
-                                self.count_discard(zero);
-                                Status::Ok
-                            }
-                            Err(e) => {
-                                vback_common::warn_limited!("queue {}: {e}", self.queue);
-                                Status::IoErr
-                            }
-                        };
-                        self.finish_now(idx, st, 0, vring);
-                    }
-                    DiskKind::Block => {
-                        // Block-device ioctls are synchronous; they run on the queue's thread.
-                        let r = if zero {
-                            dev.disk.block_zeroout(offset, len)
-                        } else {
-                            dev.disk.block_discard(offset, len)
-                        };
-                        let st = match r {
-                            Ok(()) => {
-                                self.count_discard(zero);
-                                Status::Ok
-                            }
-                            // A device that cannot discard may ignore a discard.
-                            Err(e) if !zero && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                                Status::Ok
-                            }
-                            Err(e) => {
-                                vback_common::warn_limited!(
-                                    "queue {}: {} at {offset}+{len} failed: {e}",
-                                    self.queue,
-                                    if zero { "BLKZEROOUT" } else { "BLKDISCARD" }
-                                );
-                                Status::IoErr
-                            }
-                        };
-                        self.finish_now(idx, st, 0, vring);
-                    }
-                    DiskKind::File => {
-                        let mode = libc::FALLOC_FL_KEEP_SIZE
-                            | if unmap {
-                                libc::FALLOC_FL_PUNCH_HOLE
-                            } else {
-                                libc::FALLOC_FL_ZERO_RANGE
-                            };
-                        let slot = &mut self.slots[idx as usize];
-                        slot.kind = if zero {
-                            Kind::WriteZeroes
-                        } else {
-                            Kind::Discard
-                        };
-                        slot.fallocate = Some((offset, len, mode));
-                        slot.mem = None;
-                        self.queue_io(idx, vring);
-                    }
-                }
+                } else {
+                    Io::Discard { offset, len, fua }
+                };
+                self.hand_over(idx, io, vring);
             }
         }
     }
 
-    /// A qcow2 read or write that is not one host extent of the image: done here, on the
-    /// queue's thread, in chunks of at most [`SYNC_CHUNK`] bytes through a bounce buffer.
-    fn qcow2_sync_rw(&mut self, idx: u32, write: bool, offset: u64, len: u64, vring: &Vring) {
-        let dev = self.dev.clone();
-        let Some(img) = &dev.disk.qcow2 else {
+    /// Gives the slot's request to the queue object.
+    fn hand_over(&mut self, idx: u32, io: Io, vring: &Vring) {
+        let Some(q) = self.io.as_mut() else {
             return self.finish_now(idx, Status::IoErr, 0, vring);
         };
-        let mut buf = vec![0u8; len.min(SYNC_CHUNK) as usize];
-        let mut g = lock(img);
-        let mut done = 0u64;
-        let mut result = Ok(());
-        while done < len && result.is_ok() {
-            let n = (len - done).min(SYNC_CHUNK) as usize;
-            let iov = &self.slots[idx as usize].iov;
-            result = if write {
-                gather(iov, done as usize, &mut buf[..n]);
-                g.write(offset + done, &buf[..n])
-            } else {
-                g.read(offset + done, &mut buf[..n]).map(|()| {
-                    scatter(iov, done as usize, &buf[..n]);
-                })
-            };
-            done += n as u64;
-        }
-        if result.is_ok() && write && !dev.writeback.load(Ordering::Relaxed) {
-            result = g.flush();
-        }
-        drop(g);
-        match result {
-            Ok(()) => {
-                self.count_rw(write, len);
-                self.finish_now(idx, Status::Ok, if write { 0 } else { len }, vring);
-            }
-            Err(e) => {
-                vback_common::warn_limited!("queue {}: {e}", self.queue);
+        let slot = &self.slots[idx as usize];
+        // SAFETY: the iovecs point into guest memory that the slot's `mem` keeps mapped until
+        // the request's completion is reaped (the slot is not reused before); the guest may
+        // write the same memory meanwhile, which only changes the bytes transferred.
+        match unsafe { q.queue(u64::from(idx), io, &slot.iov) } {
+            Ok(()) => QueueStats::add(&self.stats().in_flight, 1),
+            Err(_) => {
+                vback_common::error_limited!(
+                    "queue {}: the disk's queue is full; failing request",
+                    self.queue
+                );
                 self.finish_now(idx, Status::IoErr, 0, vring);
             }
         }
@@ -807,184 +599,65 @@ impl Worker {
         QueueStats::add(if zero { &s.write_zeroes } else { &s.discards }, 1);
     }
 
-    /// Queues the slot's (remaining) operation on the engine.
-    fn queue_io(&mut self, idx: u32, vring: &Vring) {
-        let writeback = self.dev.writeback.load(Ordering::Relaxed);
-        let slot = &self.slots[idx as usize];
-        let op = match slot.kind {
-            Kind::Read => Op::Read {
-                offset: slot.offset,
-            },
-            Kind::Write => Op::Write {
-                offset: slot.offset,
-                dsync: !writeback,
-            },
-            Kind::Flush => Op::Flush,
-            Kind::Discard | Kind::WriteZeroes => {
-                let (offset, len, mode) = slot.fallocate.unwrap_or((0, 0, 0));
-                Op::Fallocate { offset, len, mode }
-            }
-        };
-        let iov = &slot.iov[slot.iov_start.min(slot.iov.len())..];
-        let how = Submit {
-            buffered: slot.buffered,
-        };
-        let Some(engine) = self.engine.as_mut() else {
-            return self.finish_now(idx, Status::IoErr, 0, vring);
-        };
-        let iovcnt = u32::try_from(iov.len()).unwrap_or(u32::MAX);
-        // SAFETY: the iovecs live in the slot, which is not touched again until this operation
-        // completes; they point into guest memory that the slot's `mem` keeps mapped.
-        let mut r = unsafe { engine.queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how) };
-        if r.is_err() {
-            // The ring is full: push what is queued and try once more.
-            let _ = engine.submit();
-            // SAFETY: as above.
-            r = unsafe { engine.queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how) };
+    /// Remembers a storage error for `status` and logs it (rate-limited: a guest decides how
+    /// often).
+    #[cold]
+    fn storage_error(&self, kind: Kind, e: &BlockError) {
+        if kind == Kind::Flush {
+            vback_common::error_limited!("queue {}: {e}", self.queue);
+        } else {
+            vback_common::warn_limited!("queue {}: {e}", self.queue);
         }
-        match r {
-            Ok(()) => QueueStats::add(&self.stats().in_flight, 1),
-            Err(_) => {
-                vback_common::error_limited!(
-                    "queue {}: the I/O engine is full; failing request",
-                    self.queue
-                );
-                self.finish_now(idx, Status::IoErr, 0, vring);
-            }
-        }
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        *lock(&self.dev.last_error) = Some(LastError {
+            kind: e.kind,
+            message: e.to_string(),
+            queue: self.queue,
+            time,
+        });
     }
 
-    /// Handles one engine completion.
-    fn complete_io(&mut self, c: Completion, vring: Option<&Vring>) {
-        let Ok(idx) = u32::try_from(c.tag) else {
-            return;
-        };
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
+    /// Handles one completion from the queue object.
+    fn complete(&mut self, c: QueueCompletion, vring: Option<&Vring>) {
+        let Some(idx) = u32::try_from(c.tag)
+            .ok()
+            .filter(|&i| (i as usize) < self.slots.len())
+        else {
             return;
         };
         self.dev.stats[self.queue]
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
-        let res = c.result;
-        let kind = slot.kind;
-        let status = match kind {
-            Kind::Read | Kind::Write => {
-                if res == -libc::EINVAL && !slot.buffered && self.dev.disk.direct {
-                    // The buffers do not meet O_DIRECT's alignment: go through the page cache.
-                    slot.buffered = true;
-                    if let Some(v) = vring {
-                        self.queue_io(idx, v);
+        let slot = &self.slots[idx as usize];
+        let (kind, len) = (slot.kind, slot.len);
+        let (status, data) = match c.result {
+            Ok(_) => {
+                match kind {
+                    Kind::Read | Kind::Write => self.count_rw(kind == Kind::Write, len),
+                    Kind::Flush => QueueStats::add(&self.stats().flushes, 1),
+                    Kind::Discard | Kind::WriteZeroes => {
+                        self.count_discard(kind == Kind::WriteZeroes)
                     }
-                    return;
                 }
-                if res < 0 || (res == 0 && slot.remaining > 0) {
-                    vback_common::warn_limited!(
-                        "queue {}: {} of {} bytes at offset {} failed: {}",
-                        self.queue,
-                        if kind == Kind::Read { "read" } else { "write" },
-                        slot.total,
-                        slot.offset,
-                        if res < 0 {
-                            std::io::Error::from_raw_os_error(-res).to_string()
-                        } else {
-                            "end of file".into()
-                        }
-                    );
-                    Status::IoErr
-                } else if (res as u64) < slot.remaining {
-                    // Short transfer: skip what was done and resubmit the rest.
-                    let mut n = res as usize;
-                    slot.offset += n as u64;
-                    slot.remaining -= n as u64;
-                    while n > 0 && slot.iov_start < slot.iov.len() {
-                        let v = &mut slot.iov[slot.iov_start];
-                        if n >= v.iov_len {
-                            n -= v.iov_len;
-                            slot.iov_start += 1;
-                        } else {
-                            // SAFETY: advancing within the same guest buffer by less than its
-                            // length keeps the pointer inside the mapped region.
-                            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                            v.iov_len -= n;
-                            n = 0;
-                        }
-                    }
-                    if let Some(v) = vring {
-                        self.queue_io(idx, v);
-                    }
-                    return;
-                } else if slot.piece + 1 < slot.pieces.len() {
-                    // The next piece of a qcow2 request whose clusters are not consecutive.
-                    slot.piece += 1;
-                    let skip: u64 = slot.pieces[..slot.piece].iter().map(|p| p.1).sum();
-                    let (host, n) = slot.pieces[slot.piece];
-                    select_iov(&slot.all_iov, skip as usize, n as usize, &mut slot.iov);
-                    slot.iov_start = 0;
-                    slot.offset = host;
-                    slot.remaining = n;
-                    if let Some(v) = vring {
-                        self.queue_io(idx, v);
-                    }
-                    return;
-                } else {
-                    let total = slot.total;
-                    self.count_rw(kind == Kind::Write, total);
-                    Status::Ok
-                }
+                (Status::Ok, if kind == Kind::Read { len } else { 0 })
             }
-            Kind::Flush => {
-                if res < 0 {
-                    vback_common::error_limited!(
-                        "queue {}: flush failed: {}",
-                        self.queue,
-                        std::io::Error::from_raw_os_error(-res)
-                    );
-                    Status::IoErr
+            Err(e) => {
+                self.storage_error(kind, &e);
+                let st = if e.kind == ErrorKind::Unsupported {
+                    Status::Unsupp
                 } else {
-                    QueueStats::add(&self.stats().flushes, 1);
-                    Status::Ok
-                }
-            }
-            Kind::Discard | Kind::WriteZeroes => {
-                let zero = kind == Kind::WriteZeroes;
-                if res == -libc::EOPNOTSUPP && zero {
-                    // No ZERO_RANGE on this file system: punching a hole also reads back zeroes.
-                    if let Some((o, l, mode)) = slot.fallocate
-                        && mode & libc::FALLOC_FL_ZERO_RANGE != 0
-                    {
-                        slot.fallocate =
-                            Some((o, l, libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE));
-                        if let Some(v) = vring {
-                            self.queue_io(idx, v);
-                        }
-                        return;
-                    }
-                }
-                // A discard the file system cannot do is simply not done (discard is a hint).
-                if res < 0 && (zero || res != -libc::EOPNOTSUPP) {
-                    vback_common::warn_limited!(
-                        "queue {}: fallocate failed: {}",
-                        self.queue,
-                        std::io::Error::from_raw_os_error(-res)
-                    );
                     Status::IoErr
-                } else {
-                    self.count_discard(zero);
-                    Status::Ok
-                }
+                };
+                (st, 0)
             }
-        };
-        let data = if kind == Kind::Read && status == Status::Ok {
-            self.slots[idx as usize].total
-        } else {
-            0
         };
         match vring {
             Some(v) => self.finish_now(idx, status, data, v),
             None => self.release(idx),
         }
     }
-
     /// Answers a request the device does not carry out with an error status, saying why at
     /// debug level (rate-limited: a guest decides how often).
     fn refuse(
@@ -1053,24 +726,19 @@ impl Worker {
     /// end is gone).
     pub fn drain(&mut self, complete: bool) {
         let vring = if complete { self.vring.clone() } else { None };
-        while let Some(engine) = self.engine.as_mut() {
-            if engine.in_flight() == 0 {
-                break;
-            }
+        if let Some(q) = self.io.as_mut() {
             let mut done = std::mem::take(&mut self.done);
-            engine.drain(&mut |c| done.push(c));
-            // Completing may resubmit (short transfers, O_DIRECT fallback): loop until idle.
+            q.drain(&mut |c| done.push(c));
             for c in done.drain(..) {
-                self.complete_io(c, vring.as_ref());
+                self.complete(c, vring.as_ref());
             }
             self.done = done;
-            self.submit();
         }
         if let Some(v) = vring.as_ref() {
             self.signal(v);
         }
         if !complete {
-            // Slots of requests that had not reached the engine (none normally) are freed too.
+            // Slots of requests that had not reached the storage (none normally) are freed too.
             for idx in 0..self.slots.len() as u32 {
                 if self.slots[idx as usize].mem.is_some() {
                     self.release(idx);
@@ -1092,8 +760,8 @@ mod tests {
     use super::*;
     use crate::virtio::Limits;
     use std::os::unix::fs::FileExt;
-    use vback_block::disk::{Disk, DiskOptions};
-    use vback_block::engine::{EngineChoice, open_engine};
+    use vback_block::disk::DiskOptions;
+    use vback_block::engine::EngineChoice;
     use vback_block::lock::LockMode;
     use vback_common::spec::DiskUname;
     use vback_common::testing::MockQueue;
@@ -1125,20 +793,18 @@ mod tests {
             .set_len(1 << 20)
             .unwrap();
         let u = uname.map_or_else(|| format!("file:{}", image.display()), str::to_owned);
-        let disk = Disk::open(
+        let disk = vback_block::open_backend(
             &DiskUname::parse(&u).unwrap(),
             DiskOptions {
                 read_only,
                 direct: true,
                 lock: LockMode::None,
-                qcow2: Default::default(),
+                ..DiskOptions::default()
             },
+            engine,
         )
         .unwrap();
-        let engine = disk
-            .files
-            .as_ref()
-            .map(|f| open_engine(f, 32, engine).unwrap());
+        let io = disk.open_queue(u32::from(QSIZE)).unwrap();
         let dev = Arc::new(Device {
             disk,
             writeback: AtomicBool::new(true),
@@ -1149,12 +815,13 @@ mod tests {
                 max_segments: 1,
             },
             max_discard_sectors: 64,
+            last_error: Mutex::new(None),
         });
         let mem =
             GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap());
         // Rings well away from the buffers the tests use (fresh memory reads as zero).
         let q = MockQueue::new(&mem, QSIZE, 0x10_0000);
-        let mut worker = Worker::new(0, dev, engine, usize::from(QSIZE));
+        let mut worker = Worker::new(0, dev, Some(io), usize::from(QSIZE));
         worker.set_memory(mem.memory().into_inner());
         Rig {
             mem,
@@ -1436,6 +1103,31 @@ mod tests {
     }
 
     #[test]
+    fn storage_errors_answer_ioerr_and_are_kept_for_status() {
+        let mut r = rig(None, false);
+        assert!(lock(&r.worker.dev.last_error).is_none());
+        // The file shrinks under the disk: a read inside the capacity finds its end.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.image)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        r.header(0x1000, VIRTIO_BLK_T_IN, 16);
+        assert_eq!(
+            r.submit(&[(0x1000, 16, 0), (0x20000, 512, W), (STATUS, 1, W)]),
+            (1, 1)
+        );
+        let e = lock(&r.worker.dev.last_error).clone().unwrap();
+        assert_eq!(e.kind, ErrorKind::OutOfBounds);
+        assert_eq!(e.queue, 0);
+        assert!(e.message.contains("offset 8192"), "{}", e.message);
+        let s = &r.worker.dev.stats[0];
+        assert_eq!(s.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn read_only_disks_refuse_writes() {
         let mut r = rig(None, true);
         r.header(0x1000, VIRTIO_BLK_T_OUT, 0);
@@ -1488,219 +1180,6 @@ mod tests {
         assert_eq!(
             r.worker.dev.stats[0].reads.load(Ordering::Relaxed),
             u64::from(QSIZE / 2)
-        );
-    }
-
-    #[test]
-    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.raw");
-        std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
-        let top = dir.path().join("top.qcow2");
-        let out = std::process::Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                "-F",
-                "raw",
-                "-b",
-            ])
-            .arg(&base)
-            .arg(&top)
-            .output()
-            .expect("qemu-img is required (apt-get install qemu-utils)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut r = rig(Some(&format!("tap:qcow2:{}", top.display())), false);
-        assert_eq!(r.worker.dev.disk.kind, DiskKind::Qcow2);
-        assert_eq!(r.worker.dev.disk.capacity(), 1 << 20);
-        let m = r.m();
-        // An allocating write of 2 KiB into the middle of a cluster (copy-on-write from base),
-        // from two guest buffers.
-        m.write_slice(&[0xab; 1024], GuestAddress(0x10000)).unwrap();
-        m.write_slice(&[0xcd; 1024], GuestAddress(0x11000)).unwrap();
-        r.header(0x1000, VIRTIO_BLK_T_OUT, 9);
-        let (st, _) = r.submit(&[
-            (0x1000, 16, 0),
-            (0x10000, 1024, 0),
-            (0x11000, 1024, 0),
-            (STATUS, 1, W),
-        ]);
-        assert_eq!(st, 0);
-        {
-            let mut img = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
-            assert!(
-                img.map_direct(4096, 4096, false).unwrap().is_some(),
-                "cluster 1 is now data in the image: reads go to the engine"
-            );
-            assert!(img.map_direct(0, 512, false).unwrap().is_none());
-        }
-        let expect = |abs: usize, first: u8| match abs {
-            0..4096 => first,
-            4096..4608 => 0x11,
-            4608..5632 => 0xab,
-            5632..6656 => 0xcd,
-            _ => 0x11,
-        };
-        // Cluster 1 alone (one engine read), then clusters 0 and 1 (synchronous).
-        for (sector, len) in [(8u64, 4096u32), (0, 8192)] {
-            r.header(0x1000, VIRTIO_BLK_T_IN, sector);
-            let (st, n) = r.submit(&[(0x1000, 16, 0), (0x20000, len, W), (STATUS, 1, W)]);
-            assert_eq!((st, n), (0, len + 1));
-            let mut got = vec![0u8; len as usize];
-            m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
-            for (i, b) in got.iter().enumerate() {
-                let abs = sector as usize * 512 + i;
-                assert_eq!(*b, expect(abs, 0x11), "byte {abs}");
-            }
-        }
-        // An in-place overwrite through the engine, write-zeroes over cluster 0 (hiding the
-        // backing data), a flush.
-        m.write_slice(&[0x77; 512], GuestAddress(0x10000)).unwrap();
-        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
-        assert_eq!(
-            r.submit(&[(0x1000, 16, 0), (0x10000, 512, 0), (STATUS, 1, W)])
-                .0,
-            0
-        );
-        r.header(0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        m.write_obj(0u64, GuestAddress(0x1010)).unwrap();
-        m.write_obj(8u32, GuestAddress(0x1018)).unwrap();
-        m.write_obj(0u32, GuestAddress(0x101c)).unwrap();
-        assert_eq!(r.submit(&[(0x1000, 32, 0), (STATUS, 1, W)]).0, 0);
-        r.header(0x1000, VIRTIO_BLK_T_FLUSH, 0);
-        assert_eq!(r.submit(&[(0x1000, 16, 0), (STATUS, 1, W)]).0, 0);
-        r.header(0x1000, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(
-            r.submit(&[(0x1000, 16, 0), (0x20000, 8192, W), (STATUS, 1, W)])
-                .0,
-            0
-        );
-        let mut got = vec![0u8; 8192];
-        m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
-        for (abs, b) in got.iter().enumerate() {
-            let want = if (4096..4608).contains(&abs) {
-                0x77
-            } else {
-                expect(abs, 0)
-            };
-            assert_eq!(*b, want, "byte {abs}");
-        }
-        drop(r);
-        let out = std::process::Command::new("qemu-img")
-            .arg("check")
-            .arg(&top)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            std::fs::read(&base).unwrap().iter().all(|&b| b == 0x11),
-            "the backing file is unchanged"
-        );
-    }
-
-    #[test]
-    fn qcow2_clusters_out_of_order_go_to_the_engine_in_pieces() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("p.qcow2");
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
-            .arg(&img)
-            .arg("1M")
-            .output()
-            .expect("qemu-img is required (apt-get install qemu-utils)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut r = rig(Some(&format!("qcow2:{}", img.display())), false);
-        let m = r.m();
-        // Cluster 2, then cluster 1: the image holds them in the opposite order.
-        for (sector, byte) in [(16u64, 0x22u8), (8, 0x11)] {
-            m.write_slice(&[byte; 4096], GuestAddress(0x10000)).unwrap();
-            r.header(0x1000, VIRTIO_BLK_T_OUT, sector);
-            assert_eq!(
-                r.submit(&[(0x1000, 16, 0), (0x10000, 4096, 0), (STATUS, 1, W)])
-                    .0,
-                0
-            );
-        }
-        {
-            let mut g = lock(r.worker.dev.disk.qcow2.as_ref().unwrap());
-            assert_eq!(g.map_direct(4096, 8192, false).unwrap(), None);
-            let mut pieces = Vec::new();
-            assert!(g.map_extents(4096, 8192, true, 16, &mut pieces).unwrap());
-            assert_eq!(pieces.len(), 2, "{pieces:?}");
-            assert!(pieces[0].0 > pieces[1].0, "{pieces:?}");
-            assert!(!g.map_extents(4096, 8192, true, 1, &mut pieces).unwrap());
-        }
-        // An in-place write over both clusters from three guest buffers (pieces split inside
-        // a buffer), then a read of both into two buffers.
-        m.write_slice(&[0x33; 1024], GuestAddress(0x10000)).unwrap();
-        m.write_slice(&[0x44; 6144], GuestAddress(0x12000)).unwrap();
-        m.write_slice(&[0x55; 1024], GuestAddress(0x14000)).unwrap();
-        r.header(0x1000, VIRTIO_BLK_T_OUT, 8);
-        let (st, _) = r.submit(&[
-            (0x1000, 16, 0),
-            (0x10000, 1024, 0),
-            (0x12000, 6144, 0),
-            (0x14000, 1024, 0),
-            (STATUS, 1, W),
-        ]);
-        assert_eq!(st, 0);
-        r.header(0x1000, VIRTIO_BLK_T_IN, 8);
-        let (st, n) = r.submit(&[
-            (0x1000, 16, 0),
-            (0x20000, 2048, W),
-            (0x22000, 6144, W),
-            (STATUS, 1, W),
-        ]);
-        assert_eq!((st, n), (0, 8193));
-        let mut got = vec![0u8; 8192];
-        m.read_slice(&mut got[..2048], GuestAddress(0x20000))
-            .unwrap();
-        m.read_slice(&mut got[2048..], GuestAddress(0x22000))
-            .unwrap();
-        assert!(got[..1024].iter().all(|&b| b == 0x33));
-        assert!(got[1024..7168].iter().all(|&b| b == 0x44));
-        assert!(got[7168..].iter().all(|&b| b == 0x55));
-        let s = &r.worker.dev.stats[0];
-        assert_eq!(s.read_bytes.load(Ordering::Relaxed), 8192);
-        drop(r);
-        let out = std::process::Command::new("qemu-img")
-            .arg("check")
-            .arg(&img)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let raw = dir.path().join("p.raw");
-        let out = std::process::Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(&img)
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let all = std::fs::read(&raw).unwrap();
-        assert!(
-            all[4096..12288] == got[..],
-            "qemu-img reads what the guest wrote"
         );
     }
 

@@ -103,6 +103,18 @@ pub struct DiskOptions {
     pub qcow2: qcow2::OpenOptions,
 }
 
+impl Default for DiskOptions {
+    /// Writable, O_DIRECT, locked exclusively, the default qcow2 policy.
+    fn default() -> DiskOptions {
+        DiskOptions {
+            read_only: false,
+            direct: true,
+            lock: LockMode::Exclusive,
+            qcow2: qcow2::OpenOptions::default(),
+        }
+    }
+}
+
 /// An open disk.
 #[derive(Debug)]
 pub struct Disk {

@@ -1,5 +1,11 @@
 //! vback-block: the storage under vback's backends.
 //!
+//! - [`backend`]: the device-facing interface: a [`BlockBackend`] per disk (capacity,
+//!   topology, capabilities, resize, status) that opens one [`BlockQueue`] per device queue
+//!   (tagged requests on guest iovecs, batched submission, completions on an eventfd);
+//! - [`local`]: its implementations for this host: raw files, block devices and qcow2 images
+//!   on the engine, and the null device;
+//! - [`error`]: [`BlockError`], a stable [`ErrorKind`] with context;
 //! - [`engine`]: the asynchronous I/O engine (io_uring, with a thread-pool fallback);
 //! - [`lock`]: image locks compatible with QEMU's ([`lock::ImageLock`]);
 //! - [`qcow2`]: the qcow2 format layer (metadata, allocation, backing chains);
@@ -7,12 +13,34 @@
 //!   images) with its locks, and resizing it;
 //! - [`device_size`]: the size of an open file or host block device.
 //!
-//! blkback serves disks opened here, cdrom reads its media through the engine, and vbimg works
-//! on qcow2 images with the same format layer.
+//! blkback serves disks through [`open_backend`], cdrom reads its media through the engine, and
+//! vbimg works on qcow2 images with the same format layer.
 
+pub mod backend;
 pub mod disk;
 pub mod engine;
+pub mod error;
+pub mod local;
 pub mod lock;
 pub mod qcow2;
 
+pub use backend::{
+    BackendInfo, BlockBackend, BlockQueue, Capabilities, FormatInfo, QueueCompletion, Request,
+    Topology,
+};
 pub use disk::{Disk, DiskError, DiskKind, DiskOptions, SECTOR, device_size, format_warning};
+pub use error::{BlockError, ErrorKind, Operation};
+pub use local::LocalBackend;
+
+/// Opens the disk `uname` names (the format from the spec, never probed) as a backend whose
+/// queues use `engine`.
+pub fn open_backend(
+    uname: &vback_common::spec::DiskUname,
+    opts: DiskOptions,
+    engine: engine::EngineChoice,
+) -> Result<std::sync::Arc<dyn BlockBackend>, DiskError> {
+    Ok(std::sync::Arc::new(LocalBackend::new(
+        Disk::open(uname, opts)?,
+        engine,
+    )))
+}

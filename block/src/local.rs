@@ -1,0 +1,1145 @@
+//! The local backends: raw files, host block devices and qcow2 images on the I/O engine
+//! (io_uring, or its thread-pool fallback), and the null device.
+//!
+//! [`LocalBackend`] wraps an open [`Disk`]; its queues are:
+//! - [`NullQueue`] for the null device: every request succeeds at once, no I/O, no eventfd;
+//! - [`LocalQueue`] for the rest: reads, writes and flushes go to the queue's own engine, in one
+//!   submit per batch. Short transfers are resubmitted, buffers O_DIRECT refuses go through the
+//!   page cache, discard and write-zeroes are `fallocate` (files) or `BLKDISCARD`/`BLKZEROOUT`
+//!   (devices, synchronous). qcow2: requests on allocated data clusters go to the engine like
+//!   raw ones (one host extent, or up to [`MAX_PIECES`] one after the other); everything else
+//!   (allocation, backing and compressed reads, flush, discard) runs synchronously inside
+//!   [`BlockQueue::queue`] under the image's lock, as before this interface existed.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vback_common::sync::lock;
+
+use crate::backend::{
+    BackendInfo, BlockBackend, BlockQueue, Capabilities, FormatInfo, QueueCompletion, QueueFull,
+    Request, Topology, path_of,
+};
+use crate::disk::{Disk, DiskKind};
+use crate::engine::{Completion, Engine, EngineChoice, Op, Submit, open_engine};
+use crate::error::{BlockError, ErrorKind, Operation};
+
+/// Largest bounce buffer of the qcow2 synchronous path.
+const SYNC_CHUNK: u64 = 1 << 20;
+
+/// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
+pub const MAX_PIECES: usize = 16;
+
+/// A disk on this host, served through the I/O engine.
+#[derive(Debug)]
+pub struct LocalBackend {
+    disk: Arc<Disk>,
+    engine: EngineChoice,
+}
+
+impl LocalBackend {
+    /// Serves `disk`, with queues on `engine`.
+    pub fn new(disk: Disk, engine: EngineChoice) -> LocalBackend {
+        LocalBackend {
+            disk: Arc::new(disk),
+            engine,
+        }
+    }
+
+    /// The disk.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl BlockBackend for LocalBackend {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    fn topology(&self) -> Topology {
+        Topology {
+            logical_block: 512,
+            physical_block: self.disk.physical_block,
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            discard: self.disk.discard,
+            write_zeroes: true,
+            flush: true,
+            fua: true,
+            resize: self.disk.kind != DiskKind::Block,
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.disk.read_only
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: self.disk.kind.name(),
+            uname: self.disk.uname.to_string(),
+            read_only: self.disk.read_only,
+            direct: self.disk.direct,
+            warning: self.disk.format_warning.clone(),
+            format: self.disk.qcow2.as_ref().map(|img| {
+                let img = lock(img);
+                FormatInfo::Qcow2 {
+                    info: img.info(),
+                    cached_tables: img.cached_tables(),
+                }
+            }),
+        }
+    }
+
+    fn default_serial(&self) -> String {
+        self.disk.default_serial()
+    }
+
+    fn resize(&self, size: Option<u64>) -> Result<u64, BlockError> {
+        self.disk
+            .resize(size)
+            .map_err(|e| BlockError::disk(Operation::Resize, e))
+    }
+
+    fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
+        let Some(files) = &self.disk.files else {
+            return Ok(Box::new(NullQueue::new(depth)));
+        };
+        let engine = open_engine(files, depth.saturating_mul(2).max(2), self.engine)
+            .map_err(|e| BlockError::io(Operation::Open, e).at_path(path_of(&self.disk.uname)))?;
+        Ok(Box::new(LocalQueue::new(self.disk.clone(), engine, depth)))
+    }
+}
+
+/// The null device's queue: every request succeeds when taken.
+#[derive(Debug)]
+pub struct NullQueue {
+    ready: Vec<QueueCompletion>,
+    depth: usize,
+}
+
+impl NullQueue {
+    /// A queue with room for `depth` requests.
+    pub fn new(depth: u32) -> NullQueue {
+        let depth = depth.max(1) as usize;
+        NullQueue {
+            ready: Vec::with_capacity(depth),
+            depth,
+        }
+    }
+}
+
+impl BlockQueue for NullQueue {
+    fn engine_name(&self) -> &'static str {
+        "none (null device)"
+    }
+
+    unsafe fn queue(
+        &mut self,
+        tag: u64,
+        request: Request,
+        iov: &[libc::iovec],
+    ) -> Result<(), QueueFull> {
+        if self.ready.len() >= self.depth {
+            return Err(QueueFull);
+        }
+        let n = match request {
+            Request::Read { .. } | Request::Write { .. } => {
+                iov.iter().map(|v| v.iov_len as u64).sum()
+            }
+            _ => 0,
+        };
+        self.ready.push(QueueCompletion { tag, result: Ok(n) });
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    fn reap(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
+        for c in self.ready.drain(..) {
+            f(c);
+        }
+    }
+
+    fn notify_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn clear_notify(&self) {}
+
+    fn in_flight(&self) -> usize {
+        self.ready.len()
+    }
+
+    fn drain(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
+        self.reap(f);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One request taken by a [`LocalQueue`].
+struct Slot {
+    tag: u64,
+    kind: Kind,
+    /// The current engine operation's iovecs.
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet transferred (partial transfers are resubmitted).
+    iov_start: usize,
+    /// The request's offset on the disk (for errors).
+    guest_offset: u64,
+    /// Host offset of the current operation.
+    offset: u64,
+    remaining: u64,
+    total: u64,
+    buffered: bool,
+    fua: bool,
+    fallocate: (u64, u64, i32),
+    /// qcow2: the request's host pieces (offset, length) when its clusters are not consecutive
+    /// in the image; `piece` is the one in flight. Empty otherwise.
+    pieces: Vec<(u64, u64)>,
+    piece: usize,
+    /// qcow2 pieces: the request's whole iovec list (`iov` holds the current piece's part).
+    all_iov: Vec<libc::iovec>,
+}
+
+/// A queue on a raw file, a block device or a qcow2 image: its own engine and request slots.
+pub struct LocalQueue {
+    disk: Arc<Disk>,
+    engine: Box<dyn Engine>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Finished without the engine (synchronous paths, errors), not yet reaped: slot, result.
+    ready: Vec<(u32, Result<u64, BlockError>)>,
+    done: Vec<Completion>,
+}
+
+// SAFETY: the raw pointers inside a LocalQueue (the slots' iovecs) point into memory the caller
+// keeps mapped until the request's completion is reaped (the contract of `BlockQueue::queue`);
+// they are only dereferenced by the kernel, the engine's pool threads while the operation is in
+// flight, or this queue's synchronous paths on the thread that owns it.
+unsafe impl Send for LocalQueue {}
+
+impl std::fmt::Debug for LocalQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalQueue")
+            .field("engine", &self.engine.name())
+            .field("slots", &self.slots.len())
+            .field("free", &self.free.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalQueue {
+    /// A queue on `disk` through `engine`, with room for `depth` requests.
+    pub fn new(disk: Arc<Disk>, engine: Box<dyn Engine>, depth: u32) -> LocalQueue {
+        let depth = depth.max(1);
+        LocalQueue {
+            disk,
+            engine,
+            slots: (0..depth)
+                .map(|_| Slot {
+                    tag: 0,
+                    kind: Kind::Flush,
+                    iov: Vec::new(),
+                    iov_start: 0,
+                    guest_offset: 0,
+                    offset: 0,
+                    remaining: 0,
+                    total: 0,
+                    buffered: false,
+                    fua: false,
+                    fallocate: (0, 0, 0),
+                    pieces: Vec::new(),
+                    piece: 0,
+                    all_iov: Vec::new(),
+                })
+                .collect(),
+            free: (0..depth).rev().collect(),
+            ready: Vec::with_capacity(depth as usize),
+            done: Vec::with_capacity(depth as usize),
+        }
+    }
+
+    /// Adds the disk's path (unless the error names a file) and the request's offset.
+    fn err(&self, e: BlockError, offset: u64) -> BlockError {
+        if e.path.is_some() {
+            e.at(offset)
+        } else {
+            e.at_path(path_of(&self.disk.uname)).at(offset)
+        }
+    }
+
+    fn finish(&mut self, idx: u32, result: Result<u64, BlockError>) {
+        self.ready.push((idx, result));
+    }
+
+    fn finish_qcow2(&mut self, idx: u32, op: Operation, r: Result<u64, crate::qcow2::Qcow2Error>) {
+        let r = r.map_err(|e| {
+            let off = self.slots[idx as usize].guest_offset;
+            BlockError::qcow2(op, e).at(off)
+        });
+        self.finish(idx, r);
+    }
+
+    /// Starts a read or write.
+    fn start_rw(&mut self, idx: u32, write: bool, offset: u64, fua: bool) {
+        let slot = &mut self.slots[idx as usize];
+        let len: u64 = slot.iov.iter().map(|v| v.iov_len as u64).sum();
+        slot.kind = if write { Kind::Write } else { Kind::Read };
+        slot.guest_offset = offset;
+        slot.total = len;
+        slot.fua = fua;
+        slot.iov_start = 0;
+        slot.buffered = !self.disk.direct;
+        slot.pieces.clear();
+        let mut host = offset;
+        if let Some(img) = &self.disk.qcow2 {
+            // Data clusters go to the engine like raw requests (zero copy), in one piece or
+            // (clusters not consecutive in the image) a few, one after the other; everything
+            // else takes the synchronous path.
+            let mut g = lock(img);
+            let route = match g.map_direct(offset, len, write) {
+                Ok(Some(h)) => Ok(Some(h)),
+                Ok(None) => g
+                    .map_extents(offset, len, write, MAX_PIECES, &mut slot.pieces)
+                    .map(|pieces| if pieces { Some(u64::MAX) } else { None }),
+                Err(e) => Err(e),
+            };
+            drop(g);
+            match route {
+                Ok(Some(u64::MAX)) => {
+                    slot.all_iov.clone_from(&slot.iov);
+                    slot.piece = 0;
+                    let (h, n) = slot.pieces[0];
+                    select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
+                    host = h;
+                }
+                Ok(Some(h)) => host = h,
+                Ok(None) => {
+                    slot.pieces.clear();
+                    return self.qcow2_sync_rw(idx, write, offset, len, fua);
+                }
+                Err(e) => {
+                    slot.pieces.clear();
+                    let op = if write {
+                        Operation::Write
+                    } else {
+                        Operation::Read
+                    };
+                    return self.finish_qcow2(idx, op, Err(e));
+                }
+            }
+        }
+        let slot = &mut self.slots[idx as usize];
+        slot.offset = host;
+        slot.remaining = slot.pieces.first().map_or(len, |p| p.1);
+        self.queue_io(idx);
+    }
+
+    /// A qcow2 read or write that is not one host extent of the image: done here, on the
+    /// queue's thread, in chunks of at most [`SYNC_CHUNK`] bytes through a bounce buffer.
+    fn qcow2_sync_rw(&mut self, idx: u32, write: bool, offset: u64, len: u64, fua: bool) {
+        let disk = self.disk.clone();
+        let Some(img) = &disk.qcow2 else {
+            return self.finish(idx, Err(BlockError::os(Operation::Read, libc::EINVAL)));
+        };
+        let mut buf = vec![0u8; len.min(SYNC_CHUNK) as usize];
+        let mut g = lock(img);
+        let mut done = 0u64;
+        let mut result = Ok(());
+        while done < len && result.is_ok() {
+            let n = (len - done).min(SYNC_CHUNK) as usize;
+            let iov = &self.slots[idx as usize].iov;
+            result = if write {
+                gather(iov, done as usize, &mut buf[..n]);
+                g.write(offset + done, &buf[..n])
+            } else {
+                g.read(offset + done, &mut buf[..n]).map(|()| {
+                    scatter(iov, done as usize, &buf[..n]);
+                })
+            };
+            done += n as u64;
+        }
+        if result.is_ok() && write && fua {
+            result = g.flush();
+        }
+        drop(g);
+        let op = if write {
+            Operation::Write
+        } else {
+            Operation::Read
+        };
+        self.finish_qcow2(idx, op, result.map(|()| len));
+    }
+
+    /// Discard or write-zeroes.
+    fn start_discard(
+        &mut self,
+        idx: u32,
+        zero: bool,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) {
+        let op = if zero {
+            Operation::WriteZeroes
+        } else {
+            Operation::Discard
+        };
+        let slot = &mut self.slots[idx as usize];
+        slot.kind = if zero {
+            Kind::WriteZeroes
+        } else {
+            Kind::Discard
+        };
+        slot.guest_offset = offset;
+        slot.iov.clear();
+        match self.disk.kind {
+            DiskKind::Null => self.finish(idx, Ok(0)),
+            DiskKind::Qcow2 => {
+                let r = match &self.disk.qcow2 {
+                    Some(img) => {
+                        let mut g = lock(img);
+                        g.discard(offset, len, zero)
+                            .and_then(|()| if fua { g.flush() } else { Ok(()) })
+                    }
+                    None => Ok(()),
+                };
+                self.finish_qcow2(idx, op, r.map(|()| 0));
+            }
+            DiskKind::Block => {
+                // Block-device ioctls are synchronous; they run on the queue's thread.
+                let r = if zero {
+                    self.disk.block_zeroout(offset, len)
+                } else {
+                    self.disk.block_discard(offset, len)
+                };
+                let r = match r {
+                    Ok(()) => Ok(0),
+                    // A device that cannot discard may ignore a discard.
+                    Err(e) if !zero && e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(0),
+                    Err(e) => Err(self.err(BlockError::io(op, e), offset)),
+                };
+                self.finish(idx, r);
+            }
+            DiskKind::File => {
+                let mode = libc::FALLOC_FL_KEEP_SIZE
+                    | if unmap {
+                        libc::FALLOC_FL_PUNCH_HOLE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE
+                    };
+                self.slots[idx as usize].fallocate = (offset, len, mode);
+                self.queue_io(idx);
+            }
+        }
+    }
+
+    /// Queues the slot's (remaining) operation on the engine.
+    fn queue_io(&mut self, idx: u32) {
+        let slot = &self.slots[idx as usize];
+        let op = match slot.kind {
+            Kind::Read => Op::Read {
+                offset: slot.offset,
+            },
+            Kind::Write => Op::Write {
+                offset: slot.offset,
+                dsync: slot.fua,
+            },
+            Kind::Flush => Op::Flush,
+            Kind::Discard | Kind::WriteZeroes => {
+                let (offset, len, mode) = slot.fallocate;
+                Op::Fallocate { offset, len, mode }
+            }
+        };
+        let iov = &slot.iov[slot.iov_start.min(slot.iov.len())..];
+        let how = Submit {
+            buffered: slot.buffered,
+        };
+        let iovcnt = u32::try_from(iov.len()).unwrap_or(u32::MAX);
+        // SAFETY: the iovecs live in the slot, which is not touched again until this operation
+        // completes; they point into memory the caller keeps mapped until the request's
+        // completion is reaped (BlockQueue::queue's contract).
+        let mut r = unsafe {
+            self.engine
+                .queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how)
+        };
+        if r.is_err() {
+            // The ring is full: push what is queued and try once more.
+            let _ = self.engine.submit();
+            // SAFETY: as above.
+            r = unsafe {
+                self.engine
+                    .queue(u64::from(idx), op, iov.as_ptr(), iovcnt, how)
+            };
+        }
+        if r.is_err() {
+            let e = BlockError::new(ErrorKind::Busy, op_of(slot.kind), QueueFull);
+            self.finish(idx, Err(e));
+        }
+    }
+
+    /// Handles one engine completion: resubmits, or records the request's result.
+    fn complete_io(&mut self, c: Completion) {
+        let Ok(idx) = u32::try_from(c.tag) else {
+            return;
+        };
+        let direct = self.disk.direct;
+        let Some(slot) = self.slots.get_mut(idx as usize) else {
+            return;
+        };
+        let res = c.result;
+        let kind = slot.kind;
+        let result = match kind {
+            Kind::Read | Kind::Write => {
+                if res == -libc::EINVAL && !slot.buffered && direct {
+                    // The buffers do not meet O_DIRECT's alignment: go through the page cache.
+                    slot.buffered = true;
+                    return self.queue_io(idx);
+                }
+                if res < 0 {
+                    Err(BlockError::os(op_of(kind), -res))
+                } else if res == 0 && slot.remaining > 0 {
+                    Err(BlockError::new(
+                        ErrorKind::OutOfBounds,
+                        op_of(kind),
+                        "end of file",
+                    ))
+                } else if (res as u64) < slot.remaining {
+                    // Short transfer: skip what was done and resubmit the rest.
+                    let mut n = res as usize;
+                    slot.offset += n as u64;
+                    slot.remaining -= n as u64;
+                    while n > 0 && slot.iov_start < slot.iov.len() {
+                        let v = &mut slot.iov[slot.iov_start];
+                        if n >= v.iov_len {
+                            n -= v.iov_len;
+                            slot.iov_start += 1;
+                        } else {
+                            // SAFETY: advancing within the same buffer by less than its length
+                            // keeps the pointer inside the mapped region.
+                            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                            v.iov_len -= n;
+                            n = 0;
+                        }
+                    }
+                    return self.queue_io(idx);
+                } else if slot.piece + 1 < slot.pieces.len() {
+                    // The next piece of a qcow2 request whose clusters are not consecutive.
+                    slot.piece += 1;
+                    let skip: u64 = slot.pieces[..slot.piece].iter().map(|p| p.1).sum();
+                    let (host, n) = slot.pieces[slot.piece];
+                    select_iov(&slot.all_iov, skip as usize, n as usize, &mut slot.iov);
+                    slot.iov_start = 0;
+                    slot.offset = host;
+                    slot.remaining = n;
+                    return self.queue_io(idx);
+                } else {
+                    Ok(slot.total)
+                }
+            }
+            Kind::Flush => {
+                if res < 0 {
+                    Err(BlockError::os(Operation::Flush, -res))
+                } else {
+                    Ok(0)
+                }
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                let zero = kind == Kind::WriteZeroes;
+                let (o, l, mode) = slot.fallocate;
+                if res == -libc::EOPNOTSUPP && zero && mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                    // No ZERO_RANGE on this file system: punching a hole also reads back zeroes.
+                    slot.fallocate = (o, l, libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE);
+                    return self.queue_io(idx);
+                }
+                // A discard the file system cannot do is simply not done (discard is a hint).
+                if res < 0 && (zero || res != -libc::EOPNOTSUPP) {
+                    Err(BlockError::os(op_of(kind), -res))
+                } else {
+                    Ok(0)
+                }
+            }
+        };
+        let offset = slot.guest_offset;
+        let result = result.map_err(|e| self.err(e, offset));
+        self.finish(idx, result);
+    }
+
+    fn deliver(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
+        for (idx, result) in self.ready.drain(..) {
+            let slot = &mut self.slots[idx as usize];
+            slot.iov.clear();
+            slot.pieces.clear();
+            self.free.push(idx);
+            f(QueueCompletion {
+                tag: slot.tag,
+                result,
+            });
+        }
+    }
+
+    fn reap_engine(&mut self, wait: bool) {
+        let mut done = std::mem::take(&mut self.done);
+        if wait {
+            self.engine.drain(&mut |c| done.push(c));
+        } else {
+            self.engine.reap(&mut |c| done.push(c));
+        }
+        let resubmit = !done.is_empty();
+        for c in done.drain(..) {
+            self.complete_io(c);
+        }
+        self.done = done;
+        if resubmit && let Err(e) = self.engine.submit() {
+            vback_common::error_limited!("submitting I/O failed: {e}");
+        }
+    }
+}
+
+fn op_of(kind: Kind) -> Operation {
+    match kind {
+        Kind::Read => Operation::Read,
+        Kind::Write => Operation::Write,
+        Kind::Flush => Operation::Flush,
+        Kind::Discard => Operation::Discard,
+        Kind::WriteZeroes => Operation::WriteZeroes,
+    }
+}
+
+impl BlockQueue for LocalQueue {
+    fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    unsafe fn queue(
+        &mut self,
+        tag: u64,
+        request: Request,
+        iov: &[libc::iovec],
+    ) -> Result<(), QueueFull> {
+        let Some(idx) = self.free.pop() else {
+            return Err(QueueFull);
+        };
+        let slot = &mut self.slots[idx as usize];
+        slot.tag = tag;
+        slot.iov.clear();
+        match request {
+            Request::Read { offset } => {
+                slot.iov.extend_from_slice(iov);
+                self.start_rw(idx, false, offset, false);
+            }
+            Request::Write { offset, fua } => {
+                slot.iov.extend_from_slice(iov);
+                self.start_rw(idx, true, offset, fua);
+            }
+            Request::Flush => {
+                slot.kind = Kind::Flush;
+                slot.guest_offset = 0;
+                if let Some(img) = &self.disk.qcow2 {
+                    let r = lock(img).flush().map(|()| 0);
+                    self.finish_qcow2(idx, Operation::Flush, r);
+                } else {
+                    self.queue_io(idx);
+                }
+            }
+            Request::Discard { offset, len, fua } => {
+                self.start_discard(idx, false, offset, len, true, fua);
+            }
+            Request::WriteZeroes {
+                offset,
+                len,
+                unmap,
+                fua,
+            } => self.start_discard(idx, true, offset, len, unmap, fua),
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), BlockError> {
+        self.engine
+            .submit()
+            .map_err(|e| BlockError::io(Operation::Submit, e).at_path(path_of(&self.disk.uname)))
+    }
+
+    fn reap(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
+        self.reap_engine(false);
+        self.deliver(f);
+    }
+
+    fn notify_fd(&self) -> Option<RawFd> {
+        Some(self.engine.notify_fd())
+    }
+
+    fn clear_notify(&self) {
+        self.engine.clear_notify();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn drain(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
+        // Completing may resubmit (short transfers, O_DIRECT fallback, pieces): loop until idle.
+        loop {
+            self.deliver(f);
+            if self.engine.in_flight() == 0 {
+                break;
+            }
+            self.reap_engine(true);
+        }
+        self.deliver(f);
+    }
+}
+
+/// Calls `f(address, length, offset)` for each piece of the iovec list `all` that covers `len`
+/// bytes from `skip` (`offset`: where the piece starts within those `len` bytes).
+fn for_each_piece(
+    all: &[libc::iovec],
+    mut skip: usize,
+    mut len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) {
+    let mut done = 0;
+    for v in all {
+        if len == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let n = (v.iov_len - skip).min(len);
+        f(v.iov_base.cast::<u8>().wrapping_add(skip), n, done);
+        done += n;
+        len -= n;
+        skip = 0;
+    }
+}
+
+/// Fills `out` with the part of the iovec list `all` that covers `len` bytes from `skip`.
+fn select_iov(all: &[libc::iovec], skip: usize, len: usize, out: &mut Vec<libc::iovec>) {
+    out.clear();
+    for_each_piece(all, skip, len, |p, n, _| {
+        out.push(libc::iovec {
+            iov_base: p.cast(),
+            iov_len: n,
+        });
+    });
+}
+
+/// Copies `dst.len()` bytes from the iovecs' data, starting `skip` bytes in.
+fn gather(iov: &[libc::iovec], skip: usize, dst: &mut [u8]) {
+    for_each_piece(iov, skip, dst.len(), |src, n, at| {
+        // SAFETY: the iovecs describe memory the caller keeps mapped until the request
+        // completes (BlockQueue::queue's contract), and `src..src + n` lies inside one of them;
+        // `dst` is a separate host buffer of at least `at + n` bytes. A guest writing the same
+        // memory meanwhile only changes which bytes are copied (plain bytes, no invariants).
+        unsafe { std::ptr::copy_nonoverlapping(src.cast_const(), dst[at..].as_mut_ptr(), n) };
+    });
+}
+
+/// Copies `src` into the iovecs' data, starting `skip` bytes in.
+fn scatter(iov: &[libc::iovec], skip: usize, src: &[u8]) {
+    for_each_piece(iov, skip, src.len(), |dst, n, at| {
+        // SAFETY: as in `gather`: mapped memory the request may write, written at
+        // `dst..dst + n`, from a separate host buffer of at least `at + n` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src[at..].as_ptr(), dst, n) };
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use crate::lock::LockMode;
+    use std::os::unix::fs::FileExt;
+    use vback_common::spec::DiskUname;
+
+    fn open(uname: &str, read_only: bool, engine: EngineChoice) -> LocalBackend {
+        let disk = Disk::open(
+            &DiskUname::parse(uname).unwrap(),
+            DiskOptions {
+                read_only,
+                lock: LockMode::None,
+                ..DiskOptions::default()
+            },
+        )
+        .unwrap();
+        LocalBackend::new(disk, engine)
+    }
+
+    fn iov(buf: &[u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }
+    }
+
+    /// Queues one request, submits it and waits for its completion.
+    fn run(q: &mut dyn BlockQueue, req: Request, bufs: &[&[u8]]) -> Result<u64, BlockError> {
+        let v: Vec<libc::iovec> = bufs.iter().map(|b| iov(b)).collect();
+        // SAFETY: the buffers outlive the completion awaited below; the test writes into
+        // buffers it only reads after the completion.
+        unsafe { q.queue(7, req, &v) }.unwrap();
+        q.submit().unwrap();
+        for _ in 0..5000 {
+            let mut got = None;
+            q.reap(&mut |c| got = Some(c));
+            if let Some(c) = got {
+                assert_eq!(c.tag, 7);
+                assert_eq!(q.in_flight(), 0);
+                return c.result;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("no completion");
+    }
+
+    fn raw_requests(engine: EngineChoice) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        std::fs::write(&p, vec![1u8; 1 << 20]).unwrap();
+        let b = open(&format!("file:{}", p.display()), false, engine);
+        assert_eq!(b.capacity(), 1 << 20);
+        assert!(b.capabilities().discard && b.capabilities().resize);
+        let mut q = b.open_queue(8).unwrap();
+        assert!(q.notify_fd().is_some());
+
+        // A write from two buffers, one at an odd address (O_DIRECT refuses it: page cache).
+        let a = vec![0xabu8; 4096];
+        let mut odd = vec![0u8; 513];
+        odd[1..].fill(0xcd);
+        assert_eq!(
+            run(
+                &mut *q,
+                Request::Write {
+                    offset: 8192,
+                    fua: true
+                },
+                &[&a, &odd[1..]]
+            )
+            .unwrap(),
+            4608
+        );
+        let mut back = vec![0u8; 4608];
+        std::fs::File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut back, 8192)
+            .unwrap();
+        assert!(back[..4096].iter().all(|&x| x == 0xab));
+        assert!(back[4096..].iter().all(|&x| x == 0xcd));
+        let r = vec![0u8; 8192];
+        assert_eq!(
+            run(&mut *q, Request::Read { offset: 4096 }, &[&r]).unwrap(),
+            8192
+        );
+        assert!(r[..4096].iter().all(|&x| x == 1));
+        assert!(r[4096..].iter().all(|&x| x == 0xab));
+        assert_eq!(run(&mut *q, Request::Flush, &[]).unwrap(), 0);
+
+        // Discard and write-zeroes (with and without unmap) read back as zeroes.
+        let d = Request::Discard {
+            offset: 0,
+            len: 4096,
+            fua: false,
+        };
+        assert_eq!(run(&mut *q, d, &[]).unwrap(), 0);
+        for (offset, unmap) in [(65536, false), (131072, true)] {
+            let z = Request::WriteZeroes {
+                offset,
+                len: 4096,
+                unmap,
+                fua: false,
+            };
+            assert_eq!(run(&mut *q, z, &[]).unwrap(), 0);
+        }
+        let all = std::fs::read(&p).unwrap();
+        assert_eq!(all.len(), 1 << 20);
+        for (i, &x) in all.iter().enumerate() {
+            let zero = matches!(i, 0..4096 | 65536..69632 | 131072..135168);
+            let data = matches!(i, 8192..12800);
+            assert!(zero && x == 0 || data || !zero && x == 1, "byte {i}: {x}");
+        }
+
+        // Past the end of the file: an out-of-bounds error with the path and offset.
+        let e = run(&mut *q, Request::Read { offset: 2 << 20 }, &[&r]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::OutOfBounds);
+        let s = e.to_string();
+        assert!(
+            s.contains(&p.display().to_string()) && s.contains("offset 2097152"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn raw_files_on_io_uring() {
+        raw_requests(EngineChoice::IoUring);
+    }
+
+    #[test]
+    fn raw_files_on_the_thread_pool() {
+        raw_requests(EngineChoice::ThreadPool);
+    }
+
+    #[test]
+    fn a_batch_completes_on_the_eventfd_and_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.raw");
+        std::fs::write(&p, vec![3u8; 1 << 20]).unwrap();
+        let b = open(
+            &format!("file:{}", p.display()),
+            true,
+            EngineChoice::IoUring,
+        );
+        let mut q = b.open_queue(4).unwrap();
+        let bufs: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; 4096]).collect();
+        for (i, buf) in bufs.iter().enumerate() {
+            // SAFETY: the buffers outlive the drain below.
+            unsafe {
+                q.queue(
+                    i as u64,
+                    Request::Read {
+                        offset: i as u64 * 4096,
+                    },
+                    &[iov(buf)],
+                )
+            }
+            .unwrap();
+        }
+        let extra = vec![0u8; 512];
+        // SAFETY: never queued (the queue is full).
+        assert!(unsafe { q.queue(9, Request::Read { offset: 0 }, &[iov(&extra)]) }.is_err());
+        q.submit().unwrap();
+        assert_eq!(q.in_flight(), 4);
+        // The eventfd becomes readable.
+        let mut pfd = libc::pollfd {
+            fd: q.notify_fd().unwrap(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        let mut tags = Vec::new();
+        q.drain(&mut |c| {
+            assert_eq!(c.result.unwrap(), 4096);
+            tags.push(c.tag);
+        });
+        tags.sort_unstable();
+        assert_eq!(tags, [0, 1, 2, 3]);
+        assert_eq!(q.in_flight(), 0);
+        assert!(bufs.iter().flatten().all(|&x| x == 3));
+    }
+
+    #[test]
+    fn the_null_device_completes_within_submit() {
+        let b = open("null:1M", false, EngineChoice::Auto);
+        let mut q = b.open_queue(2).unwrap();
+        assert!(q.notify_fd().is_none());
+        assert_eq!(q.engine_name(), "none (null device)");
+        let buf = vec![0u8; 4096];
+        assert_eq!(
+            run(&mut *q, Request::Read { offset: 0 }, &[&buf]).unwrap(),
+            4096
+        );
+        assert_eq!(run(&mut *q, Request::Flush, &[]).unwrap(), 0);
+        assert!(b.info().format.is_none());
+        assert_eq!(b.info().kind, "null");
+    }
+
+    fn qemu_img(args: &[&str], path: &std::path::Path) {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .arg(path)
+            .output()
+            .expect("qemu-img is required (apt-get install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+        let top = dir.path().join("top.qcow2");
+        let backing = base.display().to_string();
+        qemu_img(
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-F",
+                "raw",
+                "-b",
+                &backing,
+            ],
+            &top,
+        );
+        let b = open(
+            &format!("tap:qcow2:{}", top.display()),
+            false,
+            EngineChoice::IoUring,
+        );
+        assert_eq!(b.capacity(), 1 << 20);
+        assert!(matches!(b.info().format, Some(FormatInfo::Qcow2 { .. })));
+        let mut q = b.open_queue(8).unwrap();
+        // An allocating write of 2 KiB into the middle of a cluster (copy-on-write from base),
+        // from two buffers.
+        let (x, y) = (vec![0xabu8; 1024], vec![0xcdu8; 1024]);
+        let w = Request::Write {
+            offset: 9 * 512,
+            fua: false,
+        };
+        assert_eq!(run(&mut *q, w, &[&x, &y]).unwrap(), 2048);
+        {
+            let mut img = lock(b.disk().qcow2.as_ref().unwrap());
+            assert!(
+                img.map_direct(4096, 4096, false).unwrap().is_some(),
+                "cluster 1 is now data in the image: reads go to the engine"
+            );
+            assert!(img.map_direct(0, 512, false).unwrap().is_none());
+        }
+        let expect = |abs: usize, first: u8| match abs {
+            0..4096 => first,
+            4096..4608 => 0x11,
+            4608..5632 => 0xab,
+            5632..6656 => 0xcd,
+            _ => 0x11,
+        };
+        // Cluster 1 alone (one engine read), then clusters 0 and 1 (synchronous).
+        for (offset, len) in [(4096u64, 4096usize), (0, 8192)] {
+            let got = vec![0u8; len];
+            assert_eq!(
+                run(&mut *q, Request::Read { offset }, &[&got]).unwrap(),
+                len as u64
+            );
+            for (i, v) in got.iter().enumerate() {
+                let abs = offset as usize + i;
+                assert_eq!(*v, expect(abs, 0x11), "byte {abs}");
+            }
+        }
+        // An in-place overwrite through the engine, write-zeroes over cluster 0 (hiding the
+        // backing data), a flush.
+        let z = vec![0x77u8; 512];
+        let w = Request::Write {
+            offset: 4096,
+            fua: true,
+        };
+        run(&mut *q, w, &[&z]).unwrap();
+        let wz = Request::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            unmap: false,
+            fua: false,
+        };
+        run(&mut *q, wz, &[]).unwrap();
+        run(&mut *q, Request::Flush, &[]).unwrap();
+        let got = vec![0u8; 8192];
+        run(&mut *q, Request::Read { offset: 0 }, &[&got]).unwrap();
+        for (abs, v) in got.iter().enumerate() {
+            let want = if (4096..4608).contains(&abs) {
+                0x77
+            } else {
+                expect(abs, 0)
+            };
+            assert_eq!(*v, want, "byte {abs}");
+        }
+        drop(q);
+        drop(b);
+        qemu_img(&["check"], &top);
+        assert!(
+            std::fs::read(&base).unwrap().iter().all(|&v| v == 0x11),
+            "the backing file is unchanged"
+        );
+    }
+
+    #[test]
+    fn qcow2_clusters_out_of_order_go_to_the_engine_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.qcow2");
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
+            .arg(&img)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let b = open(
+            &format!("qcow2:{}", img.display()),
+            false,
+            EngineChoice::IoUring,
+        );
+        let mut q = b.open_queue(8).unwrap();
+        // Cluster 2, then cluster 1: the image holds them in the opposite order.
+        for (offset, byte) in [(8192u64, 0x22u8), (4096, 0x11)] {
+            let d = vec![byte; 4096];
+            let w = Request::Write { offset, fua: false };
+            run(&mut *q, w, &[&d]).unwrap();
+        }
+        {
+            let mut g = lock(b.disk().qcow2.as_ref().unwrap());
+            assert_eq!(g.map_direct(4096, 8192, false).unwrap(), None);
+            let mut pieces = Vec::new();
+            assert!(g.map_extents(4096, 8192, true, 16, &mut pieces).unwrap());
+            assert_eq!(pieces.len(), 2, "{pieces:?}");
+            assert!(pieces[0].0 > pieces[1].0, "{pieces:?}");
+            assert!(!g.map_extents(4096, 8192, true, 1, &mut pieces).unwrap());
+        }
+        // An in-place write over both clusters from three buffers (pieces split inside a
+        // buffer), then a read of both into two buffers.
+        let (a, m, c) = (vec![0x33u8; 1024], vec![0x44u8; 6144], vec![0x55u8; 1024]);
+        let w = Request::Write {
+            offset: 4096,
+            fua: false,
+        };
+        assert_eq!(run(&mut *q, w, &[&a, &m, &c]).unwrap(), 8192);
+        let (r1, r2) = (vec![0u8; 2048], vec![0u8; 6144]);
+        assert_eq!(
+            run(&mut *q, Request::Read { offset: 4096 }, &[&r1, &r2]).unwrap(),
+            8192
+        );
+        let got: Vec<u8> = r1.iter().chain(&r2).copied().collect();
+        assert!(got[..1024].iter().all(|&v| v == 0x33));
+        assert!(got[1024..7168].iter().all(|&v| v == 0x44));
+        assert!(got[7168..].iter().all(|&v| v == 0x55));
+        drop(q);
+        drop(b);
+        qemu_img(&["check"], &img);
+        let raw = dir.path().join("p.raw");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&img)
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let all = std::fs::read(&raw).unwrap();
+        assert!(
+            all[4096..12288] == got[..],
+            "qemu-img reads what was written"
+        );
+    }
+}
