@@ -1,19 +1,26 @@
-//! The daemon every backend runs: common options, where the vhost-user socket comes from,
-//! the serve loop, readiness, the control socket and clean shutdown.
+//! The daemon every backend runs, in two parts:
 //!
-//! A backend's `main` flattens [`CommonArgs`] into its own options, builds its device, and hands
-//! both to [`Daemon::run`]. The serve loop accepts one front end at a time; when it disconnects
-//! (a VMM restarts, a guest shuts down) the daemon serves the next connection on the same
-//! socket. SIGTERM and SIGINT end the current connection, remove the socket files the daemon
-//! created, tell systemd `STOPPING=1` and return.
+//! - the **process** ([`Process`]): logging, signals, systemd notifications (readiness, status,
+//!   stopping and the watchdog), the control socket (one per process), and the one place where
+//!   a sandbox will be entered once everything is opened ([`Process::before_serving`]);
+//! - its vhost-user **ports** ([`Port`]): where each listening socket comes from
+//!   ([`ListenSource`]), the serve loop that serves again after a front end disconnects, and
+//!   each port's status. A process serves any number of ports, each on its own thread, or none
+//!   (a process with only its control socket).
+//!
+//! blkback, netback and cdrom run one port: a backend's `main` flattens [`CommonArgs`] into its
+//! own options, builds its device, and hands both to [`Daemon::run`], which builds the process
+//! and its port from those options. SIGTERM and SIGINT end every port's current connection,
+//! remove the socket files the process created, tell systemd `STOPPING=1` and return.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
@@ -202,26 +209,84 @@ pub enum DaemonError {
     /// Signal handling or the event loop could not be set up.
     #[error("cannot set up the daemon's event loop: {0}")]
     Setup(io::Error),
+    /// The hook run before serving (where the sandbox is entered) failed: nothing was served.
+    #[error("cannot enter the sandbox before serving (every socket was open): {0}")]
+    Sandbox(io::Error),
 }
 
-/// Where the vhost-user listening socket comes from.
+/// Where a vhost-user port's listening socket comes from.
 #[derive(Debug)]
-enum ListenSource {
-    Path(PathBuf),
+pub enum ListenSource {
+    /// Bind a unix socket at this path with these permissions (`--socket`). A stale socket
+    /// file is replaced; one another process still answers on is refused. The file is removed
+    /// when the process stops.
+    Path(PathBuf, SocketPerms),
+    /// An already listening unix socket inherited as this descriptor (`--fd`).
     Fd(RawFd),
-    Activation { fd: RawFd, control: Option<RawFd> },
+    /// A listening socket passed by systemd socket activation as this descriptor.
+    Activation(RawFd),
+}
+
+impl ListenSource {
+    /// How logs, `STATUS=` and `status` name it.
+    fn describe(&self) -> String {
+        match self {
+            ListenSource::Path(p, _) => p.display().to_string(),
+            ListenSource::Fd(fd) => format!("fd {fd}"),
+            ListenSource::Activation(fd) => format!("systemd socket (fd {fd})"),
+        }
+    }
+
+    /// Binds or takes over the socket.
+    fn open(&self) -> Result<Bound, DaemonError> {
+        let (listener, created) = match self {
+            ListenSource::Path(p, perms) => (
+                bind_unix_with(p, *perms).map_err(DaemonError::Bind)?,
+                Some(p.clone()),
+            ),
+            ListenSource::Fd(fd) | ListenSource::Activation(fd) => (inherited_listener(*fd)?, None),
+        };
+        let bound = Bound { listener, created };
+        // Readiness comes from epoll; a connection gone from the backlog by the time it is
+        // accepted must not block the loop.
+        bound
+            .listener
+            .set_nonblocking(true)
+            .map_err(DaemonError::Setup)?;
+        Ok(bound)
+    }
+}
+
+/// An open listening socket; the file it created (if any) is removed when it is dropped.
+struct Bound {
+    listener: UnixListener,
+    created: Option<PathBuf>,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(p) = &self.created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl CommonArgs {
-    fn listen_source(&self) -> Result<ListenSource, DaemonError> {
+    /// The vhost-user socket these options name, and the control socket systemd passed along
+    /// with it (if any).
+    fn listen_source(&self) -> Result<(ListenSource, Option<RawFd>), DaemonError> {
         if let Some(p) = &self.socket {
-            return Ok(ListenSource::Path(p.clone()));
+            let perms = SocketPerms {
+                mode: self.socket_mode,
+                group: self.socket_group,
+            };
+            return Ok((ListenSource::Path(p.clone(), perms), None));
         }
         if let Some(fd) = self.fd {
-            return Ok(ListenSource::Fd(fd));
+            return Ok((ListenSource::Fd(fd), None));
         }
         match systemd_listen_fds()? {
-            Some((fd, control)) => Ok(ListenSource::Activation { fd, control }),
+            Some((fd, control)) => Ok((ListenSource::Activation(fd), control)),
             None => Err(DaemonError::NoSocket),
         }
     }
@@ -311,23 +376,17 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Shared, observable daemon state (the `"daemon"` part of `status`).
+/// One port's observable state (an entry of `ports` in `status`).
 #[derive(Debug)]
-struct State {
-    name: &'static str,
-    started: Instant,
+struct PortState {
     listen: String,
     connected: AtomicBool,
     connections: AtomicU64,
 }
 
-impl DaemonInfo for State {
-    fn daemon_status(&self) -> Value {
+impl PortState {
+    fn status(&self) -> Value {
         json!({
-            "name": self.name,
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "uptime_s": self.started.elapsed().as_secs(),
             "socket": self.listen,
             "frontend_connected": self.connected.load(Ordering::Acquire),
             "connections": self.connections.load(Ordering::Acquire),
@@ -335,7 +394,35 @@ impl DaemonInfo for State {
     }
 }
 
-/// Stops a running [`Daemon`] from another thread (signals use it; so do tests).
+/// The process's observable state (the `"daemon"` part of `status`).
+#[derive(Debug)]
+struct ProcessState {
+    name: &'static str,
+    started: Instant,
+    ports: Vec<Arc<PortState>>,
+}
+
+impl DaemonInfo for ProcessState {
+    fn daemon_status(&self) -> Value {
+        let mut v = json!({
+            "name": self.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "ports": self.ports.iter().map(|p| p.status()).collect::<Vec<_>>(),
+        });
+        // The first port's keys stay at the top level, where a one-port daemon always had them.
+        if let (Some(first), Some(obj)) = (self.ports.first(), v.as_object_mut())
+            && let Value::Object(port) = first.status()
+        {
+            obj.extend(port);
+        }
+        v
+    }
+}
+
+/// Stops a running [`Process`] (or [`Daemon`]) from another thread (signals use it; so do
+/// tests).
 #[derive(Clone)]
 pub struct StopHandle {
     inner: Arc<StopInner>,
@@ -343,9 +430,11 @@ pub struct StopHandle {
 
 struct StopInner {
     stopping: AtomicBool,
+    /// Readable once a stop was requested (never read, so it stays readable for every waiter).
     event: EventFd,
-    /// The front end's socket while one is served (shut down to end its connection).
-    current: Mutex<Option<Arc<UnixStream>>>,
+    /// Each port's front end socket while one is served (shut down to end its connection),
+    /// by port index.
+    current: Mutex<HashMap<usize, Arc<UnixStream>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -362,16 +451,16 @@ impl StopHandle {
             inner: Arc::new(StopInner {
                 stopping: AtomicBool::new(false),
                 event: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-                current: Mutex::new(None),
+                current: Mutex::new(HashMap::new()),
             }),
         })
     }
 
-    /// Ends the current connection and makes [`Daemon::run`] return.
+    /// Ends every port's current connection and makes [`Process::run`] return.
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         let _ = self.inner.event.write(1);
-        if let Some(s) = self.lock_current().as_ref() {
+        for s in self.lock_current().values() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -381,8 +470,25 @@ impl StopHandle {
         self.inner.stopping.load(Ordering::Acquire)
     }
 
-    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Arc<UnixStream>>> {
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<UnixStream>>> {
         crate::sync::lock(&self.inner.current)
+    }
+
+    /// Waits for `d` (forever with `None`) or until a stop is requested. Returns whether the
+    /// process is stopping.
+    fn wait(&self, d: Option<Duration>) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.inner.event.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = d.map_or(-1, |d| {
+            libc::c_int::try_from(d.as_millis()).unwrap_or(libc::c_int::MAX)
+        });
+        // SAFETY: `pfd` is one valid pollfd that lives for the call; poll(2) writes only its
+        // `revents` field.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        self.is_stopping()
     }
 }
 
@@ -397,13 +503,355 @@ impl<T> Servable for T where
 {
 }
 
-/// A vhost-user daemon: socket, serve loop, control socket, signals.
+/// Registers a backend's own event sources with a new connection's worker threads.
+type OnConnection<B> = Box<dyn Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()> + Send>;
+
+/// A vhost-user port: a listening socket and the backend served on it, one front end at a
+/// time. Add it to a [`Process`] with [`Process::add_port`].
+pub struct Port<B: Servable> {
+    source: ListenSource,
+    backend: B,
+    on_connection: OnConnection<B>,
+    on_disconnect: Option<Box<dyn Fn() + Send>>,
+}
+
+impl<B: Servable> std::fmt::Debug for Port<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Servable> Port<B> {
+    /// A port serving `backend` on the socket `source` names.
+    pub fn new(source: ListenSource, backend: B) -> Port<B> {
+        Port {
+            source,
+            backend,
+            on_connection: Box::new(|_| Ok(())),
+            on_disconnect: None,
+        }
+    }
+
+    /// Calls `f` with the worker threads' epoll handlers of each new connection (a backend
+    /// registers its own event sources there, such as an I/O engine's completion eventfd). If
+    /// it fails, that connection is closed.
+    pub fn on_connection(
+        mut self,
+        f: impl Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()> + Send + 'static,
+    ) -> Self {
+        self.on_connection = Box::new(f);
+        self
+    }
+
+    /// Runs `f` after each front end disconnects, before the next one is accepted (a backend
+    /// resets per-connection state there).
+    pub fn on_disconnect(mut self, f: impl Fn() + Send + 'static) -> Self {
+        self.on_disconnect = Some(Box::new(f));
+        self
+    }
+}
+
+/// A port with its backend type erased, so that one process holds ports of any backends.
+trait AnyPort: Send {
+    fn source(&self) -> &ListenSource;
+    /// Serves front ends on `bound` until the process stops.
+    fn serve(self: Box<Self>, ctx: PortContext, bound: &UnixListener) -> Result<(), DaemonError>;
+}
+
+/// What a port's serve loop knows about its process.
+struct PortContext {
+    /// How logs name this port's front ends: empty in a one-port process, ` on PATH` when
+    /// there are several.
+    label: String,
+    index: usize,
+    state: Arc<PortState>,
+    stop: StopHandle,
+}
+
+impl<B: Servable> AnyPort for Port<B> {
+    fn source(&self) -> &ListenSource {
+        &self.source
+    }
+
+    fn serve(
+        self: Box<Self>,
+        ctx: PortContext,
+        listener: &UnixListener,
+    ) -> Result<(), DaemonError> {
+        serve_loop(*self, &ctx, listener)
+    }
+}
+
+/// A vhost-user daemon process: the control socket, signals, systemd notifications and the
+/// watchdog, and any number of vhost-user [`Port`]s (none is fine: a process with only its
+/// control socket).
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use vback_common::daemon::{Process, Port, ListenSource, Servable};
+/// # fn demo<B: Servable>(a: B, b: B) -> Result<(), vback_common::DaemonError> {
+/// let mut process = Process::new("bridge", Arc::new(vback_common::control::NoDeviceCommands))?;
+/// process.add_port(Port::new(ListenSource::Path("/run/a.sock".into(), Default::default()), a));
+/// process.add_port(Port::new(ListenSource::Path("/run/b.sock".into(), Default::default()), b));
+/// process.run()
+/// # }
+/// ```
+pub struct Process {
+    name: &'static str,
+    handler: Arc<dyn ControlHandler>,
+    control: Option<ControlSource>,
+    stop: StopHandle,
+    handle_signals: bool,
+    ports: Vec<Box<dyn AnyPort>>,
+    before_serving: Option<Box<dyn FnOnce() -> io::Result<()> + Send>>,
+}
+
+/// Where the control socket comes from.
+#[derive(Debug)]
+enum ControlSource {
+    Path(PathBuf, SocketPerms),
+    Fd(RawFd),
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("name", &self.name)
+            .field("control", &self.control)
+            .field("ports", &self.ports.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Process {
+    /// A process named `name` (logs, thread names, `status`) answering `handler`'s control
+    /// commands, with no control socket and no port yet.
+    pub fn new(
+        name: &'static str,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<Process, DaemonError> {
+        Ok(Process {
+            name,
+            handler,
+            control: None,
+            stop: StopHandle::new().map_err(DaemonError::Setup)?,
+            handle_signals: true,
+            ports: Vec::new(),
+            before_serving: None,
+        })
+    }
+
+    /// Answer control commands on a unix socket bound at `path` (removed when the process
+    /// stops).
+    pub fn control_socket(mut self, path: PathBuf, perms: SocketPerms) -> Self {
+        self.control = Some(ControlSource::Path(path, perms));
+        self
+    }
+
+    /// Answer control commands on an inherited listening socket (systemd's second socket).
+    pub fn control_fd(mut self, fd: RawFd) -> Self {
+        self.control = Some(ControlSource::Fd(fd));
+        self
+    }
+
+    /// Do not install SIGTERM/SIGINT/SIGHUP handlers (for tests and embedding); use
+    /// [`Process::stop_handle`] instead.
+    pub fn without_signal_handlers(mut self) -> Self {
+        self.handle_signals = false;
+        self
+    }
+
+    /// Sets the hook [`Process::run`] calls once every socket (control and ports) is open and
+    /// before anything is served or `READY=1` is sent: the one place where the process will
+    /// enter its sandbox. If it fails, `run` returns [`DaemonError::Sandbox`].
+    pub fn before_serving(mut self, f: impl FnOnce() -> io::Result<()> + Send + 'static) -> Self {
+        self.before_serving = Some(Box::new(f));
+        self
+    }
+
+    /// Adds a vhost-user port; it is opened and served by [`Process::run`].
+    pub fn add_port<B: Servable>(&mut self, port: Port<B>) {
+        self.ports.push(Box::new(port));
+    }
+
+    /// A handle that stops [`Process::run`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Opens the control socket and every port, enters the sandbox, tells systemd it is ready,
+    /// and serves every port (each on its own thread) until stopped. Returns `Ok` after a clean
+    /// shutdown; a port whose serve loop fails stops the whole process.
+    pub fn run(mut self) -> Result<(), DaemonError> {
+        let states: Vec<Arc<PortState>> = self
+            .ports
+            .iter()
+            .map(|p| {
+                Arc::new(PortState {
+                    listen: p.source().describe(),
+                    connected: AtomicBool::new(false),
+                    connections: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let state = Arc::new(ProcessState {
+            name: self.name,
+            started: Instant::now(),
+            ports: states.clone(),
+        });
+        // The control socket first: whoever waits for the vhost-user socket (a hotplug script,
+        // a test) can talk to the control socket once it sees it.
+        let _control_server = match &self.control {
+            Some(ControlSource::Path(p, perms)) => Some(
+                ControlServer::start_with(
+                    p,
+                    state.clone(),
+                    self.handler.clone(),
+                    *perms,
+                    ControlLimits::default(),
+                )
+                .map_err(DaemonError::Control)?,
+            ),
+            Some(ControlSource::Fd(fd)) => Some(ControlServer::from_listener(
+                inherited_listener(*fd)?,
+                state.clone(),
+                self.handler.clone(),
+            )),
+            None => None,
+        };
+        let bound = self
+            .ports
+            .iter()
+            .map(|p| p.source().open())
+            .collect::<Result<Vec<Bound>, _>>()?;
+        if self.handle_signals {
+            install_signal_handlers(self.stop.clone())?;
+        }
+        self.enter_sandbox()?;
+
+        for s in &states {
+            log::info!("{} listening on {}", self.name, s.listen);
+        }
+        let status = match states.as_slice() {
+            [] => "serving control requests only".to_owned(),
+            [one] => format!("waiting for a front end on {}", one.listen),
+            many => format!("waiting for front ends on {} ports", many.len()),
+        };
+        notify::notify(&format!("READY=1\nSTATUS={status}"));
+        let watchdog = notify::watchdog_interval()
+            .map(|every| spawn_watchdog(self.stop.clone(), every))
+            .transpose()
+            .map_err(DaemonError::Setup)?;
+
+        let result = self.serve_ports(bound, states);
+        notify::notify("STOPPING=1");
+        if let Some(w) = watchdog {
+            let _ = w.join();
+        }
+        log::info!("{} stopped", self.name);
+        result
+    }
+
+    /// The single place where the process enters its sandbox: called by [`Process::run`] after
+    /// the control socket and every port's socket are open (and the backends' files, opened
+    /// before the process was built), before `READY=1` and before any front end is served.
+    /// No sandbox exists yet; the [`Process::before_serving`] hook runs here.
+    fn enter_sandbox(&mut self) -> Result<(), DaemonError> {
+        match self.before_serving.take() {
+            Some(f) => f().map_err(DaemonError::Sandbox),
+            None => Ok(()),
+        }
+    }
+
+    /// Serves each port on its own thread; waits until a stop is requested and every port has
+    /// ended. The first port error is returned.
+    fn serve_ports(
+        &mut self,
+        bound: Vec<Bound>,
+        states: Vec<Arc<PortState>>,
+    ) -> Result<(), DaemonError> {
+        let mut threads = Vec::new();
+        let mut result = Ok(());
+        let count = self.ports.len();
+        for (index, ((port, bound), state)) in std::mem::take(&mut self.ports)
+            .into_iter()
+            .zip(bound)
+            .zip(states)
+            .enumerate()
+        {
+            let ctx = PortContext {
+                label: if count > 1 {
+                    format!(" on {}", state.listen)
+                } else {
+                    String::new()
+                },
+                index,
+                state,
+                stop: self.stop.clone(),
+            };
+            let stop = self.stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-port{index}", self.name))
+                .spawn(move || {
+                    let r = port.serve(ctx, &bound.listener);
+                    if r.is_err() {
+                        // One port failing ends the process: an operator sees it exit.
+                        stop.stop();
+                    }
+                    drop(bound);
+                    r
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    result = Err(DaemonError::Setup(e));
+                    self.stop.stop();
+                    break;
+                }
+            }
+        }
+        while !self.stop.wait(None) {}
+        for t in threads {
+            let r = t.join().unwrap_or_else(|_| {
+                Err(DaemonError::Setup(io::Error::other(
+                    "a port thread panicked",
+                )))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// Sends `WATCHDOG=1` every half `every` until the process stops.
+fn spawn_watchdog(stop: StopHandle, every: Duration) -> io::Result<std::thread::JoinHandle<()>> {
+    log::info!(
+        "systemd watchdog: WATCHDOG=1 every {} ms",
+        (every / 2).as_millis()
+    );
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            loop {
+                notify::notify("WATCHDOG=1");
+                if stop.wait(Some(every / 2)) {
+                    return;
+                }
+            }
+        })
+}
+
+/// A one-port vhost-user daemon configured by [`CommonArgs`]: what blkback, netback and cdrom
+/// run. It builds a [`Process`] (control socket from `--control` or systemd) with one [`Port`]
+/// (from `--socket`, `--fd` or systemd).
 pub struct Daemon {
     info: DeviceInfo,
     args: CommonArgs,
-    control: Arc<dyn ControlHandler>,
-    stop: StopHandle,
-    handle_signals: bool,
+    process: Process,
     on_disconnect: Option<Box<dyn Fn() + Send>>,
 }
 
@@ -426,9 +874,7 @@ impl Daemon {
         Ok(Daemon {
             info,
             args,
-            control,
-            stop: StopHandle::new().map_err(DaemonError::Setup)?,
-            handle_signals: true,
+            process: Process::new(info.name, control)?,
             on_disconnect: None,
         })
     }
@@ -436,7 +882,7 @@ impl Daemon {
     /// Do not install SIGTERM/SIGINT handlers (for tests and embedding); use
     /// [`Daemon::stop_handle`] instead.
     pub fn without_signal_handlers(mut self) -> Self {
-        self.handle_signals = false;
+        self.process = self.process.without_signal_handlers();
         self
     }
 
@@ -449,7 +895,7 @@ impl Daemon {
 
     /// A handle that stops [`Daemon::run`] from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        self.stop.clone()
+        self.process.stop_handle()
     }
 
     /// Serves front ends until stopped. Returns `Ok` after a clean shutdown.
@@ -458,182 +904,123 @@ impl Daemon {
     }
 
     /// Like [`Daemon::run`], calling `on_connection` with the worker threads' epoll handlers of
-    /// each new connection (a backend registers its own event sources there, such as an I/O
-    /// engine's completion eventfd). If it fails, that connection is closed.
+    /// each new connection (see [`Port::on_connection`]).
     pub fn run_with<B, F>(self, backend: B, on_connection: F) -> Result<(), DaemonError>
     where
         B: Servable,
-        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
+        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()> + Send + 'static,
     {
-        let source = self.args.listen_source()?;
-        let listen_desc = match &source {
-            ListenSource::Path(p) => p.display().to_string(),
-            ListenSource::Fd(fd) => format!("fd {fd}"),
-            ListenSource::Activation { fd, .. } => format!("systemd socket (fd {fd})"),
-        };
-        let state = Arc::new(State {
-            name: self.info.name,
-            started: Instant::now(),
-            listen: listen_desc.clone(),
-            connected: AtomicBool::new(false),
-            connections: AtomicU64::new(0),
-        });
-        // The control socket first: whoever waits for the vhost-user socket (a hotplug script,
-        // a test) can talk to the control socket once it sees it.
-        let control_fd = match &source {
-            ListenSource::Activation { control, .. } => *control,
-            _ => None,
-        };
-        let _control_server = match (&self.args.control, control_fd) {
-            (Some(p), _) => Some(
-                ControlServer::start_with(
-                    p,
-                    state.clone(),
-                    self.control.clone(),
-                    SocketPerms {
-                        mode: self.args.control_mode,
-                        group: self.args.control_group,
-                    },
-                    ControlLimits::default(),
-                )
-                .map_err(DaemonError::Control)?,
-            ),
-            (None, Some(fd)) => Some(ControlServer::from_listener(
-                inherited_listener(fd)?,
-                state.clone(),
-                self.control.clone(),
-            )),
-            (None, None) => None,
-        };
-        let (listener, created_path) = match &source {
-            ListenSource::Path(p) => (
-                bind_unix_with(
-                    p,
-                    SocketPerms {
-                        mode: self.args.socket_mode,
-                        group: self.args.socket_group,
-                    },
-                )
-                .map_err(DaemonError::Bind)?,
-                Some(p.clone()),
-            ),
-            ListenSource::Fd(fd) => (inherited_listener(*fd)?, None),
-            ListenSource::Activation { fd, .. } => (inherited_listener(*fd)?, None),
-        };
-        if self.handle_signals {
-            install_signal_handlers(self.stop.clone())?;
-        }
-        // Readiness comes from epoll; a connection gone from the backlog by the time it is
-        // accepted must not block the loop.
-        listener.set_nonblocking(true).map_err(DaemonError::Setup)?;
-        let result = self.serve_loop(&listener, &state, backend, &listen_desc, &on_connection);
-        notify::notify("STOPPING=1");
-        drop(listener);
-        if let Some(p) = created_path {
-            let _ = std::fs::remove_file(p);
-        }
-        log::info!("{} stopped", self.info.name);
-        result
-    }
-
-    fn serve_loop<B, F>(
-        &self,
-        listener: &UnixListener,
-        state: &State,
-        backend: B,
-        listen_desc: &str,
-        on_connection: &F,
-    ) -> Result<(), DaemonError>
-    where
-        B: Servable,
-        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
-    {
-        let epoll = Epoll::new().map_err(DaemonError::Setup)?;
-        const LISTENER: u64 = 0;
-        const STOP: u64 = 1;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, LISTENER),
-            )
-            .map_err(DaemonError::Setup)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.stop.inner.event.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, STOP),
-            )
-            .map_err(DaemonError::Setup)?;
-
-        log::info!("{} listening on {listen_desc}", self.info.name);
-        notify::notify(&format!(
-            "READY=1\nSTATUS=waiting for a front end on {listen_desc}"
-        ));
-        let mut events = vec![EpollEvent::default(); 2];
-        loop {
-            if self.stop.is_stopping() {
-                return Ok(());
-            }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(DaemonError::Setup(e)),
-            };
-            if events[..n].iter().any(|e| e.data() == STOP) || self.stop.is_stopping() {
-                return Ok(());
-            }
-            // Nothing a client does ends the daemon: a connection that cannot be set up (no
-            // descriptors left, a failed accept) is logged and retried after a pause, and the
-            // front end waiting in the backlog is served once resources are back.
-            let (mut conn, frontend) = match self.accept_frontend(listener, &backend, on_connection)
-            {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    crate::warn_limited!(
-                        "cannot take a front end connection on {listen_desc}: {e}; retrying"
-                    );
-                    self.pause(RETRY_PAUSE);
-                    continue;
-                }
-            };
-            let frontend = Arc::new(frontend);
-            let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
-            state.connected.store(true, Ordering::Release);
-            *self.stop.lock_current() = Some(frontend.clone());
-            if self.stop.is_stopping() {
-                let _ = frontend.shutdown(std::net::Shutdown::Both);
-            }
-            let who = {
-                use std::os::fd::AsFd;
-                crate::socket::peer_of(frontend.as_fd())
-                    .map_or_else(|| "peer unknown".to_owned(), |p| p.to_string())
-            };
-            log::info!("front end #{serial} connected ({who})");
-            notify::status(&format!("serving front end #{serial} on {listen_desc}"));
-
-            // The front end's requests are served on this thread until it hangs up (even
-            // mid-message: that is how a front end ends a session) or a request is refused.
-            match conn.serve(&frontend) {
-                Ok(()) => log::info!("front end #{serial} disconnected"),
-                Err(e) => match e.unshared_memory() {
-                    Some(what) => log::error!(
-                        "front end #{serial} disconnected after an error: {e}: {what}; {UNSHARED_MEMORY_HINT}"
-                    ),
-                    None => log::warn!("front end #{serial} disconnected after an error: {e}"),
+        let (source, control_fd) = self.args.listen_source()?;
+        let mut process = self.process;
+        process = match (&self.args.control, control_fd) {
+            (Some(p), _) => process.control_socket(
+                p.clone(),
+                SocketPerms {
+                    mode: self.args.control_mode,
+                    group: self.args.control_group,
                 },
-            }
-            *self.stop.lock_current() = None;
-            // Dropping the connection stops and joins its worker threads.
-            drop(conn);
-            drop(frontend);
-            state.connected.store(false, Ordering::Release);
-            if let Some(f) = &self.on_disconnect {
-                f();
-            }
-            notify::status(&format!("waiting for a front end on {listen_desc}"));
+            ),
+            (None, Some(fd)) => process.control_fd(fd),
+            (None, None) => process,
+        };
+        let mut port = Port::new(source, backend).on_connection(on_connection);
+        port.on_disconnect = self.on_disconnect;
+        process.add_port(port);
+        process.run()
+    }
+}
+
+/// A port's serve loop: one front end at a time, served again after each disconnect, until
+/// the process stops.
+fn serve_loop<B: Servable>(
+    port: Port<B>,
+    ctx: &PortContext,
+    listener: &UnixListener,
+) -> Result<(), DaemonError> {
+    let stop = &ctx.stop;
+    let state = &ctx.state;
+    let listen_desc = &state.listen;
+    let epoll = Epoll::new().map_err(DaemonError::Setup)?;
+    const LISTENER: u64 = 0;
+    const STOP: u64 = 1;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )
+        .map_err(DaemonError::Setup)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.inner.event.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP),
+        )
+        .map_err(DaemonError::Setup)?;
+
+    let mut events = vec![EpollEvent::default(); 2];
+    loop {
+        if stop.is_stopping() {
+            return Ok(());
         }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DaemonError::Setup(e)),
+        };
+        if events[..n].iter().any(|e| e.data() == STOP) || stop.is_stopping() {
+            return Ok(());
+        }
+        // Nothing a client does ends the daemon: a connection that cannot be set up (no
+        // descriptors left, a failed accept) is logged and retried after a pause, and the
+        // front end waiting in the backlog is served once resources are back.
+        let (mut conn, frontend) = match accept_frontend(listener, &port) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                crate::warn_limited!(
+                    "cannot take a front end connection on {listen_desc}: {e}; retrying"
+                );
+                stop.wait(Some(RETRY_PAUSE));
+                continue;
+            }
+        };
+        let frontend = Arc::new(frontend);
+        let serial = state.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        state.connected.store(true, Ordering::Release);
+        stop.lock_current().insert(ctx.index, frontend.clone());
+        if stop.is_stopping() {
+            let _ = frontend.shutdown(std::net::Shutdown::Both);
+        }
+        let who = {
+            use std::os::fd::AsFd;
+            crate::socket::peer_of(frontend.as_fd())
+                .map_or_else(|| "peer unknown".to_owned(), |p| p.to_string())
+        };
+        let fe = format!("front end #{serial}{}", ctx.label);
+        log::info!("{fe} connected ({who})");
+        notify::status(&format!("serving front end #{serial} on {listen_desc}"));
+
+        // The front end's requests are served on this thread until it hangs up (even
+        // mid-message: that is how a front end ends a session) or a request is refused.
+        match conn.serve(&frontend) {
+            Ok(()) => log::info!("{fe} disconnected"),
+            Err(e) => match e.unshared_memory() {
+                Some(what) => log::error!(
+                    "{fe} disconnected after an error: {e}: {what}; {UNSHARED_MEMORY_HINT}"
+                ),
+                None => log::warn!("{fe} disconnected after an error: {e}"),
+            },
+        }
+        stop.lock_current().remove(&ctx.index);
+        // Dropping the connection stops and joins its worker threads.
+        drop(conn);
+        drop(frontend);
+        state.connected.store(false, Ordering::Release);
+        if let Some(f) = &port.on_disconnect {
+            f();
+        }
+        notify::status(&format!("waiting for a front end on {listen_desc}"));
     }
 }
 
@@ -644,7 +1031,7 @@ pub const UNSHARED_MEMORY_HINT: &str = "guest memory is not shared: start QEMU w
      memory-backend=mem)";
 
 /// How long the serve loop waits before it retries a connection it could not set up.
-const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Why the next front end could not be taken.
 #[derive(Debug, Error)]
@@ -660,43 +1047,22 @@ enum AcceptError {
     Accept(io::Error),
 }
 
-impl Daemon {
-    /// Builds the vhost-user connection for the next front end (vrings, worker threads) and
-    /// accepts it. `None` if nobody was waiting after all.
-    fn accept_frontend<B, F>(
-        &self,
-        listener: &UnixListener,
-        backend: &B,
-        on_connection: &F,
-    ) -> Result<Option<(Connection<B>, UnixStream)>, AcceptError>
-    where
-        B: Servable,
-        F: Fn(&[Arc<VringEpollHandler<B>>]) -> io::Result<()>,
-    {
-        // Everything the connection needs comes first, the front end last: should resources
-        // run out, it stays in the backlog until they are back.
-        let conn = Connection::new(backend.clone())?;
-        on_connection(conn.epoll_handlers()).map_err(AcceptError::Register)?;
-        match listener.accept() {
-            // accept(2) gives a blocking socket whatever the listener's mode.
-            Ok((stream, _)) => Ok(Some((conn, stream))),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
-            Err(e) => Err(AcceptError::Accept(e)),
-        }
-    }
-
-    /// Waits for `d` or until the daemon is asked to stop.
-    fn pause(&self, d: std::time::Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.stop.inner.event.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(d.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `pfd` is one valid pollfd that lives for the call; poll(2) writes only its
-        // `revents` field.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+/// Builds the vhost-user connection for the next front end (vrings, worker threads) and
+/// accepts it. `None` if nobody was waiting after all.
+fn accept_frontend<B: Servable>(
+    listener: &UnixListener,
+    port: &Port<B>,
+) -> Result<Option<(Connection<B>, UnixStream)>, AcceptError> {
+    // Everything the connection needs comes first, the front end last: should resources
+    // run out, it stays in the backlog until they are back.
+    let conn = Connection::new(port.backend.clone())?;
+    (port.on_connection)(conn.epoll_handlers()).map_err(AcceptError::Register)?;
+    match listener.accept() {
+        // accept(2) gives a blocking socket whatever the listener's mode.
+        Ok((stream, _)) => Ok(Some((conn, stream))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(AcceptError::Accept(e)),
     }
 }
 
@@ -1001,6 +1367,178 @@ mod tests {
         };
         let v: Value = serde_json::from_str(&info.capabilities_json()).unwrap();
         assert_eq!(v, json!({"type": "block", "features": ["read-only"]}));
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{what}: timed out");
+    }
+
+    fn status(ctl: &std::path::Path) -> Value {
+        crate::control::ControlClient::connect(ctl)
+            .unwrap()
+            .call("status", Value::Null)
+            .unwrap()
+    }
+
+    /// Connects a front end to `sock` and negotiates features.
+    fn frontend(sock: &std::path::Path) -> Frontend {
+        let fe = Frontend::connect(sock, 1).expect("connect");
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        fe.set_features(features).unwrap();
+        fe
+    }
+
+    #[test]
+    fn one_process_serves_two_ports_that_reconnect_independently() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, ctl) = (
+            dir.path().join("a.sock"),
+            dir.path().join("b.sock"),
+            dir.path().join("ctl.sock"),
+        );
+        let (na, nb) = (Nop::default(), Nop::default());
+        let (acked_a, acked_b) = (na.acked.clone(), nb.acked.clone());
+        let gone_a = Arc::new(AtomicUsize::new(0));
+        let gone_b = Arc::new(AtomicUsize::new(0));
+        let (ga, gb) = (gone_a.clone(), gone_b.clone());
+        let sandboxed = Arc::new(AtomicBool::new(false));
+        let sb = sandboxed.clone();
+        let (a2, b2, ctl2) = (a.clone(), b.clone(), ctl.clone());
+        let mut process = Process::new("nop2", Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers()
+            .control_socket(ctl.clone(), SocketPerms::default())
+            .before_serving(move || {
+                // The hook runs once every socket is open.
+                assert!(a2.exists() && b2.exists() && ctl2.exists());
+                sb.store(true, Ordering::Release);
+                Ok(())
+            });
+        process.add_port(
+            Port::new(ListenSource::Path(a.clone(), SocketPerms::default()), na).on_disconnect(
+                move || {
+                    ga.fetch_add(1, Ordering::AcqRel);
+                },
+            ),
+        );
+        process.add_port(
+            Port::new(ListenSource::Path(b.clone(), SocketPerms::default()), nb).on_disconnect(
+                move || {
+                    gb.fetch_add(1, Ordering::AcqRel);
+                },
+            ),
+        );
+        let stop = process.stop_handle();
+        let t = std::thread::spawn(move || process.run());
+        wait_listening(&a);
+        wait_listening(&b);
+        assert!(
+            sandboxed.load(Ordering::Acquire),
+            "the hook ran before serving"
+        );
+
+        // Both ports serve a front end at the same time.
+        let fe_a = frontend(&a);
+        let fe_b = frontend(&b);
+        let st = status(&ctl);
+        assert_eq!(st["daemon"]["ports"][0]["frontend_connected"], true, "{st}");
+        assert_eq!(st["daemon"]["ports"][1]["frontend_connected"], true, "{st}");
+        assert_eq!(st["daemon"]["socket"], a.display().to_string(), "{st}");
+        assert_eq!(st["daemon"]["ports"][1]["socket"], b.display().to_string());
+
+        // Port a reconnects twice while port b keeps its front end.
+        drop(fe_a);
+        wait_for("a's first disconnect", || {
+            gone_a.load(Ordering::Acquire) == 1
+        });
+        let fe_a = frontend(&a);
+        drop(fe_a);
+        wait_for("a's second disconnect", || {
+            gone_a.load(Ordering::Acquire) == 2
+        });
+        assert_eq!(gone_b.load(Ordering::Acquire), 0, "b was not disturbed");
+        assert!(fe_b.get_features().is_ok(), "b still served");
+        let st = status(&ctl);
+        assert_eq!(st["daemon"]["ports"][0]["connections"], 2, "{st}");
+        assert_eq!(
+            st["daemon"]["ports"][0]["frontend_connected"], false,
+            "{st}"
+        );
+        assert_eq!(st["daemon"]["ports"][1]["connections"], 1, "{st}");
+        assert_eq!(st["daemon"]["ports"][1]["frontend_connected"], true, "{st}");
+        assert_eq!(
+            st["daemon"]["connections"], 2,
+            "first port at the top level: {st}"
+        );
+
+        // Then b reconnects on its own.
+        drop(fe_b);
+        wait_for("b's disconnect", || gone_b.load(Ordering::Acquire) == 1);
+        let fe_b = frontend(&b);
+        let fe_a = frontend(&a);
+        // SET_FEATURES has no reply: wait until each port's backend saw it.
+        wait_for("a's third feature ack", || {
+            acked_a.load(Ordering::Acquire) == 3
+        });
+        wait_for("b's second feature ack", || {
+            acked_b.load(Ordering::Acquire) == 2
+        });
+
+        // One stop ends both connections and both ports; every socket file is removed.
+        stop.stop();
+        let r = t.join().unwrap();
+        assert!(r.is_ok(), "{r:?}");
+        for p in [&a, &b, &ctl] {
+            assert!(!p.exists(), "{} removed", p.display());
+        }
+        assert_eq!(gone_a.load(Ordering::Acquire), 3);
+        assert_eq!(gone_b.load(Ordering::Acquire), 2);
+        drop((fe_a, fe_b));
+    }
+
+    #[test]
+    fn a_process_without_ports_answers_its_control_socket_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctl = dir.path().join("ctl.sock");
+        let process = Process::new("portless", Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers()
+            .control_socket(ctl.clone(), SocketPerms::default());
+        let stop = process.stop_handle();
+        let t = std::thread::spawn(move || process.run());
+        wait_listening(&ctl);
+        let st = status(&ctl);
+        assert_eq!(st["daemon"]["name"], "portless", "{st}");
+        assert_eq!(st["daemon"]["ports"], json!([]), "{st}");
+        assert!(st["daemon"].get("socket").is_none(), "{st}");
+        stop.stop();
+        assert!(t.join().unwrap().is_ok());
+        assert!(!ctl.exists(), "control socket removed");
+    }
+
+    #[test]
+    fn a_failing_sandbox_hook_serves_nothing_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("vu.sock");
+        let mut process = Process::new("nop", Arc::new(crate::control::NoDeviceCommands))
+            .unwrap()
+            .without_signal_handlers()
+            .before_serving(|| Err(io::Error::other("no landlock")));
+        process.add_port(Port::new(
+            ListenSource::Path(sock.clone(), SocketPerms::default()),
+            Nop::default(),
+        ));
+        let e = process.run().unwrap_err();
+        assert!(e.to_string().contains("cannot enter the sandbox"), "{e}");
+        assert!(e.to_string().contains("no landlock"), "{e}");
+        assert!(!sock.exists(), "the socket it bound is removed");
     }
 
     #[test]

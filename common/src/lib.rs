@@ -1,7 +1,9 @@
 //! vback-common: what every vback backend shares.
 //!
-//! - [`daemon`]: common options ([`CommonArgs`]), the vhost-user serve loop that serves again
-//!   after a front end disconnects, systemd socket activation and readiness, clean shutdown;
+//! - [`daemon`]: the process ([`Process`]: logging, signals, systemd readiness and watchdog, the
+//!   control socket, the hook where a sandbox will be entered) and its vhost-user ports
+//!   ([`Port`]: listen source, the serve loop that serves again after a front end disconnects);
+//!   common options ([`CommonArgs`]) and the one-port [`Daemon`] the backends run;
 //! - [`control`]: the line-delimited JSON control protocol, server and client;
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`vhost_user`]: the vhost-user back-end core (the request handler, vrings, worker
@@ -23,6 +25,6 @@ pub mod testing;
 pub mod vhost_user;
 
 pub use daemon::{
-    CommonArgs, Daemon, DaemonError, DeviceInfo, LogLevel, StopHandle, fatal, init_logging,
-    not_implemented,
+    CommonArgs, Daemon, DaemonError, DeviceInfo, ListenSource, LogLevel, Port, Process, StopHandle,
+    fatal, init_logging, not_implemented,
 };

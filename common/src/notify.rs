@@ -3,6 +3,9 @@
 //! When the daemon runs as a `Type=notify` unit, systemd sets `NOTIFY_SOCKET`; we send
 //! `READY=1` once the vhost-user socket listens, `STATUS=...` as the front end comes and goes,
 //! and `STOPPING=1` on shutdown. Without `NOTIFY_SOCKET` every call does nothing.
+//!
+//! With `WatchdogSec=` in the unit, systemd sets `WATCHDOG_USEC` (and `WATCHDOG_PID`); the
+//! process then sends `WATCHDOG=1` at half that interval ([`watchdog_interval`]).
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -38,9 +41,56 @@ pub fn status(text: &str) {
     notify(&format!("STATUS={text}"));
 }
 
+/// The systemd watchdog interval, if systemd asked this process for keep-alives:
+/// `WATCHDOG_USEC` is a positive number of microseconds and `WATCHDOG_PID` is this process's
+/// pid or absent (`sd_watchdog_enabled`). A value that is not a number is logged and ignored.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    watchdog_from(usec.as_deref(), pid.as_deref(), std::process::id())
+}
+
+fn watchdog_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<std::time::Duration> {
+    let usec = usec?;
+    if let Some(pid) = pid
+        && pid.trim().parse::<u32>().ok() != Some(me)
+    {
+        // Meant for another process (our parent): not ours to answer.
+        return None;
+    }
+    match usec.trim().parse::<u64>() {
+        Ok(0) => None,
+        Ok(n) => Some(std::time::Duration::from_micros(n)),
+        Err(_) => {
+            log::warn!(
+                "WATCHDOG_USEC={usec} is not a number of microseconds: no watchdog keep-alives \
+                 are sent (check WatchdogSec= in the unit)"
+            );
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchdog_only_when_meant_for_this_process() {
+        use std::time::Duration;
+        assert_eq!(watchdog_from(None, None, 7), None);
+        assert_eq!(
+            watchdog_from(Some("2000000"), None, 7),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            watchdog_from(Some("2000000"), Some("7"), 7),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(watchdog_from(Some("2000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_from(Some("0"), None, 7), None);
+        assert_eq!(watchdog_from(Some("soon"), None, 7), None);
+    }
 
     // NOTIFY_SOCKET is process-wide: one test covers both the path and the abstract form.
     #[test]

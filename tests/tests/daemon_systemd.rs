@@ -213,3 +213,77 @@ fn an_ambiguous_activation_is_refused() {
     }
     assert!(d.log().contains("FileDescriptorName="), "{}", d.log());
 }
+
+/// Collects the notifications that arrive on `rx` within `d`.
+fn notifications(rx: &UnixDatagram, d: Duration) -> Vec<String> {
+    let end = std::time::Instant::now() + d;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Some(left) = end.checked_duration_since(std::time::Instant::now()) {
+        rx.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match rx.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// blkback started with NOTIFY_SOCKET and `watchdog` as (WATCHDOG_USEC, WATCHDOG_PID).
+fn blkback_with_watchdog(
+    dir: &std::path::Path,
+    name: &str,
+    watchdog: (&str, Option<&str>),
+) -> (Daemon, UnixDatagram) {
+    let (sock, notify) = (
+        dir.join(format!("{name}.sock")),
+        dir.join(format!("{name}.n")),
+    );
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    let mut cmd = Command::new(workspace_bin("blkback").unwrap());
+    cmd.args(["--disk", "null:64M", "--socket"])
+        .arg(&sock)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", watchdog.0);
+    match watchdog.1 {
+        Some(pid) => cmd.env("WATCHDOG_PID", pid),
+        None => cmd.env_remove("WATCHDOG_PID"),
+    };
+    let mut d = Daemon::spawn(name, cmd, &dir.join(format!("{name}.log"))).unwrap();
+    d.wait_for_socket(&sock, Duration::from_secs(10)).unwrap();
+    (d, rx)
+}
+
+#[test]
+fn the_watchdog_is_fed_at_half_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    // WATCHDOG_USEC=300 ms and no WATCHDOG_PID: keep-alives every 150 ms.
+    let (mut d, rx) = blkback_with_watchdog(dir.path(), "fed", ("300000", None));
+    let got = notifications(&rx, Duration::from_millis(1000));
+    let fed = got.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        (3..=9).contains(&fed),
+        "{fed} WATCHDOG=1 in 1 s at a 300 ms interval: {got:?}\n{}",
+        d.log()
+    );
+    assert!(got.iter().any(|m| m.contains("READY=1")), "{got:?}");
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        d.log()
+    );
+
+    // WATCHDOG_PID names another process (systemd meant the watchdog for our parent): nothing.
+    let (mut d, rx) = blkback_with_watchdog(dir.path(), "other", ("300000", Some("1")));
+    let got = notifications(&rx, Duration::from_millis(700));
+    assert!(got.iter().any(|m| m.contains("READY=1")), "{got:?}");
+    assert!(!got.iter().any(|m| m.contains("WATCHDOG=1")), "{got:?}");
+    assert_eq!(
+        d.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        d.log()
+    );
+}

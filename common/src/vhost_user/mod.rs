@@ -2,10 +2,11 @@
 //! the vrings, and the worker threads that serve them.
 //!
 //! A backend implements [`VhostUserBackend`] (the same trait, nearly, as rust-vmm's
-//! vhost-user-backend crate) and hands it to [`crate::Daemon`], which accepts each front end
-//! and serves it through a [`Connection`]: the connection builds the device's vrings and worker
-//! threads, reads the front end's requests on the daemon's own thread, checks each one (header,
-//! body size, descriptors, the protocol features it needs), applies it and answers. Kicks are
+//! vhost-user-backend crate) and hands it to a [`crate::Port`] (or [`crate::Daemon`]), which
+//! accepts each front end and serves it through a [`Connection`]: the connection builds the
+//! device's vrings and worker threads, reads the front end's requests on the port's own thread,
+//! checks each one (header, body size, descriptors, the protocol features it needs), applies it
+//! and answers. Kicks are
 //! served by the worker threads ([`VringEpollHandler`]), which call the device's
 //! `handle_event`; the handler never touches the data path.
 //!
