@@ -10,14 +10,13 @@
 
 use std::mem::size_of;
 
+use vback_block::SECTOR;
 pub use vback_common::chain::write_stream;
 use vback_common::chain::{collect_iovecs, read_stream};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
-/// Bytes per virtio-blk sector (fixed by the spec, whatever the logical block size).
-pub const SECTOR: u64 = 512;
 /// Length of the request header (type, reserved, sector).
 pub const HEADER_LEN: u64 = 16;
 /// Length of one discard/write-zeroes segment.

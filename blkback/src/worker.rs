@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vback_block::{
-    BlockBackend, BlockError, BlockQueue, ErrorKind, QueueCompletion, Request as Io,
+    BlockBackend, BlockError, BlockQueue, ErrorKind, QueueCompletion, Request as Io, SECTOR,
 };
 use vback_common::sync::lock;
 use vback_common::vhost_user::{VringRwLock, VringT};
@@ -24,7 +24,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::stats::QueueStats;
-use crate::virtio::{self, Limits, Parsed, Request, SECTOR, Status};
+use crate::virtio::{self, Limits, Parsed, Request, Status};
 
 /// Polling only pays at low queue depth: above this many requests in flight the worker sleeps on
 /// the completion eventfd, where completions arrive in batches.

@@ -401,6 +401,78 @@ impl Disk {
         })
     }
 
+    /// A raw disk on `file`, which the caller opened and checked itself (cdrom's media: its
+    /// own path rules decide what may be opened), holding `lock` (taken on a descriptor of its
+    /// own, see [`ImageLock`]) for as long as the disk lives. `path` names it in errors and
+    /// `status`. A block device is sized with `BLKGETSIZE64`, a regular file by its length;
+    /// anything else is refused. The file is read as it was opened (`direct` reports whether
+    /// that was with O_DIRECT); no second, buffered descriptor is opened.
+    pub fn from_file(
+        path: &Path,
+        file: File,
+        lock: Option<ImageLock>,
+        read_only: bool,
+    ) -> Result<Disk, DiskError> {
+        let io = |op, source| DiskError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let meta = file.metadata().map_err(|e| io("inspect", e))?;
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            return Err(DiskError::WrongKind {
+                path: path.to_owned(),
+                problem: "is neither a regular file nor a block device".into(),
+            });
+        }
+        let size = device_size(&file).map_err(|e| io("read the size of", e))?;
+        let (uname, physical_block, discard) = if is_block {
+            let pbs = ioctl_u64(&file, BLKPBSZGET).unwrap_or(512) as u32;
+            (
+                DiskUname::Phy(path.to_owned()),
+                pbs,
+                block_discard_supported(&meta),
+            )
+        } else {
+            (
+                DiskUname::Image {
+                    format: ImageFormat::Raw,
+                    path: path.to_owned(),
+                },
+                (meta.blksize() as u32).clamp(512, 65536),
+                true,
+            )
+        };
+        // SAFETY: F_GETFL on a descriptor `file` owns (open for the call) has no memory effects.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let direct = flags >= 0 && flags & libc::O_DIRECT != 0;
+        Ok(Disk {
+            kind: if is_block {
+                DiskKind::Block
+            } else {
+                DiskKind::File
+            },
+            uname,
+            files: Some(EngineFiles {
+                main: Arc::new(file),
+                buffered: None,
+            }),
+            direct,
+            read_only,
+            physical_block: if physical_block.is_power_of_two() {
+                physical_block
+            } else {
+                512
+            },
+            discard,
+            qcow2: None,
+            capacity: AtomicU64::new(size - size % SECTOR),
+            format_warning: None,
+            _lock: lock,
+        })
+    }
+
     /// Capacity in bytes (a multiple of 512).
     pub fn capacity(&self) -> u64 {
         self.capacity.load(Ordering::Acquire)

@@ -13,8 +13,9 @@
 //!   images) with its locks, and resizing it;
 //! - [`device_size`]: the size of an open file or host block device.
 //!
-//! blkback serves disks through [`open_backend`], cdrom reads its media through the engine, and
-//! vbimg works on qcow2 images with the same format layer.
+//! blkback serves disks through [`open_backend`]; cdrom reads its media through
+//! [`open_backend_from_file`] (it opens and checks them itself); vbimg works on qcow2 images
+//! with the same format layer.
 
 pub mod backend;
 pub mod disk;
@@ -41,6 +42,23 @@ pub fn open_backend(
 ) -> Result<std::sync::Arc<dyn BlockBackend>, DiskError> {
     Ok(std::sync::Arc::new(LocalBackend::new(
         Disk::open(uname, opts)?,
+        engine,
+    )))
+}
+
+/// Serves `file`, already opened and checked by the caller, as a raw disk (a regular file or a
+/// host block device) whose queues use `engine`, holding `lock` as long as the backend lives.
+/// For callers with their own rules on what may be opened (cdrom's media directories): the
+/// path is not opened again, only named in errors and `status`.
+pub fn open_backend_from_file(
+    path: &std::path::Path,
+    file: std::fs::File,
+    lock: Option<lock::ImageLock>,
+    read_only: bool,
+    engine: engine::EngineChoice,
+) -> Result<std::sync::Arc<dyn BlockBackend>, DiskError> {
+    Ok(std::sync::Arc::new(LocalBackend::new(
+        Disk::from_file(path, file, lock, read_only)?,
         engine,
     )))
 }

@@ -811,6 +811,55 @@ mod tests {
         panic!("no completion");
     }
 
+    #[test]
+    fn a_file_opened_by_the_caller_is_served_read_only_with_its_lock() {
+        use crate::lock::ImageLock;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disc.iso");
+        let data: Vec<u8> = (0..(64 << 10) + 100).map(|i| (i / 512) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let file = std::fs::File::open(&p).unwrap();
+        let patience = std::time::Duration::from_millis(10);
+        let lock = ImageLock::acquire(&file, &p, LockMode::Exclusive, patience).unwrap();
+        let b =
+            crate::open_backend_from_file(&p, file, Some(lock), true, EngineChoice::Auto).unwrap();
+        assert_eq!(b.capacity(), 64 << 10, "rounded down to whole sectors");
+        assert!(b.read_only());
+        let info = b.info();
+        assert_eq!((info.kind, info.direct), ("file", false));
+        assert!(info.uname.contains(&p.display().to_string()), "{info:?}");
+        let mut q = b.open_queue(1).unwrap();
+        let got = vec![0u8; 2048];
+        assert_eq!(
+            run(&mut *q, Request::Read { offset: 4096 }, &[&got]).unwrap(),
+            2048
+        );
+        assert_eq!(got[..], data[4096..6144]);
+        // The partial last sector is still in the file; past its end is out of bounds.
+        let tail = vec![0u8; 100];
+        run(&mut *q, Request::Read { offset: 64 << 10 }, &[&tail]).unwrap();
+        assert_eq!(tail[..], data[64 << 10..]);
+        let e = run(&mut *q, Request::Read { offset: 128 << 10 }, &[&got]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::OutOfBounds, "{e}");
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        // The backend holds the caller's lock until it is dropped.
+        let other = std::fs::File::open(&p).unwrap();
+        assert!(ImageLock::acquire(&other, &p, LockMode::Shared, patience).is_err());
+        drop(q);
+        drop(b);
+        ImageLock::acquire(&other, &p, LockMode::Exclusive, patience).unwrap();
+        // Neither a file nor a device.
+        let e = crate::open_backend_from_file(
+            dir.path(),
+            std::fs::File::open(dir.path()).unwrap(),
+            None,
+            true,
+            EngineChoice::Auto,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("neither a regular file"), "{e}");
+    }
+
     fn raw_requests(engine: EngineChoice) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.raw");

@@ -35,10 +35,15 @@ impl ControlHandler for CdControl {
     fn status(&self) -> Value {
         let cd = self.cd();
         let (tray_open, locked, path) = cd.state();
+        let served_by = cd.medium().map(|m| {
+            let (kind, engine) = m.served_by();
+            json!({ "kind": kind, "engine": engine })
+        });
         json!({
             "tray": if tray_open { "open" } else { "closed" },
             "locked_by_guest": locked,
             "medium": path.map(|p| p.display().to_string()),
+            "medium_served_by": served_by,
             "shared": self.shared,
             "media_dirs": self.media.dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
             "media_event_pending": cd.event_pending(),

@@ -58,6 +58,14 @@ pub enum MediumError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// vback-block could not serve the opened medium (its I/O engine, its size).
+    #[error("cannot serve {path}: {source}")]
+    Backend {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: vback_block::BlockError,
+    },
     /// Not a file or block device.
     #[error("{path} is {kind}, not an image file or a block device")]
     WrongKind {

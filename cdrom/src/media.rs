@@ -333,7 +333,8 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
     } else {
         LockMode::Exclusive
     };
-    // Not on `file`, which the engine registers with io_uring (see ImageLock).
+    // Not on `file`, which the engine registers with io_uring (see ImageLock); the backend
+    // holds it while the medium is in the drive.
     let lock =
         ImageLock::acquire(&file, &path, mode, std::time::Duration::from_secs(3)).map_err(|e| {
             match e {
@@ -347,9 +348,8 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
                 other => MediumError::Lock(other),
             }
         })?;
-    Ok(Medium::new(path.clone(), file, size)
-        .map_err(|e| io("set up the I/O engine for", e))?
-        .with_lock(lock))
+    Medium::new(path.clone(), file, size, Some(lock))
+        .map_err(|source| MediumError::Backend { path, source })
 }
 
 #[cfg(test)]
@@ -430,6 +430,23 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn the_lock_is_held_by_the_backend_while_the_medium_is_in_the_drive() {
+        let d = dirs();
+        let iso = d.media.join("disc.iso");
+        let m = open_medium(&iso, false).unwrap();
+        assert_eq!(m.served_by().0, "file");
+        let e = open_medium(&iso, true).unwrap_err();
+        assert!(matches!(e, MediumError::Locked { .. }), "{e}");
+        let mut cd = crate::mmc::Cdrom::new(Some(m), "l");
+        cd.execute(&[0, 0, 0, 0, 0, 0], 0);
+        let r = cd.execute(&[0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0], 2048);
+        assert_eq!(r.data, vec![7u8; 2048], "read through the backend");
+        // The guest ejects: the disc leaves the drive, and its lock with it.
+        cd.execute(&[0x1b, 0, 0, 0, 2, 0], 0);
+        open_medium(&iso, false).unwrap();
     }
 
     #[test]

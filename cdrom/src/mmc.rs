@@ -8,8 +8,12 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vback_block::engine::{Engine, EngineChoice, EngineFiles, Op, Submit, open_engine};
+use vback_block::backend::QueueFull;
+use vback_block::engine::EngineChoice;
 use vback_block::lock::ImageLock;
+use vback_block::{
+    BlockBackend, BlockError, BlockQueue, ErrorKind, Operation, Request, open_backend_from_file,
+};
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -73,17 +77,17 @@ pub const LUN_NOT_SUPPORTED: Sense = Sense::new(5, 0x25, 0);
 /// 3/11/00 unrecovered read error.
 pub const READ_ERROR: Sense = Sense::new(3, 0x11, 0);
 
-/// A disc in the drive, with the I/O engine its data is read through.
+/// A disc in the drive: a read-only [`BlockBackend`] on the opened image or drive, and the one
+/// [`BlockQueue`] the request queue reads through (the drive has one request queue, served by
+/// one thread, one command at a time).
 pub struct Medium {
     /// Where it came from.
     pub path: PathBuf,
-    /// The open image or device (read-only).
-    pub file: Arc<File>,
-    /// Size in bytes.
+    /// Size in bytes (a partial last 2048-byte sector reads as zeroes past it).
     pub size: u64,
-    engine: Box<dyn Engine>,
-    /// QEMU's locks on the image, on a descriptor of their own (see [`Medium::with_lock`]).
-    lock: Option<ImageLock>,
+    /// The disc as vback-block serves it; it holds the medium's lock.
+    backend: Arc<dyn BlockBackend>,
+    queue: Box<dyn BlockQueue>,
 }
 
 impl std::fmt::Debug for Medium {
@@ -91,70 +95,77 @@ impl std::fmt::Debug for Medium {
         f.debug_struct("Medium")
             .field("path", &self.path)
             .field("size", &self.size)
-            .field("engine", &self.engine.name())
+            .field("kind", &self.backend.info().kind)
+            .field("engine", &self.queue.engine_name())
             .finish()
     }
 }
 
 impl Medium {
-    /// A medium read through the shared I/O engine (io_uring, or the thread pool where
-    /// io_uring is unavailable).
-    pub fn new(path: PathBuf, file: File, size: u64) -> std::io::Result<Medium> {
-        let file = Arc::new(file);
-        let engine = open_engine(
-            &EngineFiles {
-                main: file.clone(),
-                buffered: None,
-            },
-            4,
-            EngineChoice::Auto,
-        )?;
+    /// The medium in `file` (opened and checked by [`crate::media`], `size` bytes), served by
+    /// vback-block as a read-only raw disk on the shared I/O engine (io_uring, or the thread
+    /// pool where io_uring is unavailable), holding `lock` for as long as it is in the drive.
+    /// The lock must be on a descriptor of its own ([`ImageLock`]): `file` is registered with
+    /// the engine's io_uring, whose files the kernel releases only some time after a crashed
+    /// process is gone.
+    pub fn new(
+        path: PathBuf,
+        file: File,
+        size: u64,
+        lock: Option<ImageLock>,
+    ) -> Result<Medium, BlockError> {
+        let backend = open_backend_from_file(&path, file, lock, true, EngineChoice::Auto)
+            .map_err(|e| BlockError::disk(Operation::Open, e))?;
+        let queue = backend.open_queue(1)?;
         Ok(Medium {
             path,
-            file,
             size,
-            engine,
-            lock: None,
+            backend,
+            queue,
         })
     }
 
-    /// The medium, holding `lock` for as long as it is in the drive. The lock must be on a
-    /// descriptor of its own ([`ImageLock`]): `file` is registered with the engine's io_uring,
-    /// whose files the kernel releases only some time after a crashed process is gone.
-    pub fn with_lock(mut self, lock: ImageLock) -> Medium {
-        self.lock = Some(lock);
-        self
+    /// What serves the disc, for `status`: the backend's kind and the queue's engine.
+    pub fn served_by(&self) -> (&'static str, &'static str) {
+        (self.backend.info().kind, self.queue.engine_name())
     }
 
     fn blocks(&self) -> u64 {
         self.size.div_ceil(BLOCK)
     }
 
-    /// Reads `len` bytes at `offset` into `iov` through the engine and waits for them.
-    fn read_iov(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> std::io::Result<()> {
-        let iovcnt = u32::try_from(iov.len()).unwrap_or(u32::MAX);
-        // SAFETY: the iovecs describe memory that stays valid until this function returns,
-        // and the operation is drained (completed) before it does.
-        unsafe {
-            self.engine.queue(
-                0,
-                Op::Read { offset },
-                iov.as_ptr(),
-                iovcnt,
-                Submit::default(),
-            )
+    /// Reads `len` bytes at `offset` into `iov` with one [`Request::Read`] on the medium's
+    /// queue, and waits for it.
+    fn read_iov(&mut self, offset: u64, len: u64, iov: &[libc::iovec]) -> Result<(), BlockError> {
+        // SAFETY: the iovecs describe memory (the guest's data-in buffers, checked against
+        // guest memory by collect_iovecs, or a local buffer) that stays mapped until this
+        // function returns, and the request is drained (completed) before it does, whatever
+        // submit says. The guest may write the same memory meanwhile: the kernel or the
+        // engine's threads write plain bytes into it, which the guest may see torn, as with any
+        // DMA; nothing on the host reads them back.
+        if unsafe { self.queue.queue(0, Request::Read { offset }, iov) }.is_err() {
+            // Every read is drained before the next: a full queue means a bug, not load.
+            return Err(BlockError::new(ErrorKind::Busy, Operation::Read, QueueFull).at(offset));
         }
-        .map_err(|_| std::io::Error::other("the I/O engine is full"))?;
-        self.engine.submit()?;
+        let submitted = self.queue.submit();
         let mut result = None;
-        self.engine.drain(&mut |c| result = Some(c.result));
+        self.queue.drain(&mut |c| result = Some(c.result));
+        submitted?;
         match result {
-            Some(n) if n >= 0 && n as u64 == len => Ok(()),
-            Some(n) if n < 0 => Err(std::io::Error::from_raw_os_error(-n)),
-            Some(n) => Err(std::io::Error::other(format!(
-                "short read: {n} of {len} bytes"
-            ))),
-            None => Err(std::io::Error::other("the read did not complete")),
+            Some(Ok(n)) if n == len => Ok(()),
+            Some(Ok(n)) => Err(BlockError::new(
+                ErrorKind::Io,
+                Operation::Read,
+                format!("short read: {n} of {len} bytes"),
+            )
+            .at(offset)),
+            Some(Err(e)) => Err(e),
+            None => {
+                Err(
+                    BlockError::new(ErrorKind::Io, Operation::Read, "the read did not complete")
+                        .at(offset),
+                )
+            }
         }
     }
 }
@@ -271,6 +282,11 @@ impl Cdrom {
             self.locked,
             self.medium.as_ref().map(|m| m.path.as_path()),
         )
+    }
+
+    /// The disc in the drive, if any.
+    pub fn medium(&self) -> Option<&Medium> {
+        self.medium.as_ref()
     }
 
     /// How many commands with opcode `op` the guest sent.
@@ -733,7 +749,13 @@ mod tests {
             c[0] = i as u8;
         }
         t.write_all(&data).unwrap();
-        let m = Medium::new(t.path().to_owned(), t.reopen().unwrap(), blocks * BLOCK).unwrap();
+        let m = Medium::new(
+            t.path().to_owned(),
+            t.reopen().unwrap(),
+            blocks * BLOCK,
+            None,
+        )
+        .unwrap();
         (t, m)
     }
 
@@ -758,6 +780,38 @@ mod tests {
             2048,
         );
         assert_eq!(r.sense, Some(LBA_OUT_OF_RANGE), "no overflow");
+    }
+
+    #[test]
+    fn reads_go_through_the_block_queue_and_its_errors_are_medium_errors() {
+        let (t, m) = medium(10);
+        assert_eq!(m.served_by().0, "file");
+        let mut cd = Cdrom::new(Some(m), "r");
+        cd.execute(&[0, 0, 0, 0, 0, 0], 0);
+        // Straight into the caller's buffers (two of them), as for a guest's data-in.
+        let (a, b) = (vec![0u8; 1024], vec![0u8; 3072]);
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_ptr() as *mut libc::c_void,
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            },
+        ];
+        let r = cd.execute_into(&[0x28, 0, 0, 0, 0, 7, 0, 0, 2, 0], 4096, Some(&iov));
+        assert_eq!((r.status, r.direct), (GOOD, 4096));
+        assert_eq!((a[0], b[1024]), (7, 8));
+        // The image shrinks under the drive: vback-block's out-of-bounds error is an
+        // unrecovered read error for the guest, on both paths, and the drive goes on.
+        t.as_file().set_len(5 * BLOCK).unwrap();
+        let r = cd.execute_into(&[0x28, 0, 0, 0, 0, 6, 0, 0, 2, 0], 4096, Some(&iov));
+        assert_eq!((r.sense, r.direct), (Some(READ_ERROR), 0));
+        let r = cd.execute(&[0xa8, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0], 2048);
+        assert_eq!(r.sense, Some(READ_ERROR));
+        let r = cd.execute(&[0x28, 0, 0, 0, 0, 4, 0, 0, 1, 0], 2048);
+        assert_eq!((r.status, r.data[0]), (GOOD, 4));
     }
 
     #[test]
@@ -956,7 +1010,13 @@ mod tests {
         // A bigger image is a DVD.
         let t = tempfile::NamedTempFile::new().unwrap();
         t.as_file().set_len(CD_MAX + BLOCK).unwrap();
-        let big = Medium::new(t.path().to_owned(), t.reopen().unwrap(), CD_MAX + BLOCK).unwrap();
+        let big = Medium::new(
+            t.path().to_owned(),
+            t.reopen().unwrap(),
+            CD_MAX + BLOCK,
+            None,
+        )
+        .unwrap();
         let mut dvd = Cdrom::new(Some(big), "d");
         dvd.execute(&[0, 0, 0, 0, 0, 0], 0);
         assert_eq!(

@@ -9,10 +9,20 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+/// A 64 KiB + 100 byte image of zeroes (a medium is a regular file or a block device).
+fn image() -> &'static std::path::Path {
+    static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("vback-fuzz-cdrom-{}.iso", std::process::id()));
+        std::fs::write(&p, vec![0u8; 64 * 1024 + 100]).unwrap();
+        p
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
-    let medium = std::fs::File::open("/dev/zero")
+    let medium = std::fs::File::open(image())
         .ok()
-        .and_then(|file| Medium::new("/dev/zero".into(), file, 64 * 1024 + 100).ok());
+        .and_then(|file| Medium::new(image().to_owned(), file, 64 * 1024 + 100, None).ok());
     let mut cd = Cdrom::new(medium, "fuzz");
     // A sequence of commands: [alloc_lo, alloc_hi, len, cdb...]*
     let mut rest = data;
