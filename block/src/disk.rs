@@ -675,7 +675,7 @@ mod tests {
         assert_eq!(d.resize(None).unwrap(), 3 << 20);
         drop(d);
         // Released on close.
-        Disk::open(&uname, opts(true)).unwrap();
+        crate::lock::until_released(|| Disk::open(&uname, opts(true)));
     }
 
     #[test]

@@ -847,7 +847,9 @@ mod tests {
         assert!(ImageLock::acquire(&other, &p, LockMode::Shared, patience).is_err());
         drop(q);
         drop(b);
-        ImageLock::acquire(&other, &p, LockMode::Exclusive, patience).unwrap();
+        crate::lock::until_released(|| {
+            ImageLock::acquire(&other, &p, LockMode::Exclusive, patience)
+        });
         // Neither a file nor a device.
         let e = crate::open_backend_from_file(
             dir.path(),

@@ -276,6 +276,22 @@ pub fn holders(path: &Path) -> String {
     }
 }
 
+/// For tests: retries `f` for up to 5 s while it fails. A lock released by dropping its
+/// descriptor can still look held for a moment when another test thread of the same process has
+/// just forked a child (qemu-img, say): the child shares the open file description, and so the
+/// OFD lock, until it execs and close-on-exec drops it.
+#[cfg(test)]
+pub(crate) fn until_released<T, E: std::fmt::Debug>(mut f: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("still locked: {e:?}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,7 +352,7 @@ mod tests {
         assert!(lock_image(&other, &p, LockMode::Shared).is_err());
         // ...and dropping the lock releases the image.
         drop(lock);
-        lock_image(&other, &p, LockMode::Exclusive).unwrap();
+        until_released(|| lock_image(&other, &p, LockMode::Exclusive));
         // Without locking, nothing is opened or checked.
         let none =
             ImageLock::acquire(&open(&p), &p, LockMode::None, std::time::Duration::ZERO).unwrap();
