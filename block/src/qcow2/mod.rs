@@ -1698,4 +1698,4 @@ fn fallocate_punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,6 +4,21 @@
 use super::*;
 use std::process::Command;
 
+/// A 1 MiB qcow2 image with 512-byte clusters: qemu-img's refcount table then covers only the
+/// first 8 MiB of the file, so tests reach table growth and moves quickly.
+fn create_512_byte_cluster_image(path: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        path,
+        "1M",
+    ]);
+}
+
 pub(crate) fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")
         .args(args)
@@ -139,16 +154,7 @@ fn the_refcount_table_grows_and_the_l1_table_moves_on_resize() {
     let p = dir.path().join("g.qcow2");
     let ps = p.to_str().unwrap();
     // 512-byte clusters with 16-bit refcounts: one refcount table cluster covers 8 MiB of file.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        ps,
-        "1M",
-    ]);
+    create_512_byte_cluster_image(ps);
     let mut img = open(&p, true);
     let before = img.top().h.refcount_table_offset;
     img.resize(24 << 20).unwrap();
@@ -331,16 +337,7 @@ fn table_moves_on_a_full_file_system_fail_without_leaking() {
     let p = fs.mnt.join("t.qcow2");
     let ps = p.to_str().unwrap();
     // 512-byte clusters: the refcount table qemu-img makes covers the first 8 MiB of the file.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        ps,
-        "1M",
-    ]);
+    create_512_byte_cluster_image(ps);
     let filler = fs.mnt.join("filler");
     fill_up(&filler);
 
