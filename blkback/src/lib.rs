@@ -13,7 +13,9 @@
 pub mod control;
 pub mod stats;
 pub mod vhost;
-pub mod virtio;
+/// The virtio-blk device model (feature bits, configuration space, request parsing) lives in
+/// the storage library; blkback's modules know it by this name.
+pub use vback_block::virtio_blk as virtio;
 pub mod worker;
 
 use std::sync::atomic::AtomicBool;

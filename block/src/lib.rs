@@ -11,6 +11,9 @@
 //! - [`qcow2`]: the qcow2 format layer (metadata, allocation, backing chains);
 //! - [`disk`]: opening what backs a disk (raw files, block devices, the null device, qcow2
 //!   images) with its locks, and resizing it;
+//! - [`virtio_blk`]: the virtio-blk request format (feature bits, configuration space, parsing a
+//!   hostile descriptor chain into a request on guest iovecs) that blkback's worker turns into
+//!   [`Request`]s;
 //! - [`device_size`]: the size of an open file or host block device.
 //!
 //! blkback serves disks through [`open_backend`]; cdrom reads its media through
@@ -24,6 +27,7 @@ pub mod error;
 pub mod local;
 pub mod lock;
 pub mod qcow2;
+pub mod virtio_blk;
 
 pub use backend::{
     BackendInfo, BlockBackend, BlockQueue, Capabilities, FormatInfo, QueueCompletion, Request,

@@ -2,7 +2,7 @@
 //! produces lies inside guest memory and adds up to the request's length.
 #![no_main]
 
-use blkback::virtio::{Limits, Request, parse_chain};
+use vback_block::virtio_blk::{Limits, Request, parse_chain};
 use libfuzzer_sys::fuzz_target;
 use vback_fuzz::{MEM, chain_from};
 use vm_memory::{GuestAddress, GuestMemoryBackend};

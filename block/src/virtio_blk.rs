@@ -7,10 +7,14 @@
 //! likes, so the parser treats the chain as two byte streams and never assumes framing. Every
 //! guest address is checked against guest memory before anything is read, written or handed to
 //! the kernel; a malformed chain becomes an IOERR or UNSUPP status, never a panic.
+//!
+//! It lives in the storage library, beside the requests it produces (as cloud-hypervisor's
+//! `block` crate carries its virtio-blk request parser), so that blkback's worker, the fuzz
+//! targets and the tests share one parser without depending on the blkback daemon.
 
 use std::mem::size_of;
 
-use vback_block::SECTOR;
+use crate::SECTOR;
 pub use vback_common::chain::write_stream;
 use vback_common::chain::{collect_iovecs, read_stream};
 use virtio_bindings::virtio_blk::*;
