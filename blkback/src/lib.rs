@@ -61,6 +61,8 @@ pub struct Config {
     pub engine: EngineChoice,
     /// Busy-poll window after activity (zero: never poll).
     pub poll: std::time::Duration,
+    /// Offer in-flight tracking (on unless a test turns it off).
+    pub inflight: bool,
     /// qcow2 images: metadata cache size and backing chain policy (`writable` is set from
     /// `mode`).
     pub qcow2: vback_block::qcow2::OpenOptions,
@@ -138,7 +140,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         w.set_poll(config.poll);
         workers.push(w);
     }
-    let backend = BlkBackend::new(dev.clone(), workers, queue_size);
+    let backend = BlkBackend::new(dev.clone(), workers, queue_size, config.inflight);
     let info = dev.disk.info();
     log::info!(
         "disk {} ({}, {} bytes, {}{}), {} queue(s) of {}, engine {}, serial {}",

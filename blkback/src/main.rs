@@ -40,6 +40,11 @@ struct Args {
     #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
 
+    /// Tests: do not offer in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so the
+    /// requests in flight when the daemon dies are not resubmitted by its successor.
+    #[arg(long, hide = true)]
+    no_inflight: bool,
+
     /// Serial number the guest reads (/sys/block/vdX/serial; up to 20 bytes). Default: "vback-"
     /// and a hash of the image path, stable across restarts.
     #[arg(long, value_name = "ID")]
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
             Engine::ThreadPool => EngineChoice::ThreadPool,
         },
         poll: std::time::Duration::from_micros(args.poll_us),
+        inflight: !args.no_inflight,
         qcow2: vback_block::qcow2::OpenOptions {
             writable: false,
             cache_bytes: args.qcow2_cache_size,
