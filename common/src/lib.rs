@@ -8,6 +8,7 @@
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`vhost_user`]: the vhost-user back-end core (the request handler, vrings, worker
 //!   threads) and the [`vhost_user::VhostUserBackend`] trait every backend implements;
+//! - [`hotplug`]: Xen-style hotplug scripts (netback's vif scripts, blkback's vbd scripts);
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
 //!
 //! Storage (the I/O engine, image locks, disks and their formats) is the `vback-block` crate's.
@@ -15,6 +16,7 @@
 pub mod chain;
 pub mod control;
 pub mod daemon;
+pub mod hotplug;
 pub mod logging;
 pub mod notify;
 pub mod ring;
