@@ -158,7 +158,7 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     if args.common.print_capabilities {
         println!("{}", blkback::INFO.capabilities_json());
         return ExitCode::SUCCESS;

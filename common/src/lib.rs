@@ -8,6 +8,7 @@
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`vhost_user`]: the vhost-user back-end core (the request handler, vrings, worker
 //!   threads) and the [`vhost_user::VhostUserBackend`] trait every backend implements;
+//! - [`docgen`]: man pages and shell completions generated from each binary's options;
 //! - [`hotplug`]: Xen-style hotplug scripts (netback's vif scripts, blkback's vbd scripts);
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
 //!
@@ -16,6 +17,7 @@
 pub mod chain;
 pub mod control;
 pub mod daemon;
+pub mod docgen;
 pub mod hotplug;
 pub mod logging;
 pub mod notify;
