@@ -273,4 +273,24 @@ fn block_says_busy_for_a_device_in_use() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+
+    // The free device, served as a management tool starts blkback: --blk-file is phy: here.
+    let mut d = vback_tests::process::blkback(
+        &sock,
+        &["--blk-file", &held.dev, "--read-only"],
+        &dir.path().join("log"),
+    )
+    .unwrap();
+    assert_eq!(
+        d.terminate(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains(&format!("disk phy:{} (block-device, ", held.dev)),
+        "{}",
+        d.log()
+    );
 }
