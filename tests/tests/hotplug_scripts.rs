@@ -294,3 +294,70 @@ fn block_says_busy_for_a_device_in_use() {
         d.log()
     );
 }
+
+#[test]
+fn hook_directories_run_around_the_action() {
+    // The shipped scripts in a directory of their own, with Xen-style hook directories.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/hotplug");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["block", "block-lvm", "block-common.sh"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let record = dir.path().join("record");
+    for (hook_dir, name) in [("block-pre.d", "pre"), ("block-post.d", "post")] {
+        std::fs::create_dir(dir.path().join(hook_dir)).unwrap();
+        script(
+            &dir.path().join(hook_dir),
+            &format!("{name}.hook"),
+            &format!("echo \"{name} $1 $params\" >> {}", record.display()),
+        );
+    }
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, b"").unwrap();
+    let block = |action: &str, params: &Path| {
+        Command::new(dir.path().join("block"))
+            .arg(action)
+            .env("type", "file")
+            .env("params", params)
+            .env("mode", "w")
+            .output()
+            .unwrap()
+    };
+    let o = block("add", &img);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = block("remove", &img);
+    assert!(o.status.success(), "{}", text(&o));
+    let p = img.display();
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!("pre add {p}\npost add {p}\npre remove {p}\npost remove {p}\n")
+    );
+    // A failed action runs no post hook; a failing pre hook fails the action.
+    std::fs::remove_file(&record).unwrap();
+    let missing = dir.path().join("missing.img");
+    let o = block("add", &missing);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("does not exist"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(&record).unwrap(),
+        format!("pre add {}\n", missing.display())
+    );
+    script(&dir.path().join("block-pre.d"), "pre.hook", "exit 4");
+    let o = block("add", &img);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("pre.hook add failed"), "{}", text(&o));
+
+    // block-lvm takes only phy:/dev/VG/LV.
+    let o = Command::new(dir.path().join("block-lvm"))
+        .arg("add")
+        .env("type", "phy")
+        .env("params", "/dev/sdc")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("/dev/sdc is not /dev/VG/LV"),
+        "{}",
+        text(&o)
+    );
+}
