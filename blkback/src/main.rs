@@ -26,8 +26,9 @@ struct Args {
     #[arg(long, value_name = "UNAME", value_parser = DiskArg::parse, required_unless_present_any = ["print_capabilities", "blk_file"], conflicts_with = "blk_file")]
     disk: Option<DiskArg>,
 
-    /// A raw image or block device to serve: the same as --disk file:PATH (QEMU's
-    /// vhost-user.json convention, for management tools that start vhost-user-blk backends).
+    /// A raw image or host block device to serve: the same as --disk file:PATH, or --disk
+    /// phy:PATH for a block device (QEMU's vhost-user.json convention, for management tools
+    /// that start vhost-user-blk backends).
     #[arg(long, value_name = "PATH")]
     blk_file: Option<std::path::PathBuf>,
 
@@ -172,9 +173,16 @@ fn main() -> ExitCode {
     let disk = match (args.disk, args.blk_file) {
         (Some(d), _) => d,
         (None, Some(path)) => DiskArg {
-            uname: vback_common::spec::DiskUname::Image {
-                format: vback_common::spec::ImageFormat::Raw,
-                path,
+            // A host block device is phy:, anything else a raw image (file:).
+            uname: if std::fs::metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            {
+                vback_common::spec::DiskUname::Phy(path)
+            } else {
+                vback_common::spec::DiskUname::Image {
+                    format: vback_common::spec::ImageFormat::Raw,
+                    path,
+                }
             },
             vdev: None,
             mode: None,
