@@ -123,6 +123,12 @@ impl BlockBackend for LocalBackend {
             .map_err(|e| BlockError::disk(Operation::Resize, e))
     }
 
+    fn close(&self) -> Result<(), BlockError> {
+        self.disk
+            .close()
+            .map_err(|e| BlockError::disk(Operation::Flush, e))
+    }
+
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let Some(files) = &self.disk.files else {
             return Ok(Box::new(NullQueue::new(depth)));

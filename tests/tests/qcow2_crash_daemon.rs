@@ -137,3 +137,60 @@ fn crash_rounds(opts: Option<&str>) {
         "the backing file is unchanged"
     );
 }
+
+/// SIGTERM while a front end and a control client are still connected (the control client made
+/// a request and keeps its connection open): the daemon still closes the image before it exits.
+/// Closing flushes, which releases the clusters discarded since the last flush: without it
+/// their refcounts stay raised and `qemu-img check` finds them leaked.
+#[test]
+fn sigterm_after_a_control_request_closes_the_image() {
+    use vback_common::control::ControlClient;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("img.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", s(&img), "64M"])
+        .output()
+        .expect("qemu-img is required (apt-get install qemu-utils)");
+    assert!(out.status.success());
+    let (sock, ctl) = (d.join("blk.sock"), d.join("blk.ctl"));
+    let disk = format!("tap:qcow2:{}", img.display());
+    let mut daemon = blkback(
+        &sock,
+        &["--disk", &disk, "--control", s(&ctl)],
+        &d.join("b.log"),
+    )
+    .unwrap();
+    let mut drv = BlkDriver::connect(&sock);
+    // Two clusters written (allocated), the first discarded whole: its refcount drops at the
+    // next flush, which only closing the image does here.
+    let data = vec![0x42u8; 128 << 10];
+    assert!(drv.request(1, 0, Some(&data)), "{}", daemon.log());
+    let mut seg = [0u8; 16];
+    seg[8..12].copy_from_slice(&128u32.to_le_bytes());
+    assert!(drv.request(11, 0, Some(&seg)), "{}", daemon.log());
+    let mut client = ControlClient::connect(&ctl).unwrap();
+    let status = client.call("status", serde_json::Value::Null).unwrap();
+    assert_eq!(status["device"]["kind"], "qcow2", "{status}");
+    assert_eq!(
+        daemon
+            .terminate(Duration::from_secs(10))
+            .and_then(|st| st.code()),
+        Some(0),
+        "clean exit on SIGTERM:\n{}",
+        daemon.log()
+    );
+    drop(client);
+    drop(drv);
+    let check = Command::new("qemu-img")
+        .args(["check", s(&img)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "the image was closed (the discarded cluster released) before the daemon exited: {}\n{}",
+        String::from_utf8_lossy(&check.stdout),
+        daemon.log()
+    );
+}
