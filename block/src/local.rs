@@ -1089,7 +1089,7 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
+    fn qcow2_requests_take_the_fast_path_and_the_metadata_worker() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
@@ -1134,6 +1134,15 @@ mod tests {
             );
             assert!(img.map_direct(0, 512, false).unwrap().is_none());
         }
+        // The worker published the new cluster: the queues map it without the image's lock.
+        let dp = b.data_path().unwrap();
+        let mut pieces = Vec::new();
+        assert!(dp.map(4096, 4096, true, MAX_PIECES, &mut pieces));
+        assert_eq!(pieces.len(), 1);
+        assert!(
+            !dp.map(0, 512, false, MAX_PIECES, &mut pieces),
+            "backing data"
+        );
         let expect = |abs: usize, first: u8| match abs {
             0..4096 => first,
             4096..4608 => 0x11,
