@@ -40,6 +40,8 @@ pub struct LocalBackend {
     engine: EngineChoice,
     /// qcow2: the data path's mapping, and the metadata worker (started with the first queue).
     qcow2: Option<(Arc<DataPath>, SharedWorker)>,
+    /// qcow2: the format details `info()` last read (shown while the image is busy).
+    last_info: Mutex<Option<FormatInfo>>,
 }
 
 /// The metadata worker of a qcow2 disk, once started.
@@ -52,10 +54,18 @@ impl LocalBackend {
             .qcow2
             .as_ref()
             .map(|img| (Arc::new(lock(img).data_path()), Mutex::new(None)));
+        let last_info = Mutex::new(disk.qcow2.as_ref().map(|img| {
+            let g = lock(img);
+            FormatInfo::Qcow2 {
+                info: g.info(),
+                cached_tables: g.cached_tables(),
+            }
+        }));
         LocalBackend {
             disk: Arc::new(disk),
             engine,
             qcow2,
+            last_info,
         }
     }
 
@@ -104,10 +114,30 @@ impl BlockBackend for LocalBackend {
             direct: self.disk.direct,
             warning: self.disk.format_warning.clone(),
             format: self.disk.qcow2.as_ref().map(|img| {
-                let img = lock(img);
-                FormatInfo::Qcow2 {
-                    info: img.info(),
-                    cached_tables: img.cached_tables(),
+                // The metadata worker may hold the image for a while (a slow backing file):
+                // status then shows what it last saw rather than waiting.
+                let mut last = lock(&self.last_info);
+                let now = match img.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                if let Some(g) = now {
+                    *last = Some(FormatInfo::Qcow2 {
+                        info: g.info(),
+                        cached_tables: g.cached_tables(),
+                    });
+                }
+                match &*last {
+                    Some(f) => f.clone(),
+                    None => {
+                        drop(last);
+                        let g = lock(img);
+                        FormatInfo::Qcow2 {
+                            info: g.info(),
+                            cached_tables: g.cached_tables(),
+                        }
+                    }
                 }
             }),
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use vback_common::sync::lock;
 
 use super::tests::{iov, open, run};
-use crate::backend::{BlockBackend, BlockQueue, Request};
+use crate::backend::{BlockBackend, BlockQueue, FormatInfo, Request};
 use crate::engine::EngineChoice;
 use crate::qcow2::tests::{Gate, qemu_img};
 
@@ -91,6 +91,12 @@ fn reads_go_on_while(request: Request, a_len: usize, check_a: fn(&[u8])) {
             }
         }
     }
+    // `status` answers too, with what it last saw of the image.
+    let info = backend.info();
+    assert!(
+        matches!(info.format, Some(FormatInfo::Qcow2 { .. })),
+        "{info:?}"
+    );
     done.store(true, Ordering::SeqCst);
     watchdog.join().unwrap();
     assert!(
