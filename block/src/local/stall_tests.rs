@@ -206,7 +206,9 @@ fn two_queue_throughput() {
     };
     run(&mut *qb, w, &[&data]).unwrap();
     let secs = 3.0;
-    let alone = stream_reads(&mut *qb, secs);
+    // Warm up (page cache, data path), then measure alone before and after the shared run.
+    stream_reads(&mut *qb, 1.0);
+    let alone_before = stream_reads(&mut *qb, secs);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (backend, stop) = (backend.clone(), stop.clone());
@@ -232,9 +234,12 @@ fn two_queue_throughput() {
     stop.store(true, Ordering::SeqCst);
     let allocations = writer.join().unwrap();
     let wsecs = t0.elapsed().as_secs_f64();
+    let alone_after = stream_reads(&mut *qb, secs);
+    let alone = (alone_before + alone_after) / 2.0;
     println!(
-        "two_queue_throughput: queue B 4k random reads QD16 alone {alone:.0} IOPS; \
-         while queue A allocates (64 KiB first writes, {:.0}/s) {shared:.0} IOPS; ratio {:.2}",
+        "two_queue_throughput: queue B 4k random reads QD16 alone {alone:.0} IOPS \
+         ({alone_before:.0} before, {alone_after:.0} after); while queue A allocates \
+         (64 KiB first writes, {:.0}/s) {shared:.0} IOPS; ratio {:.2}",
         allocations as f64 / wsecs,
         shared / alone
     );
