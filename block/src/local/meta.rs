@@ -205,14 +205,42 @@ fn serve(disk: &Disk, dp: &DataPath, rx: &Receiver<Job>) {
     let path = crate::backend::path_of(&disk.uname);
     let mut buf = Vec::new();
     let mut extents = Vec::new();
+    // Set when a job panicked: the image's state in memory is unknown, so no job runs after.
+    let mut failed = false;
     while let Ok(job) = rx.recv() {
-        let mut g = lock(img);
-        if job.remap && remappable(&mut g, dp, &job, &mut extents) {
-            drop(g);
-            job.port.post(job.slot, Outcome::Remap);
+        let op = job.kind.operation();
+        if failed {
+            job.port.post(job.slot, Outcome::Done(Err(stopped(op))));
             continue;
         }
-        let r = run(&mut g, dp, &job, &mut buf).map_err(|e| {
+        let mut g = lock(img);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if job.remap && remappable(&mut g, dp, &job, &mut extents) {
+                Ok(None)
+            } else {
+                run(&mut g, dp, &job, &mut buf).map(Some)
+            }
+        }));
+        drop(g);
+        let r = match ran {
+            Ok(Ok(None)) => {
+                job.port.post(job.slot, Outcome::Remap);
+                continue;
+            }
+            Ok(Ok(Some(n))) => Ok(n),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                log::error!(
+                    "the qcow2 metadata worker of {} failed (a bug); the disk's requests that need \
+                     it now fail with I/O errors: restart the daemon",
+                    disk.uname
+                );
+                failed = true;
+                job.port.post(job.slot, Outcome::Done(Err(stopped(op))));
+                continue;
+            }
+        };
+        let r = r.map_err(|e| {
             let e = BlockError::qcow2(job.kind.operation(), e);
             let e = if e.path.is_some() {
                 e
@@ -225,9 +253,17 @@ fn serve(disk: &Disk, dp: &DataPath, rx: &Receiver<Job>) {
                 e.at(job.offset)
             }
         });
-        drop(g);
         job.port.post(job.slot, Outcome::Done(r));
     }
+}
+
+/// The error of a job the failed worker does not run.
+fn stopped(op: Operation) -> BlockError {
+    BlockError::new(
+        crate::error::ErrorKind::Io,
+        op,
+        "the qcow2 metadata worker has stopped after a failure (see the log); restart the daemon",
+    )
 }
 
 /// Whether a read or write is data in the top image (loading its L2 tables), published so the

@@ -244,3 +244,33 @@ fn two_queue_throughput() {
         shared / alone
     );
 }
+
+/// A bug that panics in the metadata worker fails that request and every later one that needs
+/// the worker with an I/O error naming the cause; allocated clusters still work, and nothing
+/// hangs (dropping the queues returns).
+#[test]
+fn a_panic_in_the_metadata_worker_fails_requests_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = image(dir.path());
+    let mut q = backend.open_queue(4).unwrap();
+    lock(backend.disk().qcow2.as_ref().unwrap()).set_test_gate(Some(Gate::panicking()));
+    let buf = vec![0u8; 4096];
+    for req in [
+        Request::Write {
+            offset: FRESH,
+            fua: false,
+        },
+        Request::Read {
+            offset: FRESH + 8192,
+        },
+    ] {
+        let e = run(&mut *q, req, &[&buf]).unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Io, "{e}");
+        assert!(e.to_string().contains("metadata worker has stopped"), "{e}");
+    }
+    let r = run(&mut *q, Request::Read { offset: 0 }, &[&buf]);
+    assert_eq!(r.unwrap(), 4096, "allocated clusters are still served");
+    lock(backend.disk().qcow2.as_ref().unwrap()).set_test_gate(None);
+    drop(q);
+    drop(backend);
+}

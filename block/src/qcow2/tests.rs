@@ -39,6 +39,8 @@ pub(crate) struct Gate {
     /// (open, threads that reached the gate).
     state: std::sync::Mutex<(bool, usize)>,
     cv: std::sync::Condvar,
+    /// Panic instead of waiting (a bug in the slow path, simulated).
+    panics: bool,
 }
 
 impl Gate {
@@ -47,8 +49,17 @@ impl Gate {
         std::sync::Arc::new(Gate::default())
     }
 
+    /// A gate that panics when reached.
+    pub(crate) fn panicking() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            panics: true,
+            ..Gate::default()
+        })
+    }
+
     /// Waits while the gate is closed.
     pub(crate) fn pass(&self) {
+        assert!(!self.panics, "the test gate panics here");
         let mut g = self.state.lock().unwrap();
         g.1 += 1;
         self.cv.notify_all();
