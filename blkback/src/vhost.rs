@@ -28,6 +28,8 @@ struct Inner {
     dev: Arc<Device>,
     workers: Vec<Mutex<Worker>>,
     queue_size: u16,
+    /// Offer in-flight tracking.
+    inflight: bool,
     acked: AtomicU64,
     /// The back-end request channel of the connected front end (for CONFIG_CHANGE_MSG).
     channel: Mutex<Option<BackendChannel>>,
@@ -48,13 +50,19 @@ pub fn completion_token(num_queues: usize) -> u64 {
 }
 
 impl BlkBackend {
-    /// A backend over `dev` with one worker per queue.
-    pub fn new(dev: Arc<Device>, workers: Vec<Worker>, queue_size: u16) -> BlkBackend {
+    /// A backend over `dev` with one worker per queue; `inflight` offers in-flight tracking.
+    pub fn new(
+        dev: Arc<Device>,
+        workers: Vec<Worker>,
+        queue_size: u16,
+        inflight: bool,
+    ) -> BlkBackend {
         BlkBackend {
             inner: Arc::new(Inner {
                 dev,
                 workers: workers.into_iter().map(Mutex::new).collect(),
                 queue_size,
+                inflight,
                 acked: AtomicU64::new(0),
                 channel: Mutex::new(None),
             }),
@@ -191,11 +199,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::BACKEND_REQ;
+        if self.inner.inflight {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -18,9 +18,10 @@ use vback_block::{
     BlockBackend, BlockError, BlockQueue, ErrorKind, QueueCompletion, Request as Io, SECTOR,
 };
 use vback_common::sync::lock;
+use vback_common::vhost_user::driver::{self, Chain};
 use vback_common::vhost_user::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::stats::QueueStats;
@@ -225,8 +226,10 @@ impl Worker {
                 self.starved = true;
                 break;
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
-            let Some(chain) = chain else { break };
+            // Requests a crashed back end left in flight come first (in-flight tracking).
+            let Some(chain) = driver::pop(vring, &**mem) else {
+                break;
+            };
             popped += 1;
             self.start(chain, mem, vring);
         }
@@ -417,7 +420,7 @@ impl Worker {
         }
     }
 
-    fn start(&mut self, chain: DescriptorChain<&Mem>, mem: &Arc<Mem>, vring: &Vring) {
+    fn start(&mut self, chain: Chain<'_, Mem>, mem: &Arc<Mem>, vring: &Vring) {
         let head = chain.head_index();
         let Some(idx) = self.free.pop() else { return };
         let limits = self.dev.limits;
@@ -712,7 +715,7 @@ impl Worker {
     }
 
     fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
-        if let Err(e) = vring.add_used(head, len) {
+        if let Err(e) = driver::complete(vring, head, len) {
             vback_common::warn_limited!(
                 "queue {}: cannot return request {head} on the used ring: {e}",
                 self.queue

@@ -41,6 +41,8 @@ pub struct Config {
     /// `--media-dir`: where `media-insert` may take media from (empty: the directory of
     /// `medium`, or nowhere without one).
     pub media_dirs: Vec<PathBuf>,
+    /// Offer in-flight tracking (on unless a test turns it off).
+    pub inflight: bool,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -171,6 +173,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     let cd = Arc::new(Mutex::new(Cdrom::new(medium, &serial)));
     let control = Arc::new(CdControl::new(cd.clone(), config.shared, media_dirs));
     let daemon = Daemon::new(INFO, config.common.clone(), control)?;
-    daemon.run(CdBackend::new(cd))?;
+    daemon.run(CdBackend::new(cd, config.inflight))?;
     Ok(())
 }

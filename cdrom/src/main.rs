@@ -39,6 +39,11 @@ struct Args {
     #[arg(long = "media-dir", value_name = "DIR")]
     media_dirs: Vec<PathBuf>,
 
+    /// Tests: do not offer in-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so the
+    /// requests in flight when the daemon dies are not resubmitted by its successor.
+    #[arg(long, hide = true)]
+    no_inflight: bool,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -82,7 +87,7 @@ fn parse_cd(s: &str) -> Result<PathBuf, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     if args.common.print_capabilities {
         println!("{}", cdrom::INFO.capabilities_json());
         return ExitCode::SUCCESS;
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         medium: args.disk,
         shared: args.shared,
         media_dirs: args.media_dirs,
+        inflight: !args.no_inflight,
         common: args.common,
     };
     match cdrom::run(config) {

@@ -270,6 +270,15 @@ impl Cdrom {
         }
     }
 
+    /// This daemon takes over a drive a guest was already using (an earlier daemon served it
+    /// and died; the front end handed its in-flight region over): no power-on unit attention,
+    /// which the guest would take for a reset. What the earlier daemon knew is not carried
+    /// over: the tray lock (PREVENT ALLOW MEDIUM REMOVAL) is forgotten, and a medium changed
+    /// while no daemon ran is not reported.
+    pub fn take_over(&mut self) {
+        self.unit_attention.retain(|s| *s != POWER_ON);
+    }
+
     /// Whether a disc is in the closed drive.
     pub fn ready(&self) -> bool {
         self.medium.is_some() && !self.tray_open
@@ -757,6 +766,13 @@ mod tests {
         )
         .unwrap();
         (t, m)
+    }
+
+    #[test]
+    fn a_take_over_raises_no_power_on_attention() {
+        let mut cd = Cdrom::new(None, "t");
+        cd.take_over();
+        assert!(cd.unit_attention.is_empty());
     }
 
     #[test]

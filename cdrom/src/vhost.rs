@@ -4,13 +4,13 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 use vback_common::sync::lock;
+use vback_common::vhost_user::driver;
 use vback_common::vhost_user::{VhostUserBackend, VringRwLock, VringT};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -33,17 +33,20 @@ pub struct CdBackend {
 struct Inner {
     cd: Arc<Mutex<Cdrom>>,
     mem: Mutex<Option<Arc<Mem>>>,
+    /// Offer in-flight tracking.
+    inflight: bool,
     #[cfg(test)]
     between_pop_and_enable: tests::Hook,
 }
 
 impl CdBackend {
-    /// A backend serving `cd`.
-    pub fn new(cd: Arc<Mutex<Cdrom>>) -> CdBackend {
+    /// A backend serving `cd`; `inflight` offers in-flight tracking.
+    pub fn new(cd: Arc<Mutex<Cdrom>>, inflight: bool) -> CdBackend {
         CdBackend {
             inner: Arc::new(Inner {
                 cd,
                 mem: Mutex::new(None),
+                inflight,
                 #[cfg(test)]
                 between_pop_and_enable: tests::Hook::default(),
             }),
@@ -65,10 +68,8 @@ impl CdBackend {
         loop {
             let _ = vring.disable_notification();
             let mut popped = 0;
-            loop {
-                // (The vring's lock must be released before add_used takes it again.)
-                let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
-                let Some(chain) = chain else { break };
+            // Requests a crashed back end left in flight come first (in-flight tracking).
+            while let Some(chain) = driver::pop(vring, &*mem) {
                 popped += 1;
                 let head = chain.head_index();
                 let len = if queue == CONTROL_QUEUE {
@@ -76,7 +77,7 @@ impl CdBackend {
                 } else {
                     handle_command(&*mem, chain, &mut lock(&self.inner.cd))
                 };
-                if let Err(e) = vring.add_used(head, len) {
+                if let Err(e) = driver::complete(vring, head, len) {
                     vback_common::warn_limited!("queue {queue}: cannot return request {head}: {e}");
                 }
                 used_any = true;
@@ -136,9 +137,19 @@ impl VhostUserBackend for CdBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.inner.inflight {
+            f | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        } else {
+            f
+        }
+    }
+
+    fn inflight_handover(&self) {
+        // The guest has been using this drive: a new daemon taking over is no power-on.
+        lock(&self.inner.cd).take_over();
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -206,7 +217,7 @@ mod tests {
         );
         let mut q = MockQueue::new(&mem, 16, 0x8_0000);
         q.vring.set_queue_event_idx(event_idx);
-        let be = CdBackend::new(Arc::new(Mutex::new(Cdrom::new(None, "test"))));
+        let be = CdBackend::new(Arc::new(Mutex::new(Cdrom::new(None, "test"))), true);
         be.update_memory(mem.clone()).expect("memory");
         // A task management request (type 0): 4 bytes in, a response byte out.
         let req = [(0x1000, 4, 0), (0x2000, 1, WRITE)];
@@ -242,7 +253,7 @@ mod tests {
             Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("guest memory"),
         );
         let q = MockQueue::new(&mem, 16, 0x8_0000);
-        let be = CdBackend::new(Arc::new(Mutex::new(Cdrom::new(None, "test"))));
+        let be = CdBackend::new(Arc::new(Mutex::new(Cdrom::new(None, "test"))), true);
         be.update_memory(mem.clone()).expect("memory");
         mem.memory()
             .write_obj(200u16, GuestAddress(q.avail_addr() + 2))

@@ -69,6 +69,12 @@ pub trait VhostUserBackend: Send + Sync {
     /// the connection it came with: drop it when the front end disconnects.
     fn set_backend_req_fd(&self, _channel: BackendChannel) {}
 
+    /// The front end handed over an in-flight region an earlier back end used
+    /// (SET_INFLIGHT_FD after a back-end restart): this back end takes over a running device
+    /// (its requests in flight are resubmitted), so it should not act as if freshly powered on
+    /// (cdrom's power-on unit attention).
+    fn inflight_handover(&self) {}
+
     /// Which queues each worker thread serves, one bit mask per thread.
     ///
     /// A return value of [0b11, 0b100] means: queues 0 and 1 are handled by worker thread 0,

@@ -34,6 +34,7 @@ use super::Memory;
 use super::backend::VhostUserBackend;
 use super::channel::BackendChannel;
 use super::event_loop::{VringEpollError, VringEpollHandler};
+use super::inflight::{INFO_LEN, InflightError, InflightInfo, InflightQueue, InflightRegion};
 use super::vring::{VringT, notify};
 use super::wire::{self, MAX_BODY, MAX_FDS, Message, RecvError, req, u32_at, u64_at};
 
@@ -273,6 +274,9 @@ pub enum RequestError {
     /// The device refused it.
     #[error("the device refused it: {0}")]
     Device(io::Error),
+    /// An in-flight region that cannot be used.
+    #[error("{0}")]
+    Inflight(#[from] InflightError),
 }
 
 /// Why a connection ended other than by the front end hanging up.
@@ -337,6 +341,8 @@ enum Reply {
     Ack,
     /// A reply body (requests that always have a reply).
     Body(Vec<u8>),
+    /// A reply body with a descriptor (GET_INFLIGHT_FD).
+    BodyFd(Vec<u8>, File),
 }
 
 /// Requests that always have a reply of their own (never a REPLY_ACK code).
@@ -349,6 +355,7 @@ fn has_own_reply(request: u32) -> bool {
             | req::GET_VRING_BASE
             | req::GET_CONFIG
             | req::GET_MAX_MEM_SLOTS
+            | req::GET_INFLIGHT_FD
     )
 }
 
@@ -378,6 +385,8 @@ pub struct Connection<T: VhostUserBackend> {
     /// The state each ring was asked for by SET_VRING_ENABLE before SET_FEATURES (QEMU's
     /// vhost-user netdev sends it then): applied when the features arrive.
     early_enable: Vec<Option<bool>>,
+    /// The in-flight region the front end handed over (SET_INFLIGHT_FD).
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 impl<T: VhostUserBackend> std::fmt::Debug for Connection<T> {
@@ -423,6 +432,7 @@ where
             acked_features: 0,
             acked_protocol_features: 0,
             early_enable: vec![None; num_queues],
+            inflight: None,
         };
         // Should a thread fail to start, dropping `conn` stops those already started.
         for (thread_id, mask) in conn.queues_per_thread.clone().into_iter().enumerate() {
@@ -497,6 +507,9 @@ impl<T: VhostUserBackend> Connection<T> {
                 Ok(Reply::Body(body)) => {
                     wire::send_reply(sock, msg.request, &body).map_err(reply_err)?;
                 }
+                Ok(Reply::BodyFd(body, file)) => {
+                    wire::send_reply_with_fd(sock, msg.request, &body, &file).map_err(reply_err)?;
+                }
                 Ok(Reply::Ack) => {
                     if self.reply_ack() && msg.need_reply() {
                         wire::send_ack(sock, msg.request, true).map_err(reply_err)?;
@@ -533,6 +546,7 @@ impl<T: VhostUserBackend> Connection<T> {
                 | req::SET_BACKEND_REQ_FD
                 | req::ADD_MEM_REG
                 | req::REM_MEM_REG
+                | req::SET_INFLIGHT_FD
         );
         if !may_carry_fds && !m.fds.is_empty() {
             return Err(RequestError::Fds {
@@ -721,8 +735,106 @@ impl<T: VhostUserBackend> Connection<T> {
                     .set_backend_req_fd(BackendChannel::new(UnixStream::from(fd)));
                 Ok(Reply::Ack)
             }
+            req::GET_INFLIGHT_FD => {
+                self.need_protocol(VhostUserProtocolFeatures::INFLIGHT_SHMFD, "INFLIGHT_SHMFD")?;
+                let info = self.inflight_info(m)?;
+                let (_, file, reply) = InflightRegion::allocate(info.num_queues, info.queue_size)?;
+                log::info!(
+                    "in-flight tracking: a region for {} queues of {} entries ({} bytes) handed \
+                     to the front end",
+                    reply.num_queues,
+                    reply.queue_size,
+                    reply.mmap_size
+                );
+                Ok(Reply::BodyFd(reply.to_bytes(), file))
+            }
+            req::SET_INFLIGHT_FD => {
+                self.need_protocol(VhostUserProtocolFeatures::INFLIGHT_SHMFD, "INFLIGHT_SHMFD")?;
+                let info = self.inflight_info(m)?;
+                let fd = single_fd(m)?;
+                self.set_inflight(File::from(fd), &info)?;
+                Ok(Reply::Ack)
+            }
             _ => Err(RequestError::Unsupported),
         }
+    }
+
+    /// The body of GET/SET_INFLIGHT_FD, checked against the device.
+    fn inflight_info(&self, m: &Message) -> Result<InflightInfo, RequestError> {
+        let info = InflightInfo::from_bytes(body(m, INFO_LEN)?).ok_or(RequestError::BodySize {
+            got: m.body.len(),
+            want: INFO_LEN,
+        })?;
+        let max = self.vrings.len();
+        if info.num_queues == 0 || usize::from(info.num_queues) > max {
+            return Err(InflightError::QueueCount {
+                got: info.num_queues,
+                max,
+            }
+            .into());
+        }
+        let qs = info.queue_size;
+        if qs == 0 || !qs.is_power_of_two() || usize::from(qs) > self.max_queue_size {
+            return Err(InflightError::QueueSize {
+                got: qs,
+                max: self.max_queue_size,
+            }
+            .into());
+        }
+        Ok(info)
+    }
+
+    /// Maps the in-flight region and attaches each queue's part to its vring (a ring already
+    /// running reads it at once).
+    fn set_inflight(&mut self, file: File, info: &InflightInfo) -> Result<(), RequestError> {
+        let region = Arc::new(InflightRegion::map(file, info)?);
+        let handover = region.was_used();
+        log::info!(
+            "in-flight tracking on for {} queues of {} entries{}",
+            info.num_queues,
+            info.queue_size,
+            if handover {
+                " (a region an earlier back end used: its requests in flight are resubmitted)"
+            } else {
+                ""
+            }
+        );
+        for (index, vring) in self.vrings.iter().enumerate() {
+            vring
+                .get_mut()
+                .set_inflight(InflightQueue::new(region.clone(), index));
+            if vring.get_ref().get_queue().ready() {
+                self.start_inflight(index)?;
+            }
+        }
+        self.inflight = Some(region);
+        if handover {
+            self.backend.inflight_handover();
+        }
+        Ok(())
+    }
+
+    /// Reads ring `index`'s part of the in-flight region as the ring starts.
+    fn start_inflight(&self, index: usize) -> Result<(), RequestError> {
+        let replay = self.vrings[index].get_mut().start_inflight()?;
+        let Some(replay) = replay else {
+            return Ok(());
+        };
+        for why in &replay.dropped {
+            log::warn!("ring {index}: an in-flight entry was not replayed: {why}");
+        }
+        if replay.finished_last_batch {
+            log::debug!(
+                "ring {index}: the last used element had been published before the restart"
+            );
+        }
+        if !replay.heads.is_empty() {
+            log::info!(
+                "ring {index}: resubmitting {} requests that were in flight, oldest first",
+                replay.heads.len()
+            );
+        }
+        Ok(())
     }
 
     fn need_protocol(
@@ -1014,6 +1126,7 @@ impl<T: VhostUserBackend> Connection<T> {
             !st.get_queue().ready() && st.has_kick()
         };
         if needs_init {
+            self.start_inflight(index)?;
             vring.set_queue_ready(true);
             self.update_vring_registration(vring, index)?;
         }

@@ -67,8 +67,10 @@
 
 mod backend;
 mod channel;
+pub mod driver;
 mod event_loop;
 mod handler;
+pub mod inflight;
 mod vring;
 pub mod wire;
 

@@ -21,6 +21,7 @@ use crate::sync::lock;
 struct Probe {
     events: Arc<Mutex<Vec<u16>>>,
     channel: Arc<Mutex<Option<BackendChannel>>>,
+    handovers: Arc<Mutex<usize>>,
 }
 
 impl VhostUserBackend for Probe {
@@ -38,6 +39,10 @@ impl VhostUserBackend for Probe {
         VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+    fn inflight_handover(&self) {
+        *lock(&self.handovers) += 1;
     }
     fn set_event_idx(&self, _enabled: bool) {}
     fn update_memory(&self, _mem: Memory) -> std::io::Result<()> {
@@ -368,9 +373,9 @@ fn refusals_name_the_request_and_the_problem() {
         ),
         (
             Box::new(|fe| {
-                fe.ack(31, &[], &[]);
+                fe.send(31, 1 | FLAG_NEED_REPLY, &[0; 24], &[]);
             }),
-            "GET_INFLIGHT_FD refused: this back end does not implement it",
+            "GET_INFLIGHT_FD refused: it needs protocol feature INFLIGHT_SHMFD",
         ),
     ];
     for (bad, want) in cases {
@@ -410,4 +415,125 @@ fn device_tokens_are_above_the_rings_and_the_wake_up() {
         w.unregister_listener(efd.as_raw_fd(), EventSet::IN, 3)
             .is_err()
     );
+}
+
+impl Raw {
+    /// A reply with one descriptor.
+    fn reply_with_fd(&self, request: u32) -> (Vec<u8>, File) {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let mut buf = [0u8; 12 + 24];
+        let (n, file) = self.s.recv_with_fd(&mut buf).unwrap();
+        assert_eq!(n, buf.len());
+        assert_eq!(u32::from_le_bytes(buf[..4].try_into().unwrap()), request);
+        (
+            buf[12..].to_vec(),
+            file.expect("a descriptor with the reply"),
+        )
+    }
+}
+
+fn inflight_body(mmap_size: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
+    inflight::InflightInfo {
+        mmap_size,
+        mmap_offset: 0,
+        num_queues,
+        queue_size,
+    }
+    .to_bytes()
+}
+
+#[test]
+fn an_inflight_region_is_handed_out_and_taken_back() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    fe.send(req::GET_INFLIGHT_FD, 1, &inflight_body(0, 2, 16), &[]);
+    let (body, fd) = fe.reply_with_fd(req::GET_INFLIGHT_FD);
+    let got = inflight::InflightInfo::from_bytes(&body).unwrap();
+    assert_eq!(got.mmap_size, 2 * inflight::queue_region_size(16));
+    assert_eq!(
+        (got.mmap_offset, got.num_queues, got.queue_size),
+        (0, 2, 16)
+    );
+    let set = inflight_body(got.mmap_size, 2, 16);
+    assert_eq!(fe.ack(req::SET_INFLIGHT_FD, &set, &[fd.as_raw_fd()]), 0);
+    assert_eq!(*lock(&probe.handovers), 0, "a fresh region is no handover");
+    drop(fe);
+    assert!(t.join().unwrap().is_ok());
+
+    // A region a back end used (a queue header with a version) is a handover.
+    let mut header = [0u8; 16];
+    header[8..10].copy_from_slice(&inflight::VERSION.to_le_bytes());
+    header[10..12].copy_from_slice(&16u16.to_le_bytes());
+    use std::os::unix::fs::FileExt;
+    fd.write_all_at(&header, 0).unwrap();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    assert_eq!(fe.ack(req::SET_INFLIGHT_FD, &set, &[fd.as_raw_fd()]), 0);
+    assert_eq!(*lock(&probe.handovers), 1);
+    drop(fe);
+    assert!(t.join().unwrap().is_ok());
+}
+
+#[test]
+fn bad_inflight_regions_are_refused_with_the_reason() {
+    let (_, sealed, _) = inflight::InflightRegion::allocate(2, 16).unwrap();
+    let size = 2 * inflight::queue_region_size(16);
+    let unsealed = memfd(size);
+    type Bad = Box<dyn Fn(&Raw)>;
+    let cases: Vec<(Bad, String)> = vec![
+        (
+            Box::new(|fe| fe.send(req::GET_INFLIGHT_FD, 1, &inflight_body(0, 3, 16), &[])),
+            "GET_INFLIGHT_FD refused: the in-flight region is for 3 queues; this device has 2"
+                .into(),
+        ),
+        (
+            Box::new(|fe| fe.send(req::GET_INFLIGHT_FD, 1, &inflight_body(0, 0, 16), &[])),
+            "GET_INFLIGHT_FD refused: the in-flight region is for 0 queues".into(),
+        ),
+        (
+            Box::new(|fe| fe.send(req::GET_INFLIGHT_FD, 1, &inflight_body(0, 2, 32), &[])),
+            "GET_INFLIGHT_FD refused: the in-flight region is for queues of 32 entries; this \
+             back end serves powers of two up to 16"
+                .into(),
+        ),
+        (
+            Box::new(|fe| fe.send(req::GET_INFLIGHT_FD, 1, &[0; 20], &[])),
+            "GET_INFLIGHT_FD refused: its body is 20 bytes; this request has 24".into(),
+        ),
+        (
+            Box::new(move |fe| {
+                let body = inflight_body(size - 1, 2, 16);
+                fe.ack(req::SET_INFLIGHT_FD, &body, &[sealed.as_raw_fd()]);
+            }),
+            format!(
+                "SET_INFLIGHT_FD refused: the in-flight region of {} bytes is too small for 2 \
+                 queues of 16 entries ({size} bytes)",
+                size - 1
+            ),
+        ),
+        (
+            Box::new(move |fe| {
+                let body = inflight_body(size, 2, 16);
+                fe.ack(req::SET_INFLIGHT_FD, &body, &[unsealed.as_raw_fd()]);
+            }),
+            "SET_INFLIGHT_FD refused: the in-flight region's descriptor is not a memfd sealed \
+             against shrinking"
+                .into(),
+        ),
+        (
+            Box::new(move |fe| {
+                fe.ack(req::SET_INFLIGHT_FD, &inflight_body(size, 2, 16), &[]);
+            }),
+            "SET_INFLIGHT_FD refused: it came with 0 file descriptors; this request takes one"
+                .into(),
+        ),
+    ];
+    for (bad, want) in cases {
+        let (fe, t) = start(&Probe::default());
+        negotiate_protocol(&fe, VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        bad(&fe);
+        let e = t.join().unwrap().unwrap_err().to_string();
+        assert!(e.starts_with(&want), "`{e}` is not `{want}`");
+    }
 }

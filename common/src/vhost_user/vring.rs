@@ -11,6 +11,7 @@
 //! `unsafe` conversion to `EventConsumer`/`EventNotifier`), and reading a non-blocking kick with
 //! nothing pending is not an error; a poisoned lock is carried on rather than unwrapped.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::ops::{Deref, DerefMut};
@@ -20,6 +21,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use virtio_queue::{Error as VirtQueError, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
+
+use super::inflight::{InflightError, InflightQueue, Replay};
 
 /// Trait for objects returned by `VringT::get_ref()`.
 pub trait VringStateGuard<'a, M: GuestAddressSpace> {
@@ -117,6 +120,11 @@ pub struct VringState<M: GuestAddressSpace> {
     err: Option<File>,
     enabled: bool,
     mem: M,
+    /// This queue's part of the in-flight region (SET_INFLIGHT_FD), if any.
+    inflight: Option<InflightQueue>,
+    /// Heads to resubmit before taking new ones (oldest first), found in the in-flight region
+    /// when the ring started.
+    resubmit: VecDeque<u16>,
 }
 
 impl<M: GuestAddressSpace> VringState<M> {
@@ -128,6 +136,8 @@ impl<M: GuestAddressSpace> VringState<M> {
             err: None,
             enabled: false,
             mem,
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -146,10 +156,68 @@ impl<M: GuestAddressSpace> VringState<M> {
         &mut self.queue
     }
 
-    /// Add an used descriptor into the used queue.
+    /// Add an used descriptor into the used queue (and clear its in-flight mark, if tracked:
+    /// the last batch's head is recorded before the used index moves, the mark cleared and
+    /// the region's used index updated after, as libvhost-user's `vu_queue_push`).
     pub fn add_used(&mut self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        if let Some(inflight) = &self.inflight {
+            inflight.pre_put(desc_index);
+        }
         self.queue
-            .add_used(self.mem.memory().deref(), desc_index, len)
+            .add_used(self.mem.memory().deref(), desc_index, len)?;
+        if let Some(inflight) = &self.inflight {
+            inflight.post_put(desc_index, self.queue.next_used());
+        }
+        Ok(())
+    }
+
+    /// The next head to resubmit, if any (see [`super::driver::pop`]).
+    pub(crate) fn take_resubmit(&mut self) -> Option<u16> {
+        self.resubmit.pop_front()
+    }
+
+    /// Marks `head`, just popped, in flight (when the queue is tracked).
+    pub(crate) fn mark_in_flight(&mut self, head: u16) {
+        if let Some(inflight) = &mut self.inflight {
+            inflight.mark(head);
+        }
+    }
+
+    /// Whether requests wait to be resubmitted.
+    pub fn has_resubmits(&self) -> bool {
+        !self.resubmit.is_empty()
+    }
+
+    /// Attaches this queue's part of an in-flight region (or detaches it).
+    pub(crate) fn set_inflight(&mut self, inflight: Option<InflightQueue>) {
+        self.inflight = inflight;
+        self.resubmit.clear();
+    }
+
+    /// Whether the queue is tracked in an in-flight region.
+    pub fn is_tracked(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// Reads the in-flight region when the ring starts (its addresses and base are set): the
+    /// requests still marked are queued for resubmission, oldest first, and the ring's next
+    /// avail index becomes the used index plus their number (every request popped before
+    /// is either on the used ring or one of them), as libvhost-user does. `None` when the
+    /// queue is not tracked.
+    pub(crate) fn start_inflight(&mut self) -> Result<Option<Replay>, InflightError> {
+        let used = self.queue_used_idx().unwrap_or(self.queue.next_used());
+        let size = self.queue.size();
+        let Some(inflight) = self.inflight.as_mut() else {
+            return Ok(None);
+        };
+        let replay = inflight.start(used, size)?;
+        if !replay.heads.is_empty() || replay.finished_last_batch {
+            let n = replay.heads.len() as u16;
+            self.queue.set_next_avail(used.wrapping_add(n));
+            self.queue.set_next_used(used);
+        }
+        self.resubmit = replay.heads.iter().copied().collect();
+        Ok(Some(replay))
     }
 
     /// Notify the vhost-user front end that used descriptors have been put into the used queue.

@@ -48,6 +48,8 @@ pub mod req {
     pub const SET_BACKEND_REQ_FD: u32 = 21;
     pub const GET_CONFIG: u32 = 24;
     pub const SET_CONFIG: u32 = 25;
+    pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
     pub const RESET_DEVICE: u32 = 34;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
     pub const ADD_MEM_REG: u32 = 37;
@@ -289,6 +291,57 @@ pub fn send_reply(mut sock: &UnixStream, request: u32, body: &[u8]) -> io::Resul
         log::debug!("vhost-user reply {}", describe(request, body, 0));
     }
     sock.write_all(&encode(request, 1 | FLAG_REPLY, body))
+}
+
+/// Writes a reply to `request` with `body` and one descriptor (SCM_RIGHTS with its first
+/// bytes).
+pub fn send_reply_with_fd(
+    sock: &UnixStream,
+    request: u32,
+    body: &[u8],
+    fd: &impl AsRawFd,
+) -> io::Result<()> {
+    if log::log_enabled!(log::Level::Debug) {
+        log::debug!("vhost-user reply {}", describe(request, body, 1));
+    }
+    let data = encode(request, 1 | FLAG_REPLY, body);
+    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid value (null pointers, zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_LEN only computes a length.
+    let data_at = unsafe { libc::CMSG_LEN(0) } as usize;
+    // SAFETY: CMSG_SPACE only computes a length.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let hdr = libc::cmsghdr {
+        cmsg_len: data_at + size_of::<RawFd>(),
+        cmsg_level: libc::SOL_SOCKET,
+        cmsg_type: libc::SCM_RIGHTS,
+    };
+    // SAFETY: `cmsg` is CMSG_SPACE-sized for MAX_FDS descriptors, larger than one header;
+    // write_unaligned has no alignment requirement.
+    unsafe { std::ptr::write_unaligned(cmsg.0.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+    cmsg.0[data_at..data_at + size_of::<RawFd>()].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at one iovec over `data` (read only by the kernel) and at `cmsg`,
+    // both alive for the call; `fd` is open (borrowed for the call).
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n < data.len() {
+        // The descriptor went with the first bytes; the rest as a plain write.
+        let mut s = sock;
+        s.write_all(&data[n..])?;
+    }
+    Ok(())
 }
 
 /// Writes the REPLY_ACK answer to `request`: success, or failure.
