@@ -1579,6 +1579,25 @@ impl Image {
             return Ok(());
         }
         let mut host = entry & OFFSET_MASK;
+        let bad = if entry & ZERO != 0 {
+            Some("the zero flag is reserved in extended L2 entries".to_owned())
+        } else if !host.is_multiple_of(cs) {
+            Some(format!(
+                "data cluster offset {host:#x} is not aligned to a cluster"
+            ))
+        } else if bitmap & (bitmap >> 32) & 0xffff_ffff != 0 {
+            Some("a subcluster is marked both allocated and zero".to_owned())
+        } else if host == 0 && bitmap & 0xffff_ffff != 0 {
+            Some("subclusters are allocated in a cluster without a host offset".to_owned())
+        } else {
+            None
+        };
+        if let Some(d) = bad {
+            return Err(self.corrupt(
+                0,
+                format!("L2 entry {idx} of the table at {off:#x} (guest offset {guest}): {d}"),
+            ));
+        }
         if host != 0 && entry & COPIED == 0 {
             return Err(self.corrupt(
                 0,

@@ -521,3 +521,51 @@ fn extended_l2_writes_allocate_subclusters_and_copy_on_write_only_partial_ones()
     io("read -P 0 196608 65536");
     io("read -P 0x11 262144 65536");
 }
+
+#[test]
+fn a_malformed_extended_l2_entry_fails_writes_with_a_corruption_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        ps,
+        "1M",
+    ]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 1 0 4k", ps])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Find the L2 table (the L1 table's first entry) and mark subcluster 5 of cluster 0
+    // both allocated and zero.
+    let (l2, bitmap_at) = {
+        let img = open(&p, false);
+        let l2 = img.top().l1[0] & OFFSET_MASK;
+        (l2, l2 + 8)
+    };
+    assert_ne!(l2, 0);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, bitmap_at).unwrap();
+    let bm = u64::from_be_bytes(b) | (1 << 5) | (1 << 37);
+    f.write_all_at(&bm.to_be_bytes(), bitmap_at).unwrap();
+    drop(f);
+    let mut img = open(&p, true);
+    let e = img.write(20 << 10, &[7u8; 512]).unwrap_err();
+    assert!(matches!(e, Qcow2Error::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("both allocated and zero"), "{e}");
+    // Reads of the sound subclusters still work.
+    let mut got = vec![0u8; 4096];
+    img.read(0, &mut got).unwrap();
+    assert!(got.iter().all(|&v| v == 1));
+}
