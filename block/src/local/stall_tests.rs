@@ -205,6 +205,9 @@ fn two_queue_throughput() {
         fua: false,
     };
     run(&mut *qb, w, &[&data]).unwrap();
+    // The worker wrote through the page cache: make it durable so the engine's O_DIRECT reads
+    // do not wait for writeback during the first measurement.
+    run(&mut *qb, Request::Flush, &[]).unwrap();
     let secs = 3.0;
     // Warm up (page cache, data path), then measure alone before and after the shared run.
     stream_reads(&mut *qb, 1.0);
