@@ -16,14 +16,19 @@
 //! local copy before it is used, so a driver changing a descriptor under the device can only
 //! hurt its own frames.
 //!
-//! Only for memory without a dirty-page bitmap (`GuestMemoryMmap<()>`): writes through these
-//! pointers are not logged, so a backend using this must not offer `VHOST_F_LOG_ALL`.
+//! While the front end logs dirty pages (live migration), a ring made
+//! [`SplitRing::with_log`] the vring's [`VringLog`] logs what it writes where it publishes it:
+//! [`SplitRing::push_used`] logs the chain's device-writable buffers (walked again: the data
+//! was written into them) and the used element, [`SplitRing::publish`] the used index, the
+//! notification calls the fields they write.
 
 use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU16, Ordering, fence};
 
 use thiserror::Error;
+
+use crate::vhost_user::VringLog;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
@@ -289,6 +294,8 @@ pub struct SplitRing<'m> {
     /// The driver's avail index was more than a queue ahead of the device (see
     /// [`SplitRing::broken_avail`]).
     broken: Option<u16>,
+    /// The dirty log while the front end logs.
+    log: Option<VringLog>,
 }
 
 impl std::fmt::Debug for SplitRing<'_> {
@@ -341,7 +348,15 @@ impl<'m> SplitRing<'m> {
             published: next_used,
             checked: next_used,
             broken: None,
+            log: None,
         })
+    }
+
+    /// Logs every write the ring makes into guest memory in `log` (the vring's
+    /// [`crate::vhost_user::VringState::dirty_log`]; `None`: nothing is logged).
+    pub fn with_log(mut self, log: Option<&VringLog>) -> Self {
+        self.log = log.cloned();
+        self
     }
 
     /// Guest memory as host ranges, for the buffers.
@@ -506,6 +521,16 @@ impl<'m> SplitRing<'m> {
         // element before the index store in `publish` covers it.
         unsafe { at.cast::<[u8; 8]>().write_volatile(elem) };
         self.next_used += Wrapping(1);
+        if let Some(log) = &self.log {
+            let mut descs = Vec::new();
+            // A chain that cannot be walked now was returned without data (or the driver broke
+            // it since): what could be walked is logged.
+            let _ = self.walk(head, &mut descs, usize::from(self.size));
+            for d in descs.iter().filter(|d| d.is_write_only()) {
+                log.buffer(d.addr().0, u64::from(d.len()));
+            }
+            log.used_elem(slot as u16);
+        }
     }
 
     /// Chains returned and not yet published, or published but not yet considered for a
@@ -521,6 +546,9 @@ impl<'m> SplitRing<'m> {
             self.used_u16(2)
                 .store(self.next_used.0.to_le(), Ordering::Release);
             self.published = self.next_used;
+            if let Some(log) = &self.log {
+                log.used_idx();
+            }
         }
     }
 
@@ -552,8 +580,14 @@ impl<'m> SplitRing<'m> {
             let off = 4 + 8 * usize::from(self.size);
             self.used_u16(off)
                 .store(self.next_avail.0.to_le(), Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.avail_event(self.size);
+            }
         } else {
             self.used_u16(0).store(0, Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.used_flags();
+            }
         }
         // The write above before the avail index read (pairs with the driver's barrier between
         // writing the avail index and reading the device's field).
@@ -567,6 +601,9 @@ impl<'m> SplitRing<'m> {
         if !self.event_idx {
             self.used_u16(0)
                 .store(USED_F_NO_NOTIFY.to_le(), Ordering::Relaxed);
+            if let Some(log) = &self.log {
+                log.used_flags();
+            }
         }
     }
 
@@ -591,6 +628,53 @@ mod tests {
         );
         let q = MockQueue::new(&mem, size, 0x10000);
         (mem, q)
+    }
+
+    #[test]
+    fn writes_are_logged_while_the_front_end_logs() {
+        use crate::vhost_user::dirty_log::tests::{bytes, memfd};
+        use crate::vhost_user::{DirtyLog, VringLog};
+        let (mem, mut q) = setup(8);
+        let m = mem.memory().into_inner();
+        let h1 = q.publish(&[(0x1000, 12, 0), (0x2000, 64, 0)]);
+        let h2 = q.publish(&[(0x3000, 16, 0), (0x3800, 0x1000, WRITE)]);
+        let f = memfd(8);
+        let log = VringLog {
+            log: std::sync::Arc::new(DirtyLog::map(&f, 8, 0).unwrap()),
+            used: Some(0x18000),
+        };
+        let mut st = q.vring.get_mut();
+        let mut ring = SplitRing::new(st.get_queue(), &m)
+            .unwrap()
+            .with_log(Some(&log));
+        let mut d = Vec::new();
+        assert!(ring.pop(&mut d, 8).is_some());
+        assert!(ring.pop(&mut d, 8).is_some());
+        ring.push_used(h1, 0);
+        assert_eq!(
+            bytes(&f, 0, 8),
+            [0, 0, 0, 1, 0, 0, 0, 0],
+            "the used element only"
+        );
+        ring.push_used(h2, 0x1000);
+        ring.enable_notification();
+        ring.finish(st.get_queue_mut());
+        // The written buffer (pages 3 and 4; not the read-only ones at pages 1-3) and the
+        // used ring (page 0x18).
+        assert_eq!(bytes(&f, 0, 8), [0b1_1000, 0, 0, 1, 0, 0, 0, 0]);
+        // Without a log nothing is marked.
+        f.set_len(0).unwrap();
+        f.set_len(8).unwrap();
+        let h3 = {
+            drop(st);
+            q.publish(&[(0x5000, 16, WRITE)])
+        };
+        let mut st = q.vring.get_mut();
+        let mut ring = SplitRing::new(st.get_queue(), &m).unwrap();
+        assert!(ring.pop(&mut d, 8).is_some());
+        ring.push_used(h3, 16);
+        ring.finish(st.get_queue_mut());
+        assert_eq!(bytes(&f, 0, 8), [0; 8]);
     }
 
     #[test]

@@ -306,7 +306,7 @@ impl Pair {
     /// started, reset by a front end that went away, or broken: then it is logged).
     fn ring<'m>(&mut self, st: &VringState, mem: &'m Mem, dir: Dir) -> Option<SplitRing<'m>> {
         match SplitRing::new(st.get_queue(), mem) {
-            Ok(r) => Some(r),
+            Ok(r) => Some(r.with_log(st.dirty_log())),
             Err(RingError::NotReady) => None,
             Err(e) => {
                 if self.broken != Some(e) {

@@ -6,8 +6,8 @@
 //! The trait a device implements to be served by the vhost-user handler.
 //!
 //! Forked from vhost-user-backend 0.24.0 (`src/backend.rs`, the interior-mutability
-//! `VhostUserBackend` only). Changed: guest memory has no dirty bitmap (`Bitmap` is gone: no
-//! backend logs dirty pages yet); `exit_event` is gone (each worker thread owns its own wake-up
+//! `VhostUserBackend` only). Changed: guest memory has no dirty bitmap (`Bitmap` is gone: the
+//! handler logs dirty pages itself, see [`super::dirty_log`]); `exit_event` is gone (each worker thread owns its own wake-up
 //! eventfd, closed with it); `set_backend_req_fd` hands the device a [`BackendChannel`] that can
 //! send any back-end message (the library's `Backend` could not send CONFIG_CHANGE_MSG); the
 //! methods for messages no vback device answers (GPU socket, shared objects, device state

@@ -12,14 +12,14 @@ use std::mem::size_of;
 
 use virtio_queue::QueueT;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend};
 
 use super::vring::{VringState, VringT};
 
 /// A request taken from a ring: its head and its descriptors, read from guest memory as the
 /// iterator goes (each one a fresh, bounds-checked read; a malformed chain ends early).
 #[derive(Clone)]
-pub struct Chain<'m, G> {
+pub struct Chain<'m, G: ?Sized> {
     mem: &'m G,
     head: u16,
     desc_table: GuestAddress,
@@ -30,7 +30,7 @@ pub struct Chain<'m, G> {
     bytes: u32,
 }
 
-impl<G> std::fmt::Debug for Chain<'_, G> {
+impl<G: ?Sized> std::fmt::Debug for Chain<'_, G> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Chain")
             .field("head", &self.head)
@@ -39,7 +39,7 @@ impl<G> std::fmt::Debug for Chain<'_, G> {
     }
 }
 
-impl<'m, G: GuestMemoryBackend> Chain<'m, G> {
+impl<'m, G: GuestMemory + ?Sized> Chain<'m, G> {
     /// The chain at `head` of the descriptor table at `desc_table` with `queue_size` entries.
     pub fn new(mem: &'m G, desc_table: GuestAddress, queue_size: u16, head: u16) -> Self {
         Chain {
@@ -65,7 +65,7 @@ impl<'m, G: GuestMemoryBackend> Chain<'m, G> {
     }
 }
 
-impl<G: GuestMemoryBackend> Iterator for Chain<'_, G> {
+impl<G: GuestMemory + ?Sized> Iterator for Chain<'_, G> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {

@@ -33,6 +33,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::Memory;
 use super::backend::VhostUserBackend;
 use super::channel::BackendChannel;
+use super::dirty_log::{DirtyLog, LogError, VringLog};
 use super::event_loop::{VringEpollError, VringEpollHandler};
 use super::inflight::{INFO_LEN, InflightError, InflightInfo, InflightQueue, InflightRegion};
 use super::vring::{VringT, notify};
@@ -44,6 +45,14 @@ pub const MAX_MEM_SLOTS: u64 = 509;
 
 /// The size of the device configuration space a message may address.
 const CONFIG_SPACE: u32 = 0x1000;
+
+/// VHOST_F_LOG_ALL: the front end logs dirty pages (live migration). Offered for every device:
+/// every write a device publishes goes through the logged paths (`VringState::add_used`,
+/// `SplitRing`).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// VHOST_VRING_F_LOG: SET_VRING_ADDR's `log_guest_addr` is valid.
+const VRING_F_LOG: u32 = 1;
 
 /// Why a connection could not be set up.
 #[derive(Debug, Error)]
@@ -201,6 +210,15 @@ pub enum RequestError {
         /// Its front-end address.
         addr: u64,
     },
+    /// New ring addresses for a ring that is running.
+    #[error(
+        "ring {ring}: new ring addresses while the ring runs (only the logging flag may change \
+         then; stop the ring with GET_VRING_BASE first)"
+    )]
+    MovedRunningRing {
+        /// The ring.
+        ring: u32,
+    },
     /// virtio-queue refused the ring.
     #[error("ring {ring}: {source}")]
     Ring {
@@ -277,6 +295,9 @@ pub enum RequestError {
     /// An in-flight region that cannot be used.
     #[error("{0}")]
     Inflight(#[from] InflightError),
+    /// A dirty log region that cannot be used.
+    #[error("{0}")]
+    Log(#[from] LogError),
 }
 
 /// Why a connection ended other than by the front end hanging up.
@@ -356,6 +377,7 @@ fn has_own_reply(request: u32) -> bool {
             | req::GET_CONFIG
             | req::GET_MAX_MEM_SLOTS
             | req::GET_INFLIGHT_FD
+            | req::SET_LOG_BASE
     )
 }
 
@@ -387,6 +409,13 @@ pub struct Connection<T: VhostUserBackend> {
     early_enable: Vec<Option<bool>>,
     /// The in-flight region the front end handed over (SET_INFLIGHT_FD).
     inflight: Option<Arc<InflightRegion>>,
+    /// The dirty log the front end shared (SET_LOG_BASE); logged into while VHOST_F_LOG_ALL
+    /// is acked.
+    log: Option<Arc<DirtyLog>>,
+    /// Each ring's used ring address for logging (SET_VRING_ADDR with VHOST_VRING_F_LOG).
+    log_used: Vec<Option<u64>>,
+    /// The eventfd SET_LOG_FD handed over (kept; QEMU does not send it).
+    log_fd: Option<File>,
 }
 
 impl<T: VhostUserBackend> std::fmt::Debug for Connection<T> {
@@ -433,6 +462,9 @@ where
             acked_protocol_features: 0,
             early_enable: vec![None; num_queues],
             inflight: None,
+            log: None,
+            log_used: vec![None; num_queues],
+            log_fd: None,
         };
         // Should a thread fail to start, dropping `conn` stops those already started.
         for (thread_id, mask) in conn.queues_per_thread.clone().into_iter().enumerate() {
@@ -547,6 +579,8 @@ impl<T: VhostUserBackend> Connection<T> {
                 | req::ADD_MEM_REG
                 | req::REM_MEM_REG
                 | req::SET_INFLIGHT_FD
+                | req::SET_LOG_BASE
+                | req::SET_LOG_FD
         );
         if !may_carry_fds && !m.fds.is_empty() {
             return Err(RequestError::Fds {
@@ -570,6 +604,7 @@ impl<T: VhostUserBackend> Connection<T> {
                 self.acked_features = 0;
                 self.acked_protocol_features = 0;
                 self.early_enable.fill(None);
+                self.update_logging();
                 Ok(Reply::Ack)
             }
             req::RESET_DEVICE => {
@@ -583,12 +618,13 @@ impl<T: VhostUserBackend> Connection<T> {
                 self.features_acked = false;
                 self.acked_features = 0;
                 self.early_enable.fill(None);
+                self.update_logging();
                 self.backend.reset_device();
                 Ok(Reply::Ack)
             }
             req::GET_FEATURES => {
                 body(m, 0)?;
-                Ok(Reply::Body(self.backend.features().to_le_bytes().to_vec()))
+                Ok(Reply::Body(self.offered_features().to_le_bytes().to_vec()))
             }
             req::SET_FEATURES => {
                 let features = u64_body(m)?;
@@ -597,15 +633,13 @@ impl<T: VhostUserBackend> Connection<T> {
             }
             req::GET_PROTOCOL_FEATURES => {
                 body(m, 0)?;
-                let features =
-                    self.backend.protocol_features() | VhostUserProtocolFeatures::REPLY_ACK;
-                Ok(Reply::Body(features.bits().to_le_bytes().to_vec()))
+                Ok(Reply::Body(
+                    self.offered_protocol_features().to_le_bytes().to_vec(),
+                ))
             }
             req::SET_PROTOCOL_FEATURES => {
                 let features = u64_body(m)?;
-                let offered = (self.backend.protocol_features()
-                    | VhostUserProtocolFeatures::REPLY_ACK)
-                    .bits();
+                let offered = self.offered_protocol_features();
                 if features & !offered != 0 {
                     return Err(RequestError::NotOffered {
                         what: "protocol features",
@@ -755,7 +789,62 @@ impl<T: VhostUserBackend> Connection<T> {
                 self.set_inflight(File::from(fd), &info)?;
                 Ok(Reply::Ack)
             }
+            req::SET_LOG_BASE => {
+                self.need_protocol(VhostUserProtocolFeatures::LOG_SHMFD, "LOG_SHMFD")?;
+                let b = body(m, 16)?;
+                let (size, offset) = (u64_at(b, 0).unwrap_or(0), u64_at(b, 8).unwrap_or(0));
+                let fd = single_fd(m)?;
+                let log = DirtyLog::map(&File::from(fd), size, offset)?;
+                log::info!(
+                    "dirty page logging: a {size}-byte log (guest memory up to {:#x}) from the \
+                     front end",
+                    size.saturating_mul(8 * super::dirty_log::LOG_PAGE)
+                );
+                // The mapping stays valid for the rings still using the last one (each holds
+                // it until it is replaced).
+                self.log = Some(Arc::new(log));
+                self.update_logging();
+                // QEMU waits for a reply without a payload (as DPDK answers it).
+                Ok(Reply::Body(Vec::new()))
+            }
+            req::SET_LOG_FD => {
+                self.need_protocol(VhostUserProtocolFeatures::LOG_SHMFD, "LOG_SHMFD")?;
+                body(m, 0)?;
+                self.log_fd = Some(File::from(single_fd(m)?));
+                Ok(Reply::Ack)
+            }
             _ => Err(RequestError::Unsupported),
+        }
+    }
+
+    /// The features offered: the device's, and dirty page logging.
+    fn offered_features(&self) -> u64 {
+        self.backend.features() | VHOST_F_LOG_ALL
+    }
+
+    /// The protocol features offered: the device's, REPLY_ACK, and LOG_SHMFD (the log region
+    /// comes as a descriptor) when the device offers protocol features at all.
+    fn offered_protocol_features(&self) -> u64 {
+        (self.backend.protocol_features()
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD)
+            .bits()
+    }
+
+    /// Whether the front end logs dirty pages now (VHOST_F_LOG_ALL acked, a log shared).
+    pub fn logging(&self) -> bool {
+        self.acked_features & VHOST_F_LOG_ALL != 0 && self.log.is_some()
+    }
+
+    /// Gives every ring the dirty log while logging is on, and takes it away when it is off.
+    fn update_logging(&self) {
+        let log = self.log.as_ref().filter(|_| self.logging());
+        for (index, vring) in self.vrings.iter().enumerate() {
+            let ring_log = log.map(|log| VringLog {
+                log: log.clone(),
+                used: self.log_used[index],
+            });
+            vring.get_mut().set_log(ring_log);
         }
     }
 
@@ -866,7 +955,8 @@ impl<T: VhostUserBackend> Connection<T> {
     }
 
     fn set_features(&mut self, features: u64) -> Result<(), RequestError> {
-        let offered = self.backend.features();
+        let offered = self.offered_features();
+        let was_logging = self.logging();
         if features & !offered != 0 {
             return Err(RequestError::NotOffered {
                 what: "features",
@@ -903,7 +993,15 @@ impl<T: VhostUserBackend> Connection<T> {
             vring.set_queue_event_idx(event_idx);
         }
         self.backend.set_event_idx(event_idx);
-        self.backend.acked_features(features);
+        self.backend.acked_features(features & !VHOST_F_LOG_ALL);
+        if self.logging() != was_logging {
+            log::info!(
+                "dirty page logging {} (VHOST_F_LOG_ALL {})",
+                if self.logging() { "on" } else { "off" },
+                if self.logging() { "acked" } else { "cleared" }
+            );
+        }
+        self.update_logging();
         Ok(())
     }
 
@@ -1041,8 +1139,10 @@ impl<T: VhostUserBackend> Connection<T> {
         let desc = u64_at(b, 8).unwrap_or(0);
         let used = u64_at(b, 16).unwrap_or(0);
         let avail = u64_at(b, 24).unwrap_or(0);
-        let vring = self.vring(ring)?;
-        if flags & !1 != 0 {
+        let log_addr = u64_at(b, 32).unwrap_or(0);
+        let index = self.vring_index(ring)?;
+        let vring = &self.vrings[index];
+        if flags & !VRING_F_LOG != 0 {
             return Err(RequestError::RingFlags { ring, flags });
         }
         for (what, addr, align) in [
@@ -1062,15 +1162,34 @@ impl<T: VhostUserBackend> Connection<T> {
         let desc = self.vmm_va_to_gpa(ring, "descriptor table", desc)?;
         let avail = self.vmm_va_to_gpa(ring, "avail ring", avail)?;
         let used = self.vmm_va_to_gpa(ring, "used ring", used)?;
-        vring
-            .set_queue_info(desc, avail, used)
-            .map_err(|source| RequestError::Ring { ring, source })?;
-        // SET_VRING_BASE restores only the avail index; the used index is whatever the
-        // driver's used ring says (0 after a reboot), as QEMU's libvhost-user does.
-        let idx = vring
-            .queue_used_idx()
-            .map_err(|source| RequestError::Ring { ring, source })?;
-        vring.set_queue_next_used(idx);
+        self.log_used[index] = (flags & VRING_F_LOG != 0).then_some(log_addr);
+        {
+            let mut st = vring.get_mut();
+            let q = st.get_queue();
+            if q.ready() {
+                // QEMU sends the addresses again on a running ring to turn the used ring's
+                // logging on or off (migration starting or ending): only that changes. The
+                // used index stays the device's (requests may be completing right now).
+                if (q.desc_table(), q.avail_ring(), q.used_ring()) != (desc, avail, used) {
+                    return Err(RequestError::MovedRunningRing { ring });
+                }
+            } else {
+                let q = st.get_queue_mut();
+                q.try_set_desc_table_address(GuestAddress(desc))
+                    .and_then(|()| q.try_set_avail_ring_address(GuestAddress(avail)))
+                    .and_then(|()| q.try_set_used_ring_address(GuestAddress(used)))
+                    .map_err(|source| RequestError::Ring { ring, source })?;
+            }
+        }
+        if !vring.get_ref().get_queue().ready() {
+            // SET_VRING_BASE restores only the avail index; the used index is whatever the
+            // driver's used ring says (0 after a reboot), as QEMU's libvhost-user does.
+            let idx = vring
+                .queue_used_idx()
+                .map_err(|source| RequestError::Ring { ring, source })?;
+            vring.set_queue_next_used(idx);
+        }
+        self.update_logging();
         Ok(())
     }
 

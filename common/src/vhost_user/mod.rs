@@ -45,7 +45,12 @@
 //!   power of two, acked features or protocol features that were not offered, and ring bases
 //!   beyond 16 bits are refused; SET_VRING_KICK on a running ring moves the registration to the
 //!   new eventfd.
-//! - **Gone**: dirty-page logging bitmaps (no device logs yet), postcopy, Xen mappings, the GPU
+//! - **Dirty-page logging** without vm-memory's bitmaps: [`DirtyLog`] maps SET_LOG_BASE's
+//!   region and marks pages with atomic ORs, bounds-checked against its size; the writes are
+//!   logged where devices publish them (`VringState::add_used`, `ring::SplitRing`), from the
+//!   chain's device-writable descriptors and the used ring's `log_guest_addr`, so no device
+//!   logs on its own. VHOST_F_LOG_ALL and LOG_SHMFD are offered for every device.
+//! - **Gone**: vm-memory dirty bitmaps, postcopy, Xen mappings, the GPU
 //!   socket, shared objects, device state transfer, shared memory regions, `VringMutex`, the
 //!   `VhostUserBackendMut` variant. Those requests are refused.
 //!
@@ -67,6 +72,7 @@
 
 mod backend;
 mod channel;
+pub mod dirty_log;
 pub mod driver;
 mod event_loop;
 mod handler;
@@ -78,8 +84,11 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use backend::VhostUserBackend;
 pub use channel::{BackendChannel, ChannelError};
+pub use dirty_log::{DirtyLog, LogError, VringLog};
 pub use event_loop::{VringEpollError, VringEpollHandler};
-pub use handler::{Connection, ConnectionError, MAX_MEM_SLOTS, RequestError, SetupError};
+pub use handler::{
+    Connection, ConnectionError, MAX_MEM_SLOTS, RequestError, SetupError, VHOST_F_LOG_ALL,
+};
 pub use vring::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 
 /// The guest memory of a connection, as the devices see it.

@@ -22,6 +22,8 @@ struct Probe {
     events: Arc<Mutex<Vec<u16>>>,
     channel: Arc<Mutex<Option<BackendChannel>>>,
     handovers: Arc<Mutex<usize>>,
+    /// The guest memory, to serve requests with (each completed with 1 byte written).
+    mem: Arc<Mutex<Option<Memory>>>,
 }
 
 impl VhostUserBackend for Probe {
@@ -45,7 +47,8 @@ impl VhostUserBackend for Probe {
         *lock(&self.handovers) += 1;
     }
     fn set_event_idx(&self, _enabled: bool) {}
-    fn update_memory(&self, _mem: Memory) -> std::io::Result<()> {
+    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *lock(&self.mem) = Some(mem);
         Ok(())
     }
     fn set_backend_req_fd(&self, channel: BackendChannel) {
@@ -55,10 +58,24 @@ impl VhostUserBackend for Probe {
         &self,
         device_event: u16,
         _evset: EventSet,
-        _vrings: &[Self::Vring],
+        vrings: &[Self::Vring],
         _thread_id: usize,
     ) -> std::io::Result<()> {
         lock(&self.events).push(device_event);
+        // Completes whatever the driver made available, as a device does (the tests that do
+        // not publish requests see nothing of it).
+        let mem = lock(&self.mem).clone();
+        if let (Some(vring), Some(mem)) = (vrings.get(usize::from(device_event)), mem) {
+            use vm_memory::GuestAddressSpace;
+            let m = mem.memory();
+            let heads: Vec<u16> = std::iter::from_fn(|| driver::pop(vring, &*m))
+                .map(|c| c.head_index())
+                .collect();
+            for head in heads {
+                driver::complete(vring, head, 1).map_err(std::io::Error::other)?;
+            }
+            vring.signal_used_queue()?;
+        }
         Ok(())
     }
 }
@@ -157,7 +174,12 @@ const VA: u64 = 0x7000_0000;
 /// A memory table of one region of 1 MiB at guest address 0, and rings `0..rings` of 8
 /// entries laid out in it, started with a kick and a call each (returned).
 fn set_up_rings(fe: &Raw, rings: u32) -> Vec<(EventFd, EventFd)> {
-    let mem = memfd(1 << 20);
+    set_up_rings_in(fe, rings, &memfd(1 << 20))
+}
+
+/// [`set_up_rings`] in `mem` (1 MiB): ring `r`'s descriptor table at guest address
+/// `0x1_0000 × r`, its avail ring 0x1000 above, its used ring 0x2000 above.
+fn set_up_rings_in(fe: &Raw, rings: u32, mem: &File) -> Vec<(EventFd, EventFd)> {
     let mut table = Vec::new();
     table.extend_from_slice(&1u32.to_le_bytes());
     table.extend_from_slice(&0u32.to_le_bytes());
@@ -536,4 +558,135 @@ fn bad_inflight_regions_are_refused_with_the_reason() {
         let e = t.join().unwrap().unwrap_err().to_string();
         assert!(e.starts_with(&want), "`{e}` is not `{want}`");
     }
+}
+
+/// The SET_VRING_ADDR body of ring 0 as `set_up_rings` lays it out, with `flags` and `log`.
+fn ring0_addr(flags: u32, log: u64, moved: u64) -> Vec<u8> {
+    let mut addr = Vec::new();
+    addr.extend_from_slice(&0u32.to_le_bytes());
+    addr.extend_from_slice(&flags.to_le_bytes());
+    for v in [VA + moved, VA + 0x2000, VA + 0x1000, log] {
+        addr.extend_from_slice(&v.to_le_bytes());
+    }
+    addr
+}
+
+/// Puts descriptor `i` (one device-writable buffer at `gpa` of `len` bytes) on ring 0's avail
+/// ring (slot `i`, avail index `i + 1`) in `mem`, as `set_up_rings_in` laid it out.
+fn publish_write(mem: &File, i: u16, gpa: u64, len: u32) {
+    use std::os::unix::fs::FileExt;
+    let mut d = Vec::new();
+    d.extend_from_slice(&gpa.to_le_bytes());
+    d.extend_from_slice(&len.to_le_bytes());
+    d.extend_from_slice(&2u16.to_le_bytes());
+    d.extend_from_slice(&0u16.to_le_bytes());
+    mem.write_all_at(&d, 16 * u64::from(i)).unwrap();
+    mem.write_all_at(&i.to_le_bytes(), 0x1004 + 2 * u64::from(i))
+        .unwrap();
+    mem.write_all_at(&(i + 1).to_le_bytes(), 0x1002).unwrap();
+}
+
+fn used_idx(mem: &File) -> u16 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 2];
+    mem.read_exact_at(&mut b, 0x2002).unwrap();
+    u16::from_le_bytes(b)
+}
+
+/// The dirty pages in a log bitmap.
+fn dirty_pages(log: &File, bytes: usize) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; bytes];
+    log.read_exact_at(&mut b, 0).unwrap();
+    (0..bytes as u64 * 8)
+        .filter(|p| b[(*p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+#[test]
+fn writes_are_logged_in_the_dirty_log_while_log_all_is_acked() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    let offered = u64::from_le_bytes(fe.get(req::GET_FEATURES).try_into().unwrap());
+    assert_ne!(
+        offered & handler::VHOST_F_LOG_ALL,
+        0,
+        "VHOST_F_LOG_ALL offered"
+    );
+    let pf = u64::from_le_bytes(fe.get(req::GET_PROTOCOL_FEATURES).try_into().unwrap());
+    assert_ne!(pf & VhostUserProtocolFeatures::LOG_SHMFD.bits(), 0);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::LOG_SHMFD);
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(features()), &[]), 0);
+    let mem = memfd(1 << 20);
+    let rings = set_up_rings_in(&fe, 1, &mem);
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(0, 1), &[]), 0);
+
+    // Logging off: a write is not logged.
+    let log = memfd(32);
+    let mut base = Raw::u64(32);
+    base.extend_from_slice(&0u64.to_le_bytes());
+    fe.send(req::SET_LOG_BASE, 1, &base, &[log.as_raw_fd()]);
+    assert!(
+        fe.reply(req::SET_LOG_BASE).is_empty(),
+        "a reply without payload"
+    );
+    publish_write(&mem, 0, 0x5_0000, 0x10);
+    rings[0].0.write(1).unwrap();
+    wait_until("the first request to complete", || used_idx(&mem) == 1);
+    assert_eq!(dirty_pages(&log, 32), Vec::<u64>::new());
+
+    // Migration starts: VHOST_F_LOG_ALL, then the ring addresses again with the used ring's
+    // log address, on the running ring.
+    let on = features() | handler::VHOST_F_LOG_ALL;
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(on), &[]), 0);
+    assert_eq!(
+        fe.ack(req::SET_VRING_ADDR, &ring0_addr(1, 0x2000, 0), &[]),
+        0
+    );
+    // 0x1800 bytes at 0x6_0800: pages 0x60 and 0x61; the used ring: page 2.
+    publish_write(&mem, 1, 0x6_0800, 0x1800);
+    rings[0].0.write(1).unwrap();
+    wait_until("the second request to complete", || used_idx(&mem) == 2);
+    assert_eq!(dirty_pages(&log, 32), vec![2, 0x60, 0x61]);
+
+    // Migration done: logging off again.
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(features()), &[]), 0);
+    publish_write(&mem, 2, 0x7_0000, 0x10);
+    rings[0].0.write(1).unwrap();
+    wait_until("the third request to complete", || used_idx(&mem) == 3);
+    assert_eq!(dirty_pages(&log, 32), vec![2, 0x60, 0x61]);
+
+    // A running ring's addresses cannot move.
+    assert_eq!(
+        fe.ack(req::SET_VRING_ADDR, &ring0_addr(0, 0, 0x100), &[]),
+        1
+    );
+    let e = t.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("while the ring runs"), "{e}");
+}
+
+#[test]
+fn bad_log_regions_are_refused() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    let log = memfd(32);
+    let mut base = Raw::u64(32);
+    base.extend_from_slice(&0u64.to_le_bytes());
+    // Without LOG_SHMFD.
+    fe.send(req::SET_LOG_BASE, 1, &base, &[log.as_raw_fd()]);
+    let e = t.join().unwrap().unwrap_err();
+    assert!(e.to_string().contains("protocol feature LOG_SHMFD"), "{e}");
+
+    // Past the end of its file: refused, nothing mapped.
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::LOG_SHMFD);
+    let mut base = Raw::u64(32);
+    base.extend_from_slice(&8u64.to_le_bytes());
+    fe.send(req::SET_LOG_BASE, 1, &base, &[log.as_raw_fd()]);
+    let e = t.join().unwrap().unwrap_err();
+    assert!(
+        e.to_string().contains("past the end of the 32-byte file"),
+        "{e}"
+    );
 }

@@ -22,6 +22,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use virtio_queue::{Error as VirtQueError, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 
+use super::dirty_log::VringLog;
+use super::driver::Chain;
 use super::inflight::{InflightError, InflightQueue, Replay};
 
 /// Trait for objects returned by `VringT::get_ref()`.
@@ -125,6 +127,9 @@ pub struct VringState<M: GuestAddressSpace> {
     /// Heads to resubmit before taking new ones (oldest first), found in the in-flight region
     /// when the ring started.
     resubmit: VecDeque<u16>,
+    /// The dirty log while the front end logs (VHOST_F_LOG_ALL with SET_LOG_BASE): every
+    /// write published through this state is logged in it.
+    log: Option<VringLog>,
 }
 
 impl<M: GuestAddressSpace> VringState<M> {
@@ -138,6 +143,7 @@ impl<M: GuestAddressSpace> VringState<M> {
             mem,
             inflight: None,
             resubmit: VecDeque::new(),
+            log: None,
         })
     }
 
@@ -159,16 +165,50 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Add an used descriptor into the used queue (and clear its in-flight mark, if tracked:
     /// the last batch's head is recorded before the used index moves, the mark cleared and
     /// the region's used index updated after, as libvhost-user's `vu_queue_push`).
+    ///
+    /// While the front end logs dirty pages, the chain's device-writable buffers (the data a
+    /// device wrote into them, status bytes included) and the used ring's element and index
+    /// are logged: this is the one place every device on this state publishes its writes.
     pub fn add_used(&mut self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
         if let Some(inflight) = &self.inflight {
             inflight.pre_put(desc_index);
         }
+        let slot = self.queue.next_used() & self.queue.size().wrapping_sub(1);
         self.queue
             .add_used(self.mem.memory().deref(), desc_index, len)?;
+        if let Some(log) = &self.log {
+            self.log_buffers(log, desc_index);
+            log.used_elem(slot);
+            log.used_idx();
+        }
         if let Some(inflight) = &self.inflight {
             inflight.post_put(desc_index, self.queue.next_used());
         }
         Ok(())
+    }
+
+    /// Logs every device-writable buffer of chain `head` (whole buffers: a page logged that
+    /// was not written only costs the migration a copy; the descriptors are read again, so a
+    /// driver that changed them meanwhile only harms its own migration).
+    fn log_buffers(&self, log: &VringLog, head: u16) {
+        let mem = self.mem.memory();
+        let table = GuestAddress(self.queue.desc_table());
+        for d in Chain::new(mem.deref(), table, self.queue.size(), head) {
+            if d.is_write_only() {
+                log.buffer(d.addr().0, u64::from(d.len()));
+            }
+        }
+    }
+
+    /// Starts or stops logging this ring's writes.
+    pub(crate) fn set_log(&mut self, log: Option<VringLog>) {
+        self.log = log;
+    }
+
+    /// The dirty log while the front end logs (for devices that write through their own ring
+    /// code, [`crate::ring::SplitRing::with_log`]).
+    pub fn dirty_log(&self) -> Option<&VringLog> {
+        self.log.as_ref()
     }
 
     /// The next head to resubmit, if any (see [`super::driver::pop`]).
@@ -230,12 +270,28 @@ impl<M: GuestAddressSpace> VringState<M> {
 
     /// Enable event notification for queue.
     pub fn enable_notification(&mut self) -> Result<bool, VirtQueError> {
-        self.queue.enable_notification(self.mem.memory().deref())
+        let r = self.queue.enable_notification(self.mem.memory().deref());
+        self.log_notification_fields();
+        r
     }
 
     /// Disable event notification for queue.
     pub fn disable_notification(&mut self) -> Result<(), VirtQueError> {
-        self.queue.disable_notification(self.mem.memory().deref())
+        let r = self.queue.disable_notification(self.mem.memory().deref());
+        self.log_notification_fields();
+        r
+    }
+
+    /// Logs the used ring fields notification suppression writes (the flags without
+    /// EVENT_IDX, `avail_event` with it).
+    fn log_notification_fields(&self) {
+        if let Some(log) = &self.log {
+            if self.queue.event_idx_enabled() {
+                log.avail_event(self.queue.size());
+            } else {
+                log.used_flags();
+            }
+        }
     }
 
     /// Check whether a notification to the guest is needed.
