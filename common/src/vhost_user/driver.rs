@@ -122,6 +122,11 @@ where
 {
     let (desc_table, size) = {
         let q = st.get_queue();
+        // A stopped ring (GET_VRING_BASE) gives nothing, not even a request to resubmit: its
+        // base went to the front end.
+        if !q.ready() {
+            return None;
+        }
         (GuestAddress(q.desc_table()), q.size())
     };
     let head = match st.take_resubmit() {

@@ -80,6 +80,8 @@ pub struct VringEpollHandler<T: VhostUserBackend> {
     /// The thread's vrings registered since the loop last looked (their kicks may have come
     /// before the registration: serve them once without one).
     pending: Mutex<HashSet<u16>>,
+    /// Held while the device handles an event: [`VringEpollHandler::quiesce`] waits for it.
+    busy: Mutex<()>,
 }
 
 impl<T: VhostUserBackend> std::fmt::Debug for VringEpollHandler<T> {
@@ -121,7 +123,15 @@ impl<T: VhostUserBackend> VringEpollHandler<T> {
             wake,
             exit: AtomicBool::new(false),
             pending: Mutex::new(HashSet::new()),
+            busy: Mutex::new(()),
         })
+    }
+
+    /// Waits until the device is not handling an event of this thread (returns at once when it
+    /// is not). A ring stopped before (not ready, its kick unregistered) is not served again:
+    /// after this, nothing of it is in the middle of being served on this thread.
+    pub(crate) fn quiesce(&self) {
+        drop(lock(&self.busy));
     }
 
     /// Makes the event loop return.
@@ -241,6 +251,7 @@ impl<T: VhostUserBackend> VringEpollHandler<T> {
     }
 
     fn device_event(&self, device_event: u16, evset: EventSet) -> Result<(), VringEpollError> {
+        let _busy = lock(&self.busy);
         self.backend
             .handle_event(device_event, evset, &self.vrings, self.thread_id)
             .map_err(|source| VringEpollError::Device {

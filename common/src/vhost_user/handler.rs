@@ -1199,12 +1199,33 @@ impl<T: VhostUserBackend> Connection<T> {
         // "Client must start ring upon receiving a kick (that is, detecting that file
         // descriptor is readable) on the descriptor specified by VHOST_USER_SET_VRING_KICK,
         // and stop ring upon receiving VHOST_USER_GET_VRING_BASE."
+        //
+        // QEMU reads the base to hand it to the destination of a migration (or to a restarted
+        // back end): once it is answered, this back end must not touch the ring again. So:
+        // no new request is taken (not ready, the kick unregistered), a request the worker is
+        // serving right now is finished (quiesce: its event handler returns), and the requests
+        // still in flight in the device are completed (stop_vring: blkback drains its queue)
+        // and their used elements published (and logged) before the reply.
         vring.set_queue_ready(false);
         self.update_vring_registration(vring, index)?;
+        if let Some(worker) = self.worker_of(index) {
+            worker.quiesce();
+        }
         self.backend
             .stop_vring(ring)
             .map_err(RequestError::Device)?;
         let next_avail = vring.queue_next_avail();
+        let used = vring.get_ref().get_queue().next_used();
+        if next_avail != used {
+            log::warn!(
+                "ring {index}: stopped with {} requests taken and not completed (next avail \
+                 {next_avail}, next used {used}); the front end resubmits them only with \
+                 in-flight tracking",
+                next_avail.wrapping_sub(used)
+            );
+        } else {
+            log::debug!("ring {index}: stopped at {next_avail}, every request completed");
+        }
         vring.set_kick(None);
         vring.set_call(None);
         Ok(next_avail)
@@ -1250,6 +1271,15 @@ impl<T: VhostUserBackend> Connection<T> {
             self.update_vring_registration(vring, index)?;
         }
         Ok(())
+    }
+
+    /// The worker thread serving ring `index`.
+    fn worker_of(&self, index: usize) -> Option<&Arc<VringEpollHandler<T>>> {
+        let thread = self
+            .queues_per_thread
+            .iter()
+            .position(|mask| index < 64 && (*mask >> index) & 1 == 1)?;
+        self.workers.get(thread)
     }
 
     /// Adds the ring's kick to its worker's epoll or removes it, after the ring's state: kicks

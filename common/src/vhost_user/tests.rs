@@ -24,6 +24,12 @@ struct Probe {
     handovers: Arc<Mutex<usize>>,
     /// The guest memory, to serve requests with (each completed with 1 byte written).
     mem: Arc<Mutex<Option<Memory>>>,
+    /// While set, a request taken is held (not completed) until it is cleared; `popped`
+    /// counts requests taken.
+    hold: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    popped: Arc<Mutex<usize>>,
+    /// Requests completed.
+    completed: Arc<Mutex<usize>>,
 }
 
 impl VhostUserBackend for Probe {
@@ -71,8 +77,18 @@ impl VhostUserBackend for Probe {
             let heads: Vec<u16> = std::iter::from_fn(|| driver::pop(vring, &*m))
                 .map(|c| c.head_index())
                 .collect();
+            *lock(&self.popped) += heads.len();
+            let (held, cv) = &*self.hold;
+            let mut h = lock(held);
+            while *h && !heads.is_empty() {
+                h = cv
+                    .wait(h)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            drop(h);
             for head in heads {
                 driver::complete(vring, head, 1).map_err(std::io::Error::other)?;
+                *lock(&self.completed) += 1;
             }
             vring.signal_used_queue()?;
         }
@@ -689,4 +705,45 @@ fn bad_log_regions_are_refused() {
         e.to_string().contains("past the end of the 32-byte file"),
         "{e}"
     );
+}
+
+#[test]
+fn get_vring_base_answers_after_the_request_being_served_completes() {
+    let probe = Probe::default();
+    let (fe, t) = start(&probe);
+    negotiate_protocol(&fe, VhostUserProtocolFeatures::empty());
+    assert_eq!(fe.ack(req::SET_FEATURES, &Raw::u64(features()), &[]), 0);
+    let mem = memfd(1 << 20);
+    let rings = set_up_rings_in(&fe, 1, &mem);
+    assert_eq!(fe.ack(req::SET_VRING_ENABLE, &Raw::state(0, 1), &[]), 0);
+    *lock(&probe.hold.0) = true;
+    publish_write(&mem, 0, 0x5_0000, 0x10);
+    rings[0].0.write(1).unwrap();
+    wait_until("the device to take the request", || {
+        *lock(&probe.popped) == 1
+    });
+    // The device is in the middle of the request: the ring stops, and the base the front end
+    // gets (the next avail index, 1) is final only once the request is on the used ring.
+    fe.send(req::GET_VRING_BASE, 1, &Raw::state(0, 0), &[]);
+    let hold = probe.hold.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        *lock(&hold.0) = false;
+        hold.1.notify_all();
+    });
+    let base = fe.reply(req::GET_VRING_BASE);
+    assert_eq!(
+        *lock(&probe.completed),
+        1,
+        "the reply came before the request being served completed"
+    );
+    assert_eq!(base, Raw::state(0, 1));
+    assert_eq!(used_idx(&mem), 1);
+    release.join().unwrap();
+    // The stopped ring takes nothing more.
+    publish_write(&mem, 1, 0x6_0000, 0x10);
+    rings[0].0.write(1).unwrap();
+    drop(fe);
+    assert!(t.join().unwrap().is_ok());
+    assert_eq!(*lock(&probe.popped), 1);
 }
