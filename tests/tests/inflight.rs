@@ -10,69 +10,17 @@
 //! rewound ring makes the new daemon serve the second read again and never the write; with it,
 //! the write is resubmitted and every request completes exactly once.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use vback_tests::frontend::RestartableBlk;
 use vback_tests::frontend::restartable_layout::{data, head};
+use vback_tests::loopfs::LoopFs;
 use vback_tests::process::{Daemon, blkback};
 
 const IN: u32 = 0;
 const OUT: u32 = 1;
 const WAIT: Duration = Duration::from_secs(30);
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A small ext4 filesystem on a loop device, mounted noatime; thawed and unmounted on drop.
-struct LoopFs {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl LoopFs {
-    fn mount() -> LoopFs {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("fs.img");
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop,noatime"])
-            .arg(&img)
-            .arg(&mnt));
-        LoopFs { dir, mnt }
-    }
-
-    fn freeze(&self, on: bool) {
-        let how = if on { "--freeze" } else { "--unfreeze" };
-        run(Command::new("fsfreeze").arg(how).arg(&self.mnt));
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("--unfreeze")
-            .arg(&self.mnt)
-            .output();
-        let _ = Command::new("umount").arg(&self.mnt).output();
-    }
-}
 
 fn start(sock: &Path, image: &Path, inflight: bool, log: &Path) -> Daemon {
     let disk = format!("file:{}", image.display());
@@ -97,10 +45,10 @@ struct Outcome {
 /// restart, one more read (3); returns once four used elements are there.
 fn crash_with_a_write_in_flight(inflight: bool) -> Outcome {
     let fs = LoopFs::mount();
-    let image = fs.mnt.join("disk.raw");
+    let image = fs.mnt().join("disk.raw");
     std::fs::write(&image, vec![0x11u8; 1 << 20]).unwrap();
-    let sock = fs.dir.path().join("blk.sock");
-    let log1 = fs.dir.path().join("b1.log");
+    let sock = fs.dir().join("blk.sock");
+    let log1 = fs.dir().join("b1.log");
     let mut d = start(&sock, &image, inflight, &log1);
     let mut fe = RestartableBlk::new();
     assert_eq!(
@@ -134,7 +82,7 @@ fn crash_with_a_write_in_flight(inflight: bool) -> Outcome {
     d.kill();
     fe.disconnect();
 
-    let log2 = fs.dir.path().join("b2.log");
+    let log2 = fs.dir().join("b2.log");
     let d2 = start(&sock, &image, inflight, &log2);
     assert_eq!(fe.connect(&sock, true), inflight);
     fe.submit(3, IN, 192);
