@@ -121,6 +121,32 @@ pub mod blk_layout {
     pub const DATA: u64 = 0x10000;
 }
 
+/// Shares `mem` (all of it, at guest address 0) and starts queue 0 in [`blk_layout`]'s rings
+/// at avail index `base`, with `call` and `kick`.
+fn start_queue0(fe: &mut Frontend, mem: &SharedMemory, base: u16, call: &EventFd, kick: &EventFd) {
+    use blk_layout::*;
+    fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
+    let va = mem.addr() as u64;
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: va + DESC,
+            used_ring_addr: va + USED,
+            avail_ring_addr: va + AVAIL,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+}
+
 /// Descriptor flag: the device writes this buffer.
 pub const DESC_WRITE: u16 = 2;
 
@@ -148,28 +174,9 @@ impl BlkDriver {
         fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
             .unwrap();
         let mem = SharedMemory::new(MEM);
-        fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
-        let va = mem.addr() as u64;
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: va + DESC,
-                used_ring_addr: va + USED,
-                avail_ring_addr: va + AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(0, 0).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        fe.set_vring_enable(0, true).unwrap();
+        start_queue0(&mut fe, &mem, 0, &call, &kick);
         BlkDriver {
             _fe: fe,
             kick,
@@ -257,7 +264,7 @@ pub struct RestartableBlk {
 /// [`RestartableBlk`]'s layout: queue size, and where request `n`'s parts live.
 pub mod restartable_layout {
     /// Queue size (each request takes 3 descriptors: 5 requests at once).
-    pub const QSIZE: u16 = 16;
+    pub const QSIZE: u16 = super::blk_layout::QSIZE;
     /// Request `n`'s header.
     pub fn header(n: u16) -> u64 {
         0x3000 + 0x20 * u64::from(n)
@@ -324,29 +331,9 @@ impl RestartableBlk {
             fe.set_inflight_fd(info, file.as_raw_fd())
                 .expect("SET_INFLIGHT_FD");
         }
-        fe.set_mem_table(&[self.mem.info(0, blk_layout::MEM)])
-            .unwrap();
-        let va = self.mem.addr() as u64;
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: va + blk_layout::DESC,
-                used_ring_addr: va + blk_layout::USED,
-                avail_ring_addr: va + blk_layout::AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
         // What QEMU does after its back end died: the avail index it cannot know is rewound to
         // the used index.
-        fe.set_vring_base(0, self.used_idx()).unwrap();
-        fe.set_vring_call(0, &self.call).unwrap();
-        fe.set_vring_kick(0, &self.kick).unwrap();
-        fe.set_vring_enable(0, true).unwrap();
+        start_queue0(&mut fe, &self.mem, self.used_idx(), &self.call, &self.kick);
         self.fe = Some(fe);
         tracked
     }

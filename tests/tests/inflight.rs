@@ -154,22 +154,56 @@ fn requests_in_flight_at_a_crash_complete_once_with_tracking_and_are_lost_withou
     );
 }
 
-/// Kills a backend with SIGKILL and starts it again, `times` times, `every` apart, from a
-/// host action while the guest works.
-fn kill_and_restart(
-    daemon: std::sync::Arc<std::sync::Mutex<Daemon>>,
-    restart: impl Fn(u32) -> Daemon + Send + 'static,
-    times: u32,
-    every: Duration,
-) -> impl FnMut() + Send + 'static {
-    move || {
-        for round in 1..=times {
-            std::thread::sleep(every);
-            let mut d = daemon.lock().unwrap();
-            d.kill();
-            *d = restart(round);
+/// A guest on a vhost-user device whose chardev reconnects, served by daemon `bin` started
+/// with `args` on a socket in `dir`: when the script prints `VBACK-HOST:kills`, the daemon is
+/// SIGKILLed and started again `kills` times, 4 s apart. Each start logs to
+/// `{prefix}{n}.log` in `dir`.
+fn guest_across_kills(
+    dir: &Path,
+    bin: &'static str,
+    args: Vec<String>,
+    kills: u32,
+    script: &str,
+) -> vback_tests::GuestRun {
+    let sock = dir.join(format!("{bin}.sock"));
+    let start = {
+        let (sock, dir) = (sock.clone(), dir.to_owned());
+        move |round: u32| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            vback_tests::process::vback_daemon(
+                bin,
+                &sock,
+                &args,
+                &dir.join(format!("{bin}{round}.log")),
+            )
+            .unwrap()
         }
-    }
+    };
+    let daemon = std::sync::Arc::new(std::sync::Mutex::new(start(0)));
+    let held = daemon.clone();
+    let guest = vback_tests::Guest::new();
+    let guest = if bin == "cdrom" {
+        guest.vhost_scsi(&sock, "")
+    } else {
+        guest.vhost_blk(&sock, "")
+    };
+    let run = guest
+        .reconnect_ms(200)
+        .timeout(Duration::from_secs(240))
+        .on_host("kills", move || {
+            for round in 1..=kills {
+                std::thread::sleep(Duration::from_secs(4));
+                let mut d = held.lock().unwrap();
+                d.kill();
+                *d = start(round);
+            }
+        })
+        .run(script)
+        .unwrap_or_else(|e| panic!("the guest did not finish: {e}\n{}", logs(dir, bin, kills)));
+    eprintln!("{}", run.summary());
+    assert_handed_over(dir, bin, kills);
+    drop(daemon);
+    run
 }
 
 /// Every log of a killed-and-restarted daemon, for failure messages.
@@ -204,49 +238,27 @@ fn assert_handed_over(dir: &Path, prefix: &str, n: u32) {
 fn fio_across_kills(disk: impl Fn(&Path) -> String) -> tempfile::TempDir {
     const KILLS: u32 = 5;
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
-    let sock = d.join("blk.sock");
-    let disk = disk(&d);
-    let start = {
-        let (sock, d, disk) = (sock.clone(), d.clone(), disk.clone());
-        move |round: u32| {
-            blkback(
-                &sock,
-                &["--disk", &disk],
-                &d.join(format!("blk{round}.log")),
-            )
-            .unwrap()
-        }
-    };
-    let daemon = std::sync::Arc::new(std::sync::Mutex::new(start(0)));
-    let run = vback_tests::Guest::new()
-        .vhost_blk(&sock, "")
-        .reconnect_ms(200)
-        .timeout(Duration::from_secs(240))
-        .on_host(
-            "kills",
-            kill_and_restart(daemon.clone(), start, KILLS, Duration::from_secs(4)),
-        )
-        .run(
-            r#"
+    let d = dir.path();
+    let args = vec!["--disk".to_owned(), disk(d)];
+    let run = guest_across_kills(
+        d,
+        "blkback",
+        args,
+        KILLS,
+        r#"
 check fio 'wait_dev /dev/vda && echo VBACK-HOST:kills && fio --name=v --filename=/dev/vda \
   --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k --size=32M \
   --time_based --runtime=35 --verify=crc32c --verify_fatal=1 --verify_backlog=256 \
   --randrepeat=0 --output-format=terse >/tmp/fio.out; st=$?; \
   cut -d";" -f5,6 /tmp/fio.out; echo fio-status=$st'
 "#,
-        )
-        .unwrap_or_else(|e| panic!("the guest did not finish: {e}\n{}", logs(&d, "blk", KILLS)));
-    eprintln!("{}", run.summary());
-    let out = &run.check("fio").output;
+    );
     assert!(
-        out.contains("fio-status=0"),
+        run.check("fio").output.contains("fio-status=0"),
         "fio failed across the kills:\n{}\n{}",
         run.summary(),
-        logs(&d, "blk", KILLS)
+        logs(d, "blkback", KILLS)
     );
-    assert_handed_over(&d, "blk", KILLS);
-    drop(daemon);
     dir
 }
 
@@ -327,46 +339,24 @@ fn cdrom_reads_survive_three_kills_with_the_same_md5() {
         .next()
         .unwrap()
         .to_owned();
-    let sock = d.join("cd.sock");
-    let cd = format!("tap:cdrom:{}", iso.display());
-    let start = {
-        let (sock, d, cd) = (sock.clone(), d.clone(), cd.clone());
-        move |round: u32| {
-            vback_tests::process::vback_daemon(
-                "cdrom",
-                &sock,
-                &["--disk", &cd],
-                &d.join(format!("cd{round}.log")),
-            )
-            .unwrap()
-        }
-    };
-    let daemon = std::sync::Arc::new(std::sync::Mutex::new(start(0)));
-    let run = vback_tests::Guest::new()
-        .vhost_scsi(&sock, "")
-        .reconnect_ms(200)
-        .timeout(Duration::from_secs(240))
-        .on_host(
-            "kills",
-            kill_and_restart(daemon.clone(), start, KILLS, Duration::from_secs(4)),
-        )
-        .run(
-            r#"
+    let args = vec!["--disk".to_owned(), format!("tap:cdrom:{}", iso.display())];
+    let run = guest_across_kills(
+        &d,
+        "cdrom",
+        args,
+        KILLS,
+        r#"
 check reads 'wait_dev /dev/sr0 && echo VBACK-HOST:kills && i=0; end=$(( $(date +%s) + 25 )); \
   while [ $(date +%s) -lt $end ]; do \
     dd if=/dev/sr0 bs=64k iflag=direct 2>/dev/null | md5sum | cut -d" " -f1; i=$((i+1)); \
   done; echo rounds=$i'
 "#,
-        )
-        .unwrap_or_else(|e| panic!("the guest did not finish: {e}\n{}", logs(&d, "cd", KILLS)));
-    eprintln!("{}", run.summary());
+    );
     let out = &run.check("reads").output;
     let sums: Vec<&str> = out.lines().filter(|l| l.len() == 32).collect();
     assert!(
         sums.len() >= 2 && sums.iter().all(|s| *s == md5),
         "every read of the disc has its md5 {md5}:\n{out}\n{}",
-        logs(&d, "cd", KILLS)
+        logs(&d, "cdrom", KILLS)
     );
-    assert_handed_over(&d, "cd", KILLS);
-    drop(daemon);
 }

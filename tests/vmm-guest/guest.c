@@ -141,17 +141,25 @@ static void vq_post(struct vq *q, u16 head, int n, void **bufs, u32 *lens, u16 *
 
 static void vq_kick(struct vq *q) { R(q->base, 0x50) = q->index; }
 
-/* Waits for one used element; returns its length or -1 on timeout. */
-static long vq_wait(struct vq *q) {
-    for (u64 i = 0; i < SPIN; i++) {
+/* Waits up to `spins` polls for one used element; returns its length (its id in *id), or -1
+   on timeout. */
+static long vq_take(struct vq *q, u64 spins, u32 *id) {
+    for (u64 i = 0; i < spins; i++) {
         if (*(volatile u16 *)&q->r->used_idx != q->last_used) {
             mb();
             u32 len = q->r->used[q->last_used % QSIZE].len;
+            *id = q->r->used[q->last_used % QSIZE].id;
             q->last_used++;
             return len;
         }
     }
     return -1;
+}
+
+/* Waits for one used element; returns its length or -1 on timeout. */
+static long vq_wait(struct vq *q) {
+    u32 id;
+    return vq_take(q, SPIN, &id);
 }
 
 /* ---- virtio-blk ---- */
@@ -288,19 +296,6 @@ static struct blk_req ireq[2];
 static u8 istatus[2];
 static u8 ibuf[2][512];
 
-/* Waits for one used element; returns its id, or 0xffff after `spins` polls. */
-static u32 vq_wait_id(struct vq *q, u64 spins) {
-    for (u64 i = 0; i < spins; i++) {
-        if (*(volatile u16 *)&q->r->used_idx != q->last_used) {
-            mb();
-            u32 id = q->r->used[q->last_used % QSIZE].id;
-            q->last_used++;
-            return id;
-        }
-    }
-    return 0xffff;
-}
-
 static void wait_serial_byte(void) {
     while (!(inb(0x3fd) & 1)) {}
     (void)inb(0x3f8);
@@ -321,12 +316,14 @@ static void blk_inflight_round(void) {
     u16 rf[3] = {0, 2, 2};
     vq_post(q, 3, 3, r, lens, rf);
     vq_kick(q);
-    u32 first = vq_wait_id(q, SPIN * 20);
+    u32 first = 0xffff;
+    vq_take(q, SPIN * 20, &first);
     puts("INFLIGHT first used "); putd(first); puts("\n");
     result("blk-inflight-read-first", first == 3 && istatus[1] == 0 && istatus[0] == 0xff);
     puts("WAITING-RESTART\n");
     wait_serial_byte();
-    u32 second = vq_wait_id(q, SPIN * 20);
+    u32 second = 0xffff;
+    vq_take(q, SPIN * 20, &second);
     puts("INFLIGHT second used "); putd(second); puts("\n");
     result("blk-inflight-write-completed", second == 0 && istatus[0] == 0);
     memset8(rbuf, 0, 512);
