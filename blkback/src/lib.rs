@@ -26,7 +26,8 @@ use vback_block::disk::{DiskError, DiskOptions};
 use vback_block::engine::EngineChoice;
 use vback_block::lock::LockMode;
 use vback_block::{BlockError, open_backend};
-use vback_common::spec::{DiskMode, DiskUname};
+use vback_common::hotplug::{Hotplug, HotplugError};
+use vback_common::spec::{DiskMode, DiskUname, ImageFormat};
 use vback_common::{CommonArgs, Daemon, DaemonError, DeviceInfo};
 
 use crate::control::BlkControl;
@@ -39,7 +40,8 @@ use crate::worker::{Device, Worker};
 pub const INFO: DeviceInfo = DeviceInfo {
     name: "blkback",
     vhost_type: "block",
-    features: &[],
+    // QEMU's VHostUserBackendBlockFeature: `--read-only` and `--blk-file PATH` are accepted.
+    features: &["read-only", "blk-file"],
 };
 
 /// A validated configuration.
@@ -66,8 +68,58 @@ pub struct Config {
     /// qcow2 images: metadata cache size and backing chain policy (`writable` is set from
     /// `mode`).
     pub qcow2: vback_block::qcow2::OpenOptions,
+    /// The vbd hotplug script (`script=` in the disk entry), run with `add` before the disk is
+    /// opened and `remove` after it is closed.
+    pub script: Option<Hotplug>,
     /// Daemon options.
     pub common: CommonArgs,
+}
+
+/// The environment a vbd hotplug script gets, as Xen's block scripts read it from the store:
+/// `params` (the path, or what follows the uname's prefix), `type` (`phy`, `file`, `qcow2`,
+/// ...), `uname`, `mode` (`r`, `w`, `w!`), `vdev` and `domain` when known.
+pub fn script_env(
+    uname: &DiskUname,
+    mode: DiskMode,
+    vdev: Option<&str>,
+    domain: Option<&str>,
+) -> Vec<(String, String)> {
+    let (kind, params) = match uname {
+        DiskUname::Phy(p) => ("phy", p.display().to_string()),
+        DiskUname::Image { format, path } => (
+            match format {
+                ImageFormat::Raw => "file",
+                ImageFormat::Qcow2 => "qcow2",
+                ImageFormat::Vmdk => "vmdk",
+            },
+            path.display().to_string(),
+        ),
+        DiskUname::Cdrom(p) => ("cdrom", p.display().to_string()),
+        DiskUname::Null { size } => ("null", size.to_string()),
+        DiskUname::Iscsi { .. } => ("iscsi", uname_params(uname)),
+        DiskUname::Nbd(_) => ("nbd", uname_params(uname)),
+        DiskUname::Npiv { .. } => ("npiv", uname_params(uname)),
+    };
+    let mut env = vec![
+        ("params".to_owned(), params),
+        ("type".to_owned(), kind.to_owned()),
+        ("uname".to_owned(), uname.to_string()),
+        ("mode".to_owned(), mode.to_string()),
+    ];
+    if let Some(v) = vdev {
+        env.push(("vdev".to_owned(), v.to_owned()));
+    }
+    if let Some(d) = domain {
+        env.push(("domain".to_owned(), d.to_owned()));
+    }
+    env
+}
+
+/// What follows a uname's `kind:` prefix.
+fn uname_params(uname: &DiskUname) -> String {
+    let s = uname.to_string();
+    s.split_once(':')
+        .map_or(s.clone(), |(_, rest)| rest.to_owned())
 }
 
 /// Why blkback could not run.
@@ -85,6 +137,9 @@ pub enum Error {
     /// The daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// The vbd hotplug script refused the disk (`error` or `busy`); the disk was not opened.
+    #[error("{0}; the disk was not opened")]
+    Hotplug(#[from] HotplugError),
 }
 
 /// Opens the disk and builds the backend (without serving it).
@@ -161,9 +216,26 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
     Ok(backend)
 }
 
-/// Opens the disk and serves it until SIGTERM/SIGINT.
+/// Runs the hotplug script's `add`, opens the disk and serves it until SIGTERM/SIGINT, then
+/// closes the disk and runs `remove` (also when opening or serving failed after `add`).
 pub fn run(config: Config) -> Result<(), Error> {
-    let backend = build(&config)?;
+    if let Some(h) = &config.script {
+        h.run("add")?;
+        log::info!("{} add: connected", h.path.display());
+    }
+    let served = serve(&config);
+    if let Some(h) = &config.script {
+        match h.run("remove") {
+            Ok(_) => log::info!("{} remove: done", h.path.display()),
+            Err(e) => log::error!("{e}"),
+        }
+    }
+    served
+}
+
+/// Opens the disk and serves it; the disk is closed when this returns.
+fn serve(config: &Config) -> Result<(), Error> {
+    let backend = build(config)?;
     let control = Arc::new(BlkControl::new(backend.clone()));
     let b2 = backend.clone();
     let daemon =

@@ -21,8 +21,28 @@ struct Args {
     /// without I/O, for measuring the backend); or a whole Xen disk entry UNAME,VDEV,MODE (such
     /// as tap:aio:/img,xvda,r), whose mode is used. The format always comes from the prefix; a
     /// bare path is refused. (tap:vmdk:, iscsi:, nbd: are parsed but not served yet.)
-    #[arg(long, value_name = "UNAME", value_parser = DiskArg::parse, required_unless_present = "print_capabilities")]
+    /// A disk entry may end in xl's `script=NAME`: the vbd hotplug script run with `add` before
+    /// the disk is opened and `remove` after it is closed (see below).
+    #[arg(long, value_name = "UNAME", value_parser = DiskArg::parse, required_unless_present_any = ["print_capabilities", "blk_file"], conflicts_with = "blk_file")]
     disk: Option<DiskArg>,
+
+    /// A raw image or host block device to serve: the same as --disk file:PATH, or --disk
+    /// phy:PATH for a block device (QEMU's vhost-user.json convention, for management tools
+    /// that start vhost-user-blk backends).
+    #[arg(long, value_name = "PATH")]
+    blk_file: Option<std::path::PathBuf>,
+
+    /// Serve the disk read-only: the same as --mode r (QEMU's vhost-user.json convention).
+    #[arg(long, conflicts_with = "mode")]
+    read_only: bool,
+
+    /// Where hotplug scripts named in `script=` are found (`script=/path` is used as is).
+    #[arg(long, value_name = "DIR", env = "VBACK_SCRIPT_DIR", default_value = vback_common::hotplug::DEFAULT_SCRIPT_DIR)]
+    script_dir: std::path::PathBuf,
+
+    /// The guest's domain name or number, passed to the hotplug script as $domain.
+    #[arg(long, value_name = "NAME|ID")]
+    domain: Option<String>,
 
     /// Access mode: r (read-only: the guest sees a read-only disk, other readers may share the
     /// image), w (writable, exclusive: a second writer, blkback or QEMU, is refused), or w!
@@ -111,6 +131,12 @@ enum Engine {
 const AFTER_HELP: &str = "\
 Control commands (--control PATH, or `vbctl`): status, stats, resize [size=SIZE].
 
+Hotplug scripts (a disk entry ending in script=NAME, e.g. phy:/dev/vg0/alice,xvda,w,script=block):
+blkback runs `SCRIPT add` before it opens the disk and `SCRIPT remove` after it closes it (also
+when it stops on SIGTERM), with params, type, uname, mode, vdev and domain in the environment.
+Exit status 0 means connected; otherwise, or when the script prints hotplug-status=busy or
+hotplug-status=error on stdout, blkback does not start and reports the script's last stderr line.
+
 Examples:
   blkback --socket /run/vback/alice-xvda.sock --control /run/vback/alice-xvda.ctl \\
           --disk tap:aio:/var/lib/xen/images/alice/disk0
@@ -138,24 +164,56 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     if args.common.print_capabilities {
         println!("{}", blkback::INFO.capabilities_json());
         return ExitCode::SUCCESS;
     }
     init_logging(args.common.log_level);
-    let Some(disk) = args.disk else {
-        eprintln!("blkback: --disk is required");
-        return ExitCode::from(2);
+    let disk = match (args.disk, args.blk_file) {
+        (Some(d), _) => d,
+        (None, Some(path)) => DiskArg {
+            // A host block device is phy:, anything else a raw image (file:).
+            uname: if std::fs::metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            {
+                vback_common::spec::DiskUname::Phy(path)
+            } else {
+                vback_common::spec::DiskUname::Image {
+                    format: vback_common::spec::ImageFormat::Raw,
+                    path,
+                }
+            },
+            vdev: None,
+            mode: None,
+            script: None,
+        },
+        (None, None) => {
+            eprintln!("blkback: --disk or --blk-file is required");
+            return ExitCode::from(2);
+        }
     };
-    let mode = match disk.mode_with(args.mode, DiskMode::ReadWrite) {
+    let option_mode = if args.read_only {
+        Some(DiskMode::ReadOnly)
+    } else {
+        args.mode
+    };
+    let mode = match disk.mode_with(option_mode, DiskMode::ReadWrite) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("blkback: {e}");
             return ExitCode::from(2);
         }
     };
+    let script = disk.script.as_deref().map(|name| {
+        let vdev = disk.vdev.as_ref().map(ToString::to_string);
+        vback_common::hotplug::Hotplug {
+            path: vback_common::hotplug::Hotplug::resolve(name, &args.script_dir),
+            env: blkback::script_env(&disk.uname, mode, vdev.as_deref(), args.domain.as_deref()),
+        }
+    });
     let config = blkback::Config {
+        script,
         disk: disk.uname,
         mode,
         queues: args.queues,

@@ -7,12 +7,16 @@
 //!   submit per batch. Short transfers are resubmitted, buffers O_DIRECT refuses go through the
 //!   page cache, discard and write-zeroes are `fallocate` (files) or `BLKDISCARD`/`BLKZEROOUT`
 //!   (devices, synchronous). qcow2: requests on allocated data clusters go to the engine like
-//!   raw ones (one host extent, or up to [`MAX_PIECES`] one after the other); everything else
-//!   (allocation, backing and compressed reads, flush, discard) runs synchronously inside
-//!   [`BlockQueue::queue`] under the image's lock, as before this interface existed.
+//!   raw ones (one host extent, or up to [`MAX_PIECES`] one after the other), mapped through the
+//!   image's [`DataPath`] (a lookup under a short lock, no I/O); everything else (allocation,
+//!   backing, compressed and zero reads, flush, discard, write-zeroes) goes to the image's
+//!   metadata worker ([`meta`]), which completes it through the queue's eventfd: a queue never
+//!   waits for metadata, nor for another queue's.
+
+mod meta;
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vback_common::sync::lock;
 
@@ -23,11 +27,10 @@ use crate::backend::{
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, Engine, EngineChoice, Op, Submit, open_engine};
 use crate::error::{BlockError, ErrorKind, Operation};
+use crate::qcow2::DataPath;
+use meta::{Job, JobKind, MetaPort, MetaWorker};
 
-/// Largest bounce buffer of the qcow2 synchronous path.
-const SYNC_CHUNK: u64 = 1 << 20;
-
-/// Most host pieces a qcow2 request is split into on the engine (more: synchronous path).
+/// Most host pieces a qcow2 request is split into on the engine (more: the metadata worker).
 pub const MAX_PIECES: usize = 16;
 
 /// A disk on this host, served through the I/O engine.
@@ -35,15 +38,30 @@ pub const MAX_PIECES: usize = 16;
 pub struct LocalBackend {
     disk: Arc<Disk>,
     engine: EngineChoice,
+    /// qcow2: the data path's mapping, and the metadata worker (started with the first queue).
+    qcow2: Option<(Arc<DataPath>, SharedWorker)>,
 }
+
+/// The metadata worker of a qcow2 disk, once started.
+type SharedWorker = Mutex<Option<Arc<MetaWorker>>>;
 
 impl LocalBackend {
     /// Serves `disk`, with queues on `engine`.
     pub fn new(disk: Disk, engine: EngineChoice) -> LocalBackend {
+        let qcow2 = disk
+            .qcow2
+            .as_ref()
+            .map(|img| (Arc::new(lock(img).data_path()), Mutex::new(None)));
         LocalBackend {
             disk: Arc::new(disk),
             engine,
+            qcow2,
         }
+    }
+
+    /// The qcow2 data path's mapping (qcow2 disks).
+    pub fn data_path(&self) -> Option<&DataPath> {
+        self.qcow2.as_ref().map(|q| &*q.0)
     }
 
     /// The disk.
@@ -109,9 +127,33 @@ impl BlockBackend for LocalBackend {
         let Some(files) = &self.disk.files else {
             return Ok(Box::new(NullQueue::new(depth)));
         };
-        let engine = open_engine(files, depth.saturating_mul(2).max(2), self.engine)
-            .map_err(|e| BlockError::io(Operation::Open, e).at_path(path_of(&self.disk.uname)))?;
-        Ok(Box::new(LocalQueue::new(self.disk.clone(), engine, depth)))
+        let open_err = |e: std::io::Error| {
+            BlockError::io(Operation::Open, e).at_path(path_of(&self.disk.uname))
+        };
+        let engine =
+            open_engine(files, depth.saturating_mul(2).max(2), self.engine).map_err(open_err)?;
+        let mut q = LocalQueue::new(self.disk.clone(), engine, depth);
+        if let Some((dp, worker)) = &self.qcow2 {
+            let mut w = lock(worker);
+            let worker = match &*w {
+                Some(w) => w.clone(),
+                None => {
+                    let started = Arc::new(
+                        MetaWorker::start(self.disk.clone(), dp.clone()).map_err(open_err)?,
+                    );
+                    *w = Some(started.clone());
+                    started
+                }
+            };
+            let port = Arc::new(MetaPort::new(q.engine.notify_fd()).map_err(open_err)?);
+            q.qcow2 = Some(Qcow2Route {
+                dp: dp.clone(),
+                worker,
+                port,
+                in_flight: 0,
+            });
+        }
+        Ok(Box::new(q))
     }
 }
 
@@ -216,10 +258,21 @@ struct Slot {
     all_iov: Vec<libc::iovec>,
 }
 
+/// A qcow2 queue's routes: the data path's mapping, and the metadata worker with the queue's
+/// mailbox.
+struct Qcow2Route {
+    dp: Arc<DataPath>,
+    worker: Arc<MetaWorker>,
+    port: Arc<MetaPort>,
+    /// Jobs sent to the worker whose results were not taken yet.
+    in_flight: usize,
+}
+
 /// A queue on a raw file, a block device or a qcow2 image: its own engine and request slots.
 pub struct LocalQueue {
     disk: Arc<Disk>,
     engine: Box<dyn Engine>,
+    qcow2: Option<Qcow2Route>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Finished without the engine (synchronous paths, errors), not yet reaped: slot, result.
@@ -250,6 +303,7 @@ impl LocalQueue {
         LocalQueue {
             disk,
             engine,
+            qcow2: None,
             slots: (0..depth)
                 .map(|_| Slot {
                     tag: 0,
@@ -287,12 +341,43 @@ impl LocalQueue {
         self.ready.push((idx, result));
     }
 
-    fn finish_qcow2(&mut self, idx: u32, op: Operation, r: Result<u64, crate::qcow2::Qcow2Error>) {
-        let r = r.map_err(|e| {
-            let off = self.slots[idx as usize].guest_offset;
-            BlockError::qcow2(op, e).at(off)
-        });
-        self.finish(idx, r);
+    /// Hands the slot's request to the qcow2 metadata worker.
+    fn send_to_worker(&mut self, idx: u32, kind: JobKind, offset: u64) {
+        let Some(q) = &mut self.qcow2 else {
+            return self.finish(idx, Err(BlockError::os(kind_op(kind), libc::EINVAL)));
+        };
+        let job = Job {
+            slot: idx,
+            kind,
+            offset,
+            iov: self.slots[idx as usize].iov.clone(),
+            port: q.port.clone(),
+        };
+        match q.worker.send(job) {
+            Ok(()) => q.in_flight += 1,
+            Err(_) => {
+                let e = BlockError::new(
+                    ErrorKind::Io,
+                    kind_op(kind),
+                    "the qcow2 metadata worker has stopped (see the log for why)",
+                );
+                let e = self.err(e, offset);
+                self.finish(idx, Err(e));
+            }
+        }
+    }
+
+    /// Moves the metadata worker's results to the ready list; with `wait`, waits for one first
+    /// if none is there.
+    fn reap_worker(&mut self, wait: bool) {
+        if let Some(q) = &mut self.qcow2
+            && q.in_flight > 0
+        {
+            if wait {
+                q.port.wait();
+            }
+            q.in_flight -= q.port.take(&mut self.ready);
+        }
     }
 
     /// Starts a read or write.
@@ -307,83 +392,34 @@ impl LocalQueue {
         slot.buffered = !self.disk.direct;
         slot.pieces.clear();
         let mut host = offset;
-        if let Some(img) = &self.disk.qcow2 {
+        if let Some(q) = &self.qcow2 {
             // Data clusters go to the engine like raw requests (zero copy), in one piece or
             // (clusters not consecutive in the image) a few, one after the other; everything
-            // else takes the synchronous path.
-            let mut g = lock(img);
-            let route = match g.map_direct(offset, len, write) {
-                Ok(Some(h)) => Ok(Some(h)),
-                Ok(None) => g
-                    .map_extents(offset, len, write, MAX_PIECES, &mut slot.pieces)
-                    .map(|pieces| if pieces { Some(u64::MAX) } else { None }),
-                Err(e) => Err(e),
-            };
-            drop(g);
-            match route {
-                Ok(Some(u64::MAX)) => {
-                    slot.all_iov.clone_from(&slot.iov);
-                    slot.piece = 0;
-                    let (h, n) = slot.pieces[0];
-                    select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
-                    host = h;
-                }
-                Ok(Some(h)) => host = h,
-                Ok(None) => {
-                    slot.pieces.clear();
-                    return self.qcow2_sync_rw(idx, write, offset, len, fua);
-                }
-                Err(e) => {
-                    slot.pieces.clear();
-                    let op = if write {
-                        Operation::Write
-                    } else {
-                        Operation::Read
-                    };
-                    return self.finish_qcow2(idx, op, Err(e));
-                }
+            // else goes to the metadata worker.
+            if !q.dp.map(offset, len, write, MAX_PIECES, &mut slot.pieces) {
+                slot.pieces.clear();
+                let kind = if write {
+                    JobKind::Write { fua }
+                } else {
+                    JobKind::Read
+                };
+                return self.send_to_worker(idx, kind, offset);
+            }
+            if slot.pieces.len() == 1 {
+                host = slot.pieces[0].0;
+                slot.pieces.clear();
+            } else {
+                slot.all_iov.clone_from(&slot.iov);
+                slot.piece = 0;
+                let (h, n) = slot.pieces[0];
+                select_iov(&slot.all_iov, 0, n as usize, &mut slot.iov);
+                host = h;
             }
         }
         let slot = &mut self.slots[idx as usize];
         slot.offset = host;
         slot.remaining = slot.pieces.first().map_or(len, |p| p.1);
         self.queue_io(idx);
-    }
-
-    /// A qcow2 read or write that is not one host extent of the image: done here, on the
-    /// queue's thread, in chunks of at most [`SYNC_CHUNK`] bytes through a bounce buffer.
-    fn qcow2_sync_rw(&mut self, idx: u32, write: bool, offset: u64, len: u64, fua: bool) {
-        let disk = self.disk.clone();
-        let Some(img) = &disk.qcow2 else {
-            return self.finish(idx, Err(BlockError::os(Operation::Read, libc::EINVAL)));
-        };
-        let mut buf = vec![0u8; len.min(SYNC_CHUNK) as usize];
-        let mut g = lock(img);
-        let mut done = 0u64;
-        let mut result = Ok(());
-        while done < len && result.is_ok() {
-            let n = (len - done).min(SYNC_CHUNK) as usize;
-            let iov = &self.slots[idx as usize].iov;
-            result = if write {
-                gather(iov, done as usize, &mut buf[..n]);
-                g.write(offset + done, &buf[..n])
-            } else {
-                g.read(offset + done, &mut buf[..n]).map(|()| {
-                    scatter(iov, done as usize, &buf[..n]);
-                })
-            };
-            done += n as u64;
-        }
-        if result.is_ok() && write && fua {
-            result = g.flush();
-        }
-        drop(g);
-        let op = if write {
-            Operation::Write
-        } else {
-            Operation::Read
-        };
-        self.finish_qcow2(idx, op, result.map(|()| len));
     }
 
     /// Discard or write-zeroes.
@@ -412,15 +448,12 @@ impl LocalQueue {
         match self.disk.kind {
             DiskKind::Null => self.finish(idx, Ok(0)),
             DiskKind::Qcow2 => {
-                let r = match &self.disk.qcow2 {
-                    Some(img) => {
-                        let mut g = lock(img);
-                        g.discard(offset, len, zero)
-                            .and_then(|()| if fua { g.flush() } else { Ok(()) })
-                    }
-                    None => Ok(()),
+                let kind = if zero {
+                    JobKind::WriteZeroes { len, fua }
+                } else {
+                    JobKind::Discard { len, fua }
                 };
-                self.finish_qcow2(idx, op, r.map(|()| 0));
+                self.send_to_worker(idx, kind, offset);
             }
             DiskKind::Block => {
                 // Block-device ioctls are synchronous; they run on the queue's thread.
@@ -612,6 +645,16 @@ impl LocalQueue {
     }
 }
 
+fn kind_op(kind: JobKind) -> Operation {
+    match kind {
+        JobKind::Read => Operation::Read,
+        JobKind::Write { .. } => Operation::Write,
+        JobKind::Flush => Operation::Flush,
+        JobKind::Discard { .. } => Operation::Discard,
+        JobKind::WriteZeroes { .. } => Operation::WriteZeroes,
+    }
+}
+
 fn op_of(kind: Kind) -> Operation {
     match kind {
         Kind::Read => Operation::Read,
@@ -651,9 +694,8 @@ impl BlockQueue for LocalQueue {
             Request::Flush => {
                 slot.kind = Kind::Flush;
                 slot.guest_offset = 0;
-                if let Some(img) = &self.disk.qcow2 {
-                    let r = lock(img).flush().map(|()| 0);
-                    self.finish_qcow2(idx, Operation::Flush, r);
+                if self.qcow2.is_some() {
+                    self.send_to_worker(idx, JobKind::Flush, 0);
                 } else {
                     self.queue_io(idx);
                 }
@@ -679,6 +721,7 @@ impl BlockQueue for LocalQueue {
 
     fn reap(&mut self, f: &mut dyn FnMut(QueueCompletion)) {
         self.reap_engine(false);
+        self.reap_worker(false);
         self.deliver(f);
     }
 
@@ -698,12 +741,24 @@ impl BlockQueue for LocalQueue {
         // Completing may resubmit (short transfers, O_DIRECT fallback, pieces): loop until idle.
         loop {
             self.deliver(f);
-            if self.engine.in_flight() == 0 {
+            if self.engine.in_flight() > 0 {
+                self.reap_engine(true);
+            } else if self.qcow2.as_ref().is_some_and(|q| q.in_flight > 0) {
+                self.reap_worker(true);
+            } else {
                 break;
             }
-            self.reap_engine(true);
         }
         self.deliver(f);
+    }
+}
+
+impl Drop for LocalQueue {
+    fn drop(&mut self) {
+        // The metadata worker may still use requests' buffers: wait for its jobs.
+        while self.qcow2.as_ref().is_some_and(|q| q.in_flight > 0) {
+            self.reap_worker(true);
+        }
     }
 }
 
@@ -764,6 +819,9 @@ fn scatter(iov: &[libc::iovec], skip: usize, src: &[u8]) {
 }
 
 #[cfg(test)]
+mod stall_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::disk::DiskOptions;
@@ -771,7 +829,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use vback_common::spec::DiskUname;
 
-    fn open(uname: &str, read_only: bool, engine: EngineChoice) -> LocalBackend {
+    pub(super) fn open(uname: &str, read_only: bool, engine: EngineChoice) -> LocalBackend {
         let disk = Disk::open(
             &DiskUname::parse(uname).unwrap(),
             DiskOptions {
@@ -784,7 +842,7 @@ mod tests {
         LocalBackend::new(disk, engine)
     }
 
-    fn iov(buf: &[u8]) -> libc::iovec {
+    pub(super) fn iov(buf: &[u8]) -> libc::iovec {
         libc::iovec {
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
@@ -792,13 +850,17 @@ mod tests {
     }
 
     /// Queues one request, submits it and waits for its completion.
-    fn run(q: &mut dyn BlockQueue, req: Request, bufs: &[&[u8]]) -> Result<u64, BlockError> {
+    pub(super) fn run(
+        q: &mut dyn BlockQueue,
+        req: Request,
+        bufs: &[&[u8]],
+    ) -> Result<u64, BlockError> {
         let v: Vec<libc::iovec> = bufs.iter().map(|b| iov(b)).collect();
         // SAFETY: the buffers outlive the completion awaited below; the test writes into
         // buffers it only reads after the completion.
         unsafe { q.queue(7, req, &v) }.unwrap();
         q.submit().unwrap();
-        for _ in 0..5000 {
+        for _ in 0..30000 {
             let mut got = None;
             q.reap(&mut |c| got = Some(c));
             if let Some(c) = got {

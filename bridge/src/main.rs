@@ -36,7 +36,7 @@ Example:
   bridge --name guests --port /run/vback/alice-net0.sock --port /run/vback/bob-net0.sock";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     eprintln!(
         "bridge {}: {} ports, uplink {:?}",
         args.name,

@@ -87,7 +87,7 @@ fn parse_cd(s: &str) -> Result<PathBuf, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     if args.common.print_capabilities {
         println!("{}", cdrom::INFO.capabilities_json());
         return ExitCode::SUCCESS;

@@ -8,6 +8,8 @@
 //! - [`spec`]: Xen configuration strings (disk unames and entries, vif specs, rates, sizes);
 //! - [`vhost_user`]: the vhost-user back-end core (the request handler, vrings, worker
 //!   threads) and the [`vhost_user::VhostUserBackend`] trait every backend implements;
+//! - [`docgen`]: man pages and shell completions generated from each binary's options;
+//! - [`hotplug`]: Xen-style hotplug scripts (netback's vif scripts, blkback's vbd scripts);
 //! - [`socket`], [`notify`]: unix socket binding and `sd_notify`.
 //!
 //! Storage (the I/O engine, image locks, disks and their formats) is the `vback-block` crate's.
@@ -15,6 +17,8 @@
 pub mod chain;
 pub mod control;
 pub mod daemon;
+pub mod docgen;
+pub mod hotplug;
 pub mod logging;
 pub mod notify;
 pub mod ring;

@@ -9,7 +9,8 @@
 
 pub mod ctrl;
 pub mod device;
-pub mod hotplug;
+/// Hotplug scripts: the runner is shared ([`vback_common::hotplug`]).
+pub use vback_common::hotplug;
 pub mod pair;
 pub mod rate;
 pub mod tap;

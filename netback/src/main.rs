@@ -115,7 +115,7 @@ Examples:
   netback --socket /tmp/n.sock --host null --null-rx flood   # the backend alone, for benchmarks";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     if args.common.print_capabilities {
         println!("{}", INFO.capabilities_json());
         return ExitCode::SUCCESS;

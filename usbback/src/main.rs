@@ -30,7 +30,7 @@ Example:
   usbback --socket /run/vback/alice-usb.sock --usb-version 2 --ports 8";
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("8");
     eprintln!(
         "usbback: USB {} controller with {} ports",
         args.usb_version, args.ports

@@ -103,7 +103,7 @@ const XM_VERBS: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = vback_common::docgen::parse("1");
     if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
         eprintln!("vbctl: --timeout must be a positive number of seconds");
         return ExitCode::from(2);

@@ -483,7 +483,7 @@ fn convert(
 }
 
 fn main() -> ExitCode {
-    match run(Args::parse().cmd) {
+    match run(vback_common::docgen::parse::<Args>("1").cmd) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vbimg: {e}");

@@ -105,7 +105,7 @@ fn parse_mem(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = vback_common::docgen::parse("1");
     let env = env_logger::Env::default().default_filter_or(&args.log_level);
     env_logger::Builder::from_env(env)
         .format_target(false)

@@ -192,6 +192,11 @@ impl L2Cache {
         Ok(e.unwrap_or_else(|| unreachable!("the table was inserted above")))
     }
 
+    /// The table at `off` if it is cached (not counted as a use).
+    pub fn peek(&self, off: u64) -> Option<&[u64]> {
+        self.map.get(&off).map(|e| e.1.as_slice())
+    }
+
     /// Drops the table at `off` (it was freed).
     pub fn forget(&mut self, off: u64) {
         self.map.remove(&off);

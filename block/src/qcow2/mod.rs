@@ -23,6 +23,7 @@
 mod create;
 pub mod header;
 pub mod l2;
+pub mod shared;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -34,6 +35,7 @@ use thiserror::Error;
 pub use create::create;
 pub use header::{Compression, Header, HeaderError};
 use l2::{COPIED, Ext, L2Cache, OFFSET_MASK, ZERO, decode_l2};
+pub use shared::DataPath;
 
 /// Clusters reserved (refcounts raised, made durable) at a time, in bytes.
 const RESERVE_BYTES: u64 = 8 << 20;
@@ -251,6 +253,9 @@ pub struct Image {
     pending_free: Vec<u64>,
     /// The last decompressed cluster: (layer, host offset, data).
     decompressed: Option<(usize, u64, Vec<u8>)>,
+    /// Tests: where the slow paths (allocation, backing reads, flush) wait.
+    #[cfg(test)]
+    gate: Option<std::sync::Arc<tests::Gate>>,
 }
 
 fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
@@ -460,6 +465,8 @@ impl Image {
             reserved_end: 0,
             pending_free: Vec::new(),
             decompressed: None,
+            #[cfg(test)]
+            gate: None,
         };
         if opts.writable {
             if h.incompatible & header::INCOMPAT_DIRTY != 0 {
@@ -611,6 +618,79 @@ impl Image {
             .iter()
             .filter_map(|l| l.meta.as_ref().map(|m| m.cache.len()))
             .sum()
+    }
+
+    // ---- the data path's copy of the mapping ----
+
+    /// A [`DataPath`] for this image, empty (every lookup misses until [`Image::publish`]).
+    pub fn data_path(&self) -> DataPath {
+        let m = self.top();
+        DataPath::new(shared::Inner {
+            size: self.size(),
+            cluster_bits: m.h.cluster_bits,
+            l2_bits: m.h.l2_entries().trailing_zeros(),
+            version: m.h.version,
+            extended_l2: m.h.extended_l2(),
+            l1: m.l1.clone(),
+            tables: std::collections::HashMap::new(),
+            max_tables: m.cache.capacity(),
+        })
+    }
+
+    /// Copies this image's mapping of `[guest, guest + len)` (the L1 entries and the L2 tables
+    /// the cache holds; tables not cached are dropped from the copy) and its size into `dp`.
+    /// Call after every change to the range, before the request that made it completes.
+    pub fn publish(&self, dp: &DataPath, guest: u64, len: u64) {
+        let m = self.top();
+        let cb = m.h.cluster_bits;
+        let l2_bits = m.h.l2_entries().trailing_zeros();
+        let size = self.size();
+        dp.with(|d| {
+            d.size = size;
+            if d.l1.len() != m.l1.len() {
+                // Resized: the L1 table grew (its entries did not change).
+                d.l1.clone_from(&m.l1);
+            }
+            if m.l1.is_empty() {
+                return;
+            }
+            let last_l1 = m.l1.len() as u64 - 1;
+            let first = (guest >> (cb + l2_bits)).min(last_l1);
+            let last = ((guest + len.max(1) - 1) >> (cb + l2_bits)).min(last_l1);
+            let step = if m.h.extended_l2() { 2 } else { 1 };
+            for l1i in first..=last {
+                let e = m.l1[l1i as usize];
+                d.l1[l1i as usize] = e;
+                let off = e & OFFSET_MASK;
+                let Some(t) = (off != 0).then(|| m.cache.peek(off)).flatten() else {
+                    d.tables.remove(&l1i);
+                    continue;
+                };
+                match d.tables.get_mut(&l1i) {
+                    Some((o, copy)) if *o == off && copy.len() == t.len() => {
+                        // Only the entries of the range changed.
+                        let per = 1u64 << (cb + l2_bits);
+                        let lo = guest.max(l1i * per);
+                        let hi = (guest + len).min((l1i + 1) * per);
+                        let i0 = (((lo >> cb) & ((1 << l2_bits) - 1)) as usize) * step;
+                        let i1 = if hi <= lo {
+                            i0 + step
+                        } else {
+                            ((((hi - 1) >> cb) & ((1 << l2_bits) - 1)) as usize + 1) * step
+                        };
+                        copy[i0..i1].copy_from_slice(&t[i0..i1]);
+                    }
+                    _ => {
+                        if d.tables.len() >= d.max_tables
+                            && let Some(&victim) = d.tables.keys().next()
+                        {
+                            d.tables.remove(&victim);
+                        }
+                        d.tables.insert(l1i, (off, t.to_vec()));
+                    }
+                }
+            }
+        });
     }
 
     // ---- mapping ----
@@ -799,6 +879,7 @@ impl Image {
                 Ext::Zero { .. } => chunk.fill(0),
                 Ext::Unallocated => {
                     if li + 1 < self.layers.len() {
+                        self.test_gate();
                         self.read_layer(li + 1, g, chunk)?;
                     } else {
                         chunk.fill(0);
@@ -865,6 +946,21 @@ impl Image {
         match &self.decompressed {
             Some((_, _, d)) => Ok(d),
             None => unreachable!("set above"),
+        }
+    }
+
+    /// Tests: makes the slow paths (allocation, backing reads, flush) wait at `gate` (`None`:
+    /// no gate).
+    #[cfg(test)]
+    pub(crate) fn set_test_gate(&mut self, gate: Option<std::sync::Arc<tests::Gate>>) {
+        self.gate = gate;
+    }
+
+    /// Waits at the test gate, if one is set (tests only; nothing otherwise).
+    fn test_gate(&self) {
+        #[cfg(test)]
+        if let Some(g) = &self.gate {
+            g.pass();
         }
     }
 
@@ -1465,6 +1561,7 @@ impl Image {
                     self.set_l2(off, idx, cluster | COPIED)?;
                 }
                 old => {
+                    self.test_gate();
                     let h = self.alloc_cluster()?;
                     let written = if take as u64 == cs {
                         self.write_at(chunk, h, "write data")
@@ -1558,6 +1655,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
+        self.test_gate();
         self.sync()?;
         if self.pending_free.is_empty() {
             return Ok(());

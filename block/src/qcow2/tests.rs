@@ -32,6 +32,46 @@ pub(crate) fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A gate the slow paths of an [`Image`] wait at while it is closed ([`Image::set_test_gate`]):
+/// the stall tests hold an allocation, a backing read or a flush there deterministically.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    /// (open, threads that reached the gate).
+    state: std::sync::Mutex<(bool, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    /// A closed gate.
+    pub(crate) fn closed() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate::default())
+    }
+
+    /// Waits while the gate is closed.
+    pub(crate) fn pass(&self) {
+        let mut g = self.state.lock().unwrap();
+        g.1 += 1;
+        self.cv.notify_all();
+        while !g.0 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    /// Waits until some thread has reached the gate.
+    pub(crate) fn wait_reached(&self) {
+        let mut g = self.state.lock().unwrap();
+        while g.1 == 0 && !g.0 {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+
+    /// Opens the gate for good.
+    pub(crate) fn open(&self) {
+        self.state.lock().unwrap().0 = true;
+        self.cv.notify_all();
+    }
+}
+
 fn open(path: &Path, writable: bool) -> Image {
     let f = std::fs::OpenOptions::new()
         .read(true)

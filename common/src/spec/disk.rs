@@ -484,6 +484,41 @@ pub struct DiskEntry {
     pub vdev: Vdev,
     /// Access mode.
     pub mode: DiskMode,
+    /// xl's `script=NAME`: the vbd hotplug script run with `add` before the disk is opened and
+    /// `remove` after it is closed (a name in the script directory, or a path).
+    pub script: Option<String>,
+}
+
+/// Splits xl's keyword fields (`script=NAME`) off the end of a disk entry: `input` without
+/// them, and the script. Only known keywords are taken, so a uname's own commas and `=` stay.
+fn split_keywords(input: &str) -> Result<(&str, Option<String>), SpecError> {
+    let mut rest = input.trim();
+    let mut script = None;
+    while let Some((head, last)) = rest.rsplit_once(',') {
+        let Some(name) = last.trim().strip_prefix("script=") else {
+            break;
+        };
+        let name = name.trim();
+        if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(SpecError::new(
+                "disk entry",
+                input,
+                last,
+                "script= needs a script name or path without spaces, for example script=block",
+            ));
+        }
+        if script.is_some() {
+            return Err(SpecError::new(
+                "disk entry",
+                input,
+                last,
+                "script= is given twice: name one script",
+            ));
+        }
+        script = Some(name.to_owned());
+        rest = head.trim_end();
+    }
+    Ok((rest, script))
 }
 
 impl DiskEntry {
@@ -495,6 +530,7 @@ impl DiskEntry {
         if trimmed.starts_with('(') {
             return parse_sxp(input);
         }
+        let (trimmed, script) = split_keywords(trimmed)?;
         let mut fields = trimmed.rsplitn(3, ',');
         let (Some(mode), Some(vdev), Some(uname)) = (fields.next(), fields.next(), fields.next())
         else {
@@ -505,7 +541,9 @@ impl DiskEntry {
                 "expected UNAME,VDEV,MODE, for example tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w",
             ));
         };
-        Self::from_parts(input, uname.trim(), vdev.trim(), mode.trim())
+        let mut entry = Self::from_parts(input, uname.trim(), vdev.trim(), mode.trim())?;
+        entry.script = script;
+        Ok(entry)
     }
 
     fn from_parts(
@@ -548,6 +586,7 @@ impl DiskEntry {
             uname,
             vdev: vdev_parsed,
             mode: mode_parsed,
+            script: None,
         })
     }
 }
@@ -561,25 +600,34 @@ pub struct DiskArg {
     pub vdev: Option<Vdev>,
     /// The entry's mode, if a full entry was given.
     pub mode: Option<DiskMode>,
+    /// The entry's `script=`, if any.
+    pub script: Option<String>,
 }
 
 impl DiskArg {
     /// Parses a uname or a full entry: two or more commas (or SXP) make an entry, anything else
     /// a uname (which may hold one comma itself: `iscsi:IQN,LUN`).
     pub fn parse(input: &str) -> Result<DiskArg, SpecError> {
-        let entry = input.matches(',').count() >= 2 || input.trim_start().starts_with('(');
-        if entry {
+        let sxp = input.trim_start().starts_with('(');
+        let (bare, script) = if sxp {
+            (input, None)
+        } else {
+            split_keywords(input)?
+        };
+        if sxp || bare.matches(',').count() >= 2 {
             let e = DiskEntry::parse(input)?;
             return Ok(DiskArg {
                 uname: e.uname,
                 vdev: Some(e.vdev),
                 mode: Some(e.mode),
+                script: e.script,
             });
         }
         Ok(DiskArg {
-            uname: DiskUname::parse(input)?,
+            uname: DiskUname::parse(bare)?,
             vdev: None,
             mode: None,
+            script,
         })
     }
 
@@ -625,7 +673,11 @@ impl DiskUname {
 
 impl fmt::Display for DiskEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{},{},{}", self.uname, self.vdev, self.mode)
+        write!(f, "{},{},{}", self.uname, self.vdev, self.mode)?;
+        if let Some(s) = &self.script {
+            write!(f, ",script={s}")?;
+        }
+        Ok(())
     }
 }
 
@@ -642,7 +694,7 @@ fn parse_sxp(input: &str) -> Result<DiskEntry, SpecError> {
     let Some(rest) = body.strip_prefix("vbd") else {
         return Err(bad(body, "an SXP disk entry starts with (vbd"));
     };
-    let (mut dev, mut uname, mut mode) = (None, None, None);
+    let (mut dev, mut uname, mut mode, mut script) = (None, None, None, None);
     let mut rest = rest.trim_start();
     while !rest.is_empty() {
         let Some(inner) = rest.strip_prefix('(') else {
@@ -661,12 +713,13 @@ fn parse_sxp(input: &str) -> Result<DiskEntry, SpecError> {
             "dev" => dev = Some(value),
             "uname" => uname = Some(value),
             "mode" => mode = Some(value),
+            "script" => script = Some(value.to_owned()),
             "type" | "backend" | "bootable" | "driver" => {}
             _ => {
                 return Err(bad(
                     key,
                     &format!(
-                        "unknown vbd key `{key}`; known keys: dev, uname, mode, type, backend, bootable"
+                        "unknown vbd key `{key}`; known keys: dev, uname, mode, script, type, backend, bootable"
                     ),
                 ));
             }
@@ -678,7 +731,9 @@ fn parse_sxp(input: &str) -> Result<DiskEntry, SpecError> {
             "an SXP disk entry needs (dev ...) and (uname ...)",
         ));
     };
-    DiskEntry::from_parts(input, uname, dev, mode.unwrap_or("w"))
+    let mut entry = DiskEntry::from_parts(input, uname, dev, mode.unwrap_or("w"))?;
+    entry.script = script;
+    Ok(entry)
 }
 
 #[cfg(test)]
@@ -938,5 +993,38 @@ mod tests {
             DiskUname::parse("tap:qcow:/x").unwrap().served_by(),
             Some("blkback")
         );
+    }
+
+    #[test]
+    fn xl_script_keyword() {
+        let e = DiskEntry::parse("phy:/dev/vg0/alice,xvda,w,script=block-lvm").unwrap();
+        assert_eq!(e.uname, DiskUname::Phy("/dev/vg0/alice".into()));
+        assert_eq!(e.script.as_deref(), Some("block-lvm"));
+        assert_eq!(e.to_string(), "phy:/dev/vg0/alice,xvda,w,script=block-lvm");
+        assert_eq!(DiskEntry::parse(&e.to_string()).unwrap(), e);
+        // A uname with its own comma keeps it.
+        let e =
+            DiskEntry::parse("iscsi:iqn.2001-04.com.example:t,2,xvdb,r,script=/etc/x/s").unwrap();
+        assert_eq!(e.script.as_deref(), Some("/etc/x/s"));
+        assert!(matches!(e.uname, DiskUname::Iscsi { lun: 2, .. }));
+        // A bare uname with script=, and the SXP form.
+        let a = DiskArg::parse("tap:aio:/img,script=block").unwrap();
+        assert_eq!(a.script.as_deref(), Some("block"));
+        assert_eq!(a.vdev, None);
+        let a = DiskArg::parse("tap:aio:/img,xvda,r,script=block").unwrap();
+        assert_eq!(a.script.as_deref(), Some("block"));
+        assert_eq!(a.mode, Some(DiskMode::ReadOnly));
+        let e = DiskEntry::parse("(vbd (dev xvda) (uname phy:/dev/sdc) (mode w) (script block))")
+            .unwrap();
+        assert_eq!(e.script.as_deref(), Some("block"));
+        assert_eq!(
+            DiskEntry::parse("tap:aio:/img,xvda,w").unwrap().script,
+            None
+        );
+        // Refused with the bad part named.
+        let err = DiskEntry::parse("phy:/dev/sdc,xvda,w,script=").unwrap_err();
+        assert!(err.to_string().contains("script="), "{err}");
+        let err = DiskEntry::parse("phy:/dev/sdc,xvda,w,script=a,script=b").unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 }

@@ -1,11 +1,16 @@
-//! Hotplug scripts, called as Xen calls them: `SCRIPT online` once the host interface exists and
-//! `SCRIPT offline` before it goes away, with the interface in `$vif` and the other parameters in
-//! the environment (`bridge`, `ip`, `mac`, `domain`, `domid`, `devid`, `mode`, `mtu`).
+//! Hotplug scripts, called as Xen calls them (`/etc/xen/scripts/<script> <action>`), shared by
+//! the backends that run them: netback's vif scripts get `online`/`offline` once the host
+//! interface exists and before it goes away; blkback's vbd scripts get `add` before the disk is
+//! opened and `remove` after it is closed. The parameters come in the environment (`$vif`,
+//! `$bridge`, ... for a vif; `$params`, `$type`, `$mode`, `$vdev`, ... for a disk) and
+//! `$command` repeats the action.
 //!
-//! Xen's scripts report `hotplug-status` (`connected` or `error` plus `hotplug-error`) through
-//! the store; vback's report through their exit status: 0 is `connected`, anything else is
-//! `error`, and the script's last non-empty line on stderr is the `hotplug-error` message. The
-//! whole stderr is logged. A script that runs longer than the timeout is killed and reported.
+//! Xen's scripts report `hotplug-status` (`connected`, `error` plus `hotplug-error`, or `busy`)
+//! through the store; vback's report it through their exit status and stdout: exit status 0 is
+//! `connected`, anything else `error`, and a line `hotplug-status=busy` (or `=error`) on stdout
+//! overrides that (Xen's `ebusy`: the device is in use elsewhere). The script's last non-empty
+//! line on stderr is the `hotplug-error` message. The whole stderr is logged. A script that runs
+//! longer than the timeout is killed and reported.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,10 +44,20 @@ pub enum HotplugError {
     Failed {
         /// The script.
         path: PathBuf,
-        /// `online` or `offline`.
+        /// `online`, `offline`, `add` or `remove`.
         action: &'static str,
         /// Exit status text.
         status: String,
+        /// Its last stderr line.
+        message: String,
+    },
+    /// The script reported `busy`: the device is in use elsewhere (Xen's `ebusy`).
+    #[error("hotplug script {script} {action}: the device is busy: {message}", script = path.display())]
+    Busy {
+        /// The script.
+        path: PathBuf,
+        /// The action.
+        action: &'static str,
         /// Its last stderr line.
         message: String,
     },
@@ -94,21 +109,34 @@ impl Hotplug {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("command", action)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| HotplugError::Spawn {
                 path: self.path.clone(),
                 source,
             })?;
-        let mut stderr = child.stderr.take();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = stderr.as_mut() {
-                let _ = e.take(64 * 1024).read_to_string(&mut s);
-            }
-            s
-        });
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(p) = pipe {
+                    let _ = p.take(64 * 1024).read_to_string(&mut s);
+                }
+                s
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
         let start = Instant::now();
         let status = loop {
             match child.try_wait() {
@@ -126,27 +154,66 @@ impl Hotplug {
                 }
             }
         };
-        let err = reader.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        let out = stdout.join().unwrap_or_default();
         for line in err.lines().filter(|l| !l.trim().is_empty()) {
             log::info!("{} {action}: {line}", self.path.display());
         }
-        if status.success() {
-            return Ok(err);
+        let message = || {
+            err.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("(the script printed nothing on stderr)")
+                .trim()
+                .to_owned()
+        };
+        match (reported_status(&out), status.success()) {
+            (Some(Reported::Busy), _) => Err(HotplugError::Busy {
+                path: self.path.clone(),
+                action,
+                message: message(),
+            }),
+            (Some(Reported::Error), _) | (None, false) => Err(HotplugError::Failed {
+                path: self.path.clone(),
+                action,
+                status: if status.success() {
+                    "hotplug-status=error".to_owned()
+                } else {
+                    status.to_string()
+                },
+                message: message(),
+            }),
+            (Some(Reported::Connected) | None, true) => Ok(err),
+            (Some(Reported::Connected), false) => Err(HotplugError::Failed {
+                path: self.path.clone(),
+                action,
+                status: status.to_string(),
+                message: message(),
+            }),
         }
-        let message = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("(the script printed nothing on stderr)")
-            .trim()
-            .to_owned();
-        Err(HotplugError::Failed {
-            path: self.path.clone(),
-            action,
-            status: status.to_string(),
-            message,
-        })
     }
+}
+
+/// A `hotplug-status=` line a script printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    Connected,
+    Error,
+    Busy,
+}
+
+/// The last `hotplug-status=VALUE` line of `stdout`, if any (other lines are ignored; an
+/// unknown value counts as `error`).
+fn reported_status(stdout: &str) -> Option<Reported> {
+    let value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("hotplug-status="))?;
+    Some(match value.trim() {
+        "connected" => Reported::Connected,
+        "busy" => Reported::Busy,
+        _ => Reported::Error,
+    })
 }
 
 #[cfg(test)]
@@ -204,6 +271,27 @@ mod tests {
         };
         let e = h.run("online").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/dir/vif-nothing"), "{e}");
+    }
+
+    #[test]
+    fn busy_and_error_reported_on_stdout() {
+        let d = tempfile::tempdir().unwrap();
+        let path = script(
+            d.path(),
+            "echo hotplug-status=busy; echo '/dev/loop0 is mounted' >&2; exit 1",
+        );
+        let h = Hotplug { path, env: vec![] };
+        let e = h.run("add").unwrap_err();
+        assert!(matches!(e, HotplugError::Busy { .. }), "{e}");
+        assert!(e.to_string().ends_with("/dev/loop0 is mounted"), "{e}");
+
+        let path = script(d.path(), "echo hotplug-status=error; echo bad >&2; exit 0");
+        let e = Hotplug { path, env: vec![] }.run("add").unwrap_err();
+        assert!(matches!(e, HotplugError::Failed { .. }), "{e}");
+        assert!(e.to_string().ends_with("bad"), "{e}");
+
+        let path = script(d.path(), "echo noise; echo hotplug-status=connected");
+        Hotplug { path, env: vec![] }.run("add").unwrap();
     }
 
     #[test]
