@@ -156,12 +156,13 @@ fn requests_in_flight_at_a_crash_complete_once_with_tracking_and_are_lost_withou
 
 /// A guest on a vhost-user device whose chardev reconnects, served by daemon `bin` started
 /// with `args` on a socket in `dir`: when the script prints `VBACK-HOST:kills`, the daemon is
-/// SIGKILLed and started again `kills` times, 4 s apart. Each start logs to
-/// `{prefix}{n}.log` in `dir`.
+/// SIGKILLed and started again `kills` times, 4 s apart. Each start logs to `{bin}{n}.log`
+/// in `dir`. `props` go to the QEMU device.
 fn guest_across_kills(
     dir: &Path,
     bin: &'static str,
     args: Vec<String>,
+    props: &str,
     kills: u32,
     script: &str,
 ) -> vback_tests::GuestRun {
@@ -183,9 +184,9 @@ fn guest_across_kills(
     let held = daemon.clone();
     let guest = vback_tests::Guest::new();
     let guest = if bin == "cdrom" {
-        guest.vhost_scsi(&sock, "")
+        guest.vhost_scsi(&sock, props)
     } else {
-        guest.vhost_blk(&sock, "")
+        guest.vhost_blk(&sock, props)
     };
     let run = guest
         .reconnect_ms(200)
@@ -233,25 +234,35 @@ fn assert_handed_over(dir: &Path, prefix: &str, n: u32) {
 }
 
 /// fio `--verify=crc32c` randwrite at QD16 in a QEMU guest whose vhost-user-blk chardev
-/// reconnects, while blkback is SIGKILLed and restarted 5 times: fio ends with no error.
-/// Returns the directory (for the image) after the guest is done.
-fn fio_across_kills(disk: impl Fn(&Path) -> String) -> tempfile::TempDir {
+/// reconnects, while blkback (with `queues` queues, one fio job on each vCPU's queue, each on
+/// its own 32 MiB) is SIGKILLed and restarted 5 times: fio ends with no error. Returns the
+/// directory (for the image) after the guest is done.
+fn fio_across_kills(queues: u16, disk: impl Fn(&Path) -> String) -> tempfile::TempDir {
     const KILLS: u32 = 5;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let args = vec!["--disk".to_owned(), disk(d)];
-    let run = guest_across_kills(
-        d,
-        "blkback",
-        args,
-        KILLS,
+    let args = vec![
+        "--disk".to_owned(),
+        disk(d),
+        "--queues".to_owned(),
+        queues.to_string(),
+    ];
+    let script = format!(
         r#"
 check fio 'wait_dev /dev/vda && echo VBACK-HOST:kills && fio --name=v --filename=/dev/vda \
   --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k --size=32M \
+  --numjobs={queues} --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split \
   --time_based --runtime=35 --verify=crc32c --verify_fatal=1 --verify_backlog=256 \
-  --randrepeat=0 --output-format=terse >/tmp/fio.out; st=$?; \
+  --randrepeat=0 --group_reporting --output-format=terse >/tmp/fio.out; st=$?; \
   cut -d";" -f5,6 /tmp/fio.out; echo fio-status=$st'
-"#,
+"#
+    );
+    let props = format!("num-queues={queues}");
+    let run = guest_across_kills(d, "blkback", args, &props, KILLS, &script);
+    let first = std::fs::read_to_string(d.join("blkback0.log")).unwrap_or_default();
+    assert!(
+        first.contains(&format!("in-flight tracking on for {queues} queues")),
+        "{first}"
     );
     assert!(
         run.check("fio").output.contains("fio-status=0"),
@@ -263,8 +274,8 @@ check fio 'wait_dev /dev/vda && echo VBACK-HOST:kills && fio --name=v --filename
 }
 
 #[test]
-fn fio_verify_survives_five_blkback_kills_on_a_raw_image() {
-    let _dir = fio_across_kills(|d| {
+fn fio_verify_survives_five_blkback_kills_on_a_raw_image_with_two_queues() {
+    let _dir = fio_across_kills(2, |d| {
         let image = d.join("disk.raw");
         std::fs::File::create(&image)
             .unwrap()
@@ -276,7 +287,7 @@ fn fio_verify_survives_five_blkback_kills_on_a_raw_image() {
 
 #[test]
 fn fio_verify_survives_five_blkback_kills_on_a_qcow2_image() {
-    let dir = fio_across_kills(|d| {
+    let dir = fio_across_kills(1, |d| {
         let image = d.join("disk.qcow2");
         vback_tests::qemu_tools::qemu_img(&[
             "create",
@@ -344,6 +355,7 @@ fn cdrom_reads_survive_three_kills_with_the_same_md5() {
         &d,
         "cdrom",
         args,
+        "",
         KILLS,
         r#"
 check reads 'wait_dev /dev/sr0 && echo VBACK-HOST:kills && i=0; end=$(( $(date +%s) + 25 )); \
