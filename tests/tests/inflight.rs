@@ -24,7 +24,8 @@ const WAIT: Duration = Duration::from_secs(30);
 
 fn start(sock: &Path, image: &Path, inflight: bool, log: &Path) -> Daemon {
     let disk = format!("file:{}", image.display());
-    let mut args = vec!["--disk", disk.as_str()];
+    let ctl = sock.with_extension("ctl");
+    let mut args = vec!["--disk", disk.as_str(), "--control", ctl.to_str().unwrap()];
     if !inflight {
         args.push("--no-inflight");
     }
@@ -38,6 +39,8 @@ struct Outcome {
     write_status: u8,
     /// The written data reads back.
     data_written: bool,
+    /// The restarted daemon's `resubmitted` counter.
+    resubmitted: u64,
     log: String,
 }
 
@@ -97,10 +100,17 @@ fn crash_with_a_write_in_flight(inflight: bool) -> Outcome {
     let data_written = (0..4096u64).all(|i| fe.mem().get8(data(4) + i) == 0xa5);
     let mut used = fe.used_heads();
     used.truncate(4);
+    let stats = vback_common::control::ControlClient::connect(sock.with_extension("ctl"))
+        .unwrap()
+        .call("stats", serde_json::Value::Null)
+        .unwrap();
     Outcome {
         used,
         write_status: fe.status(0),
         data_written,
+        resubmitted: stats["device"]["queues"][0]["resubmitted"]
+            .as_u64()
+            .unwrap(),
         log: d2.log(),
     }
 }
@@ -122,6 +132,7 @@ fn requests_in_flight_at_a_crash_complete_once_with_tracking_and_are_lost_withou
     );
     assert_eq!(count(&lost.used, head(2)), 2, "{:?}", lost.used);
     assert_eq!(lost.write_status, 0xff, "the write never got a status");
+    assert_eq!(lost.resubmitted, 0);
     // (Whether its data reached the image depends on how the dead process's I/O ended: here
     // the kernel cancelled it, and the guest would read stale data; not asserted.)
     eprintln!(
@@ -146,6 +157,7 @@ fn requests_in_flight_at_a_crash_complete_once_with_tracking_and_are_lost_withou
     }
     assert_eq!(kept.write_status, 0, "the write succeeded");
     assert!(kept.data_written, "the write's data reads back");
+    assert_eq!(kept.resubmitted, 1, "stats count the resubmitted write");
     assert!(
         kept.log
             .contains("resubmitting 1 requests that were in flight"),
