@@ -188,6 +188,13 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
 
     /// Opens the queue object of one device queue, with room for `depth` requests in flight.
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError>;
+
+    /// At exit, after every queue was drained or dropped: makes everything durable, closes
+    /// the format (a qcow2 image gives back the clusters it reserved) and releases the disk's
+    /// lock, even if other holders of the backend remain. Later writes may be refused.
+    fn close(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
 }
 
 /// One device queue's access to the disk. Used by one thread at a time.

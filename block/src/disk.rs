@@ -138,8 +138,9 @@ pub struct Disk {
     /// Set when a raw disk begins with another format's signature (see [`format_warning`]).
     pub format_warning: Option<String>,
     /// QEMU's locks on the image, on a descriptor of their own (the engine's are registered
-    /// with io_uring, which would keep them past a crash); None for the null device.
-    _lock: Option<ImageLock>,
+    /// with io_uring, which would keep them past a crash); None for the null device, and after
+    /// [`Disk::close`].
+    lock: Mutex<Option<ImageLock>>,
 }
 
 /// A warning when a disk served as raw begins with the signature of an image format. The
@@ -237,7 +238,7 @@ impl Disk {
                     qcow2: None,
                     capacity: AtomicU64::new(*size),
                     format_warning: None,
-                    _lock: None,
+                    lock: Mutex::new(None),
                 });
             }
             DiskUname::Image {
@@ -397,7 +398,7 @@ impl Disk {
             qcow2: image.map(Mutex::new),
             capacity: AtomicU64::new(size - size % SECTOR),
             format_warning,
-            _lock: Some(lock),
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -469,7 +470,7 @@ impl Disk {
             qcow2: None,
             capacity: AtomicU64::new(size - size % SECTOR),
             format_warning: None,
-            _lock: lock,
+            lock: Mutex::new(lock),
         })
     }
 
@@ -486,6 +487,28 @@ impl Disk {
     /// The path, if the disk has one.
     pub fn path(&self) -> Option<&Path> {
         self.uname.path()
+    }
+
+    /// At exit, once no queue has requests in flight: makes every write durable, closes a
+    /// qcow2 image (flushing, and giving back the clusters it reserved) and releases the
+    /// disk's lock, even while other holders of the disk (a control request's thread) still
+    /// exist. Writes to a closed qcow2 image are refused.
+    pub fn close(&self) -> Result<(), DiskError> {
+        let r = match (&self.qcow2, &self.files) {
+            (Some(img), _) => vback_common::sync::lock(img)
+                .close()
+                .map_err(DiskError::from),
+            (None, Some(files)) if !self.read_only => {
+                files.main.sync_data().map_err(|source| DiskError::Io {
+                    op: "flush (fdatasync)",
+                    path: self.path().map(Path::to_path_buf).unwrap_or_default(),
+                    source,
+                })
+            }
+            _ => Ok(()),
+        };
+        vback_common::sync::lock(&self.lock).take();
+        r
     }
 
     /// Grows the disk to `size` bytes (a file is extended, sparsely), or with `None` re-reads

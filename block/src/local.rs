@@ -40,6 +40,8 @@ pub struct LocalBackend {
     engine: EngineChoice,
     /// qcow2: the data path's mapping, and the metadata worker (started with the first queue).
     qcow2: Option<(Arc<DataPath>, SharedWorker)>,
+    /// qcow2: the format details `info()` last read (shown while the image is busy).
+    last_info: Mutex<Option<FormatInfo>>,
 }
 
 /// The metadata worker of a qcow2 disk, once started.
@@ -52,10 +54,18 @@ impl LocalBackend {
             .qcow2
             .as_ref()
             .map(|img| (Arc::new(lock(img).data_path()), Mutex::new(None)));
+        let last_info = Mutex::new(disk.qcow2.as_ref().map(|img| {
+            let g = lock(img);
+            FormatInfo::Qcow2 {
+                info: g.info(),
+                cached_tables: g.cached_tables(),
+            }
+        }));
         LocalBackend {
             disk: Arc::new(disk),
             engine,
             qcow2,
+            last_info,
         }
     }
 
@@ -104,10 +114,30 @@ impl BlockBackend for LocalBackend {
             direct: self.disk.direct,
             warning: self.disk.format_warning.clone(),
             format: self.disk.qcow2.as_ref().map(|img| {
-                let img = lock(img);
-                FormatInfo::Qcow2 {
-                    info: img.info(),
-                    cached_tables: img.cached_tables(),
+                // The metadata worker may hold the image for a while (a slow backing file):
+                // status then shows what it last saw rather than waiting.
+                let mut last = lock(&self.last_info);
+                let now = match img.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                if let Some(g) = now {
+                    *last = Some(FormatInfo::Qcow2 {
+                        info: g.info(),
+                        cached_tables: g.cached_tables(),
+                    });
+                }
+                match &*last {
+                    Some(f) => f.clone(),
+                    None => {
+                        drop(last);
+                        let g = lock(img);
+                        FormatInfo::Qcow2 {
+                            info: g.info(),
+                            cached_tables: g.cached_tables(),
+                        }
+                    }
                 }
             }),
         }
@@ -121,6 +151,12 @@ impl BlockBackend for LocalBackend {
         self.disk
             .resize(size)
             .map_err(|e| BlockError::disk(Operation::Resize, e))
+    }
+
+    fn close(&self) -> Result<(), BlockError> {
+        self.disk
+            .close()
+            .map_err(|e| BlockError::disk(Operation::Flush, e))
     }
 
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
@@ -256,6 +292,8 @@ struct Slot {
     piece: usize,
     /// qcow2 pieces: the request's whole iovec list (`iov` holds the current piece's part).
     all_iov: Vec<libc::iovec>,
+    /// qcow2: the metadata worker handed this request back once already (mapped).
+    remapped: bool,
 }
 
 /// A qcow2 queue's routes: the data path's mapping, and the metadata worker with the queue's
@@ -278,6 +316,8 @@ pub struct LocalQueue {
     /// Finished without the engine (synchronous paths, errors), not yet reaped: slot, result.
     ready: Vec<(u32, Result<u64, BlockError>)>,
     done: Vec<Completion>,
+    /// Slots the metadata worker handed back (scratch).
+    remap: Vec<u32>,
 }
 
 // SAFETY: the raw pointers inside a LocalQueue (the slots' iovecs) point into memory the caller
@@ -320,11 +360,13 @@ impl LocalQueue {
                     pieces: Vec::new(),
                     piece: 0,
                     all_iov: Vec::new(),
+                    remapped: false,
                 })
                 .collect(),
             free: (0..depth).rev().collect(),
             ready: Vec::with_capacity(depth as usize),
             done: Vec::with_capacity(depth as usize),
+            remap: Vec::new(),
         }
     }
 
@@ -351,6 +393,7 @@ impl LocalQueue {
             kind,
             offset,
             iov: self.slots[idx as usize].iov.clone(),
+            remap: !self.slots[idx as usize].remapped,
             port: q.port.clone(),
         };
         match q.worker.send(job) {
@@ -367,16 +410,29 @@ impl LocalQueue {
         }
     }
 
-    /// Moves the metadata worker's results to the ready list; with `wait`, waits for one first
-    /// if none is there.
+    /// Moves the metadata worker's results to the ready list, and sends the requests it handed
+    /// back (their clusters are mapped now) to the engine; with `wait`, waits for one first if
+    /// none is there.
     fn reap_worker(&mut self, wait: bool) {
+        let mut remap = std::mem::take(&mut self.remap);
         if let Some(q) = &mut self.qcow2
             && q.in_flight > 0
         {
             if wait {
                 q.port.wait();
             }
-            q.in_flight -= q.port.take(&mut self.ready);
+            q.in_flight -= q.port.take(&mut self.ready, &mut remap);
+        }
+        let again = !remap.is_empty();
+        for idx in remap.drain(..) {
+            let slot = &mut self.slots[idx as usize];
+            slot.remapped = true;
+            let (write, offset, fua) = (slot.kind == Kind::Write, slot.guest_offset, slot.fua);
+            self.start_rw(idx, write, offset, fua);
+        }
+        self.remap = remap;
+        if again && let Err(e) = self.engine.submit() {
+            vback_common::error_limited!("submitting I/O failed: {e}");
         }
     }
 
@@ -681,6 +737,7 @@ impl BlockQueue for LocalQueue {
         };
         let slot = &mut self.slots[idx as usize];
         slot.tag = tag;
+        slot.remapped = false;
         slot.iov.clear();
         match request {
             Request::Read { offset } => {
@@ -755,9 +812,10 @@ impl BlockQueue for LocalQueue {
 
 impl Drop for LocalQueue {
     fn drop(&mut self) {
-        // The metadata worker may still use requests' buffers: wait for its jobs.
-        while self.qcow2.as_ref().is_some_and(|q| q.in_flight > 0) {
-            self.reap_worker(true);
+        // The metadata worker and the engine may still use requests' buffers: wait for
+        // both (a job the worker hands back goes to the engine, so drain waits for it too).
+        if self.in_flight() > 0 {
+            self.drain(&mut |_| {});
         }
     }
 }
@@ -1083,7 +1141,17 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_requests_take_the_fast_and_the_synchronous_paths() {
+    fn qcow2_requests_take_the_fast_path_and_the_metadata_worker() {
+        qcow2_requests(EngineChoice::IoUring);
+    }
+
+    #[test]
+    fn qcow2_requests_on_the_thread_pool_engine() {
+        // The worker's completions wake the queue through the pool's eventfd too.
+        qcow2_requests(EngineChoice::ThreadPool);
+    }
+
+    fn qcow2_requests(engine: EngineChoice) {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.raw");
         std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
@@ -1104,11 +1172,7 @@ mod tests {
             ],
             &top,
         );
-        let b = open(
-            &format!("tap:qcow2:{}", top.display()),
-            false,
-            EngineChoice::IoUring,
-        );
+        let b = open(&format!("tap:qcow2:{}", top.display()), false, engine);
         assert_eq!(b.capacity(), 1 << 20);
         assert!(matches!(b.info().format, Some(FormatInfo::Qcow2 { .. })));
         let mut q = b.open_queue(8).unwrap();
@@ -1128,6 +1192,15 @@ mod tests {
             );
             assert!(img.map_direct(0, 512, false).unwrap().is_none());
         }
+        // The worker published the new cluster: the queues map it without the image's lock.
+        let dp = b.data_path().unwrap();
+        let mut pieces = Vec::new();
+        assert!(dp.map(4096, 4096, true, MAX_PIECES, &mut pieces));
+        assert_eq!(pieces.len(), 1);
+        assert!(
+            !dp.map(0, 512, false, MAX_PIECES, &mut pieces),
+            "backing data"
+        );
         let expect = |abs: usize, first: u8| match abs {
             0..4096 => first,
             4096..4608 => 0x11,
@@ -1180,6 +1253,42 @@ mod tests {
             std::fs::read(&base).unwrap().iter().all(|&v| v == 0x11),
             "the backing file is unchanged"
         );
+    }
+
+    #[test]
+    fn clusters_the_data_path_has_not_seen_yet_go_back_to_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("m.qcow2");
+        let ps = img.to_str().unwrap();
+        crate::qcow2::tests::qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"]);
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x33 0 1M", ps])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let b = open(&format!("qcow2:{ps}"), false, EngineChoice::IoUring);
+        let dp = b.data_path().unwrap();
+        assert_eq!(dp.tables(), 0, "nothing published at open");
+        let mut q = b.open_queue(4).unwrap();
+        // The first read misses the data path; the worker loads the L2 table, publishes it and
+        // hands the request back for the engine.
+        let got = vec![0u8; 65536];
+        let r = run(&mut *q, Request::Read { offset: 65536 }, &[&got]);
+        assert_eq!(r.unwrap(), 65536);
+        assert!(got.iter().all(|&v| v == 0x33));
+        assert_eq!(dp.tables(), 1);
+        let mut pieces = Vec::new();
+        assert!(dp.map(0, 1 << 20, true, MAX_PIECES, &mut pieces));
+        // An in-place write and a read back through the engine.
+        let w = Request::Write {
+            offset: 4096,
+            fua: true,
+        };
+        assert_eq!(run(&mut *q, w, &[&[0x44u8; 512]]).unwrap(), 512);
+        let r = run(&mut *q, Request::Read { offset: 0 }, &[&got]);
+        assert_eq!(r.unwrap(), 65536);
+        assert!(got[4096..4608].iter().all(|&v| v == 0x44));
+        assert!(got[..4096].iter().all(|&v| v == 0x33));
     }
 
     #[test]

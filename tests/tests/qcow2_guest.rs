@@ -3,6 +3,9 @@
 //! file system, reads it back after dropping its caches, trims it, sees an online resize and
 //! writes into the new space; afterwards `qemu-img check`
 //! is clean, `qemu-img` reads the guest's file system content, and the backing file is unchanged.
+//! Once on a standard overlay, once on one with extended L2 entries (subcluster allocation:
+//! the guest's 4 KiB writes allocate 2 KiB subclusters, the rest of a cluster still reads the
+//! backing file).
 
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +21,16 @@ const MARKER: &[u8] = b"backing-file-marker";
 
 #[test]
 fn guest_on_a_qcow2_overlay_over_a_backing_file() {
+    guest_on_an_overlay(None);
+}
+
+#[test]
+fn guest_on_an_extended_l2_qcow2_overlay_over_a_backing_file() {
+    guest_on_an_overlay(Some("extended_l2=on"));
+}
+
+/// The guest's run on an overlay made with `opts`.
+fn guest_on_an_overlay(opts: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("base.raw");
@@ -25,7 +38,7 @@ fn guest_on_a_qcow2_overlay_over_a_backing_file() {
     base_data.resize(128 * MIB as usize, 0x5a);
     std::fs::write(&base, &base_data).unwrap();
     let top = d.join("top.qcow2");
-    qcow2_overlay(&base, "raw", &top, None, None);
+    qcow2_overlay(&base, "raw", &top, opts, None);
     let (sock, ctl) = (d.join("vda.sock"), d.join("vda.ctl"));
     let disk = format!("tap:qcow:{}", top.display());
     let mut daemon = blkback(
@@ -107,6 +120,11 @@ check resize 'before=$(cat /sys/block/vda/size); echo VBACK-HOST:resize; i=0; \
         .unwrap();
     assert_eq!(status["device"]["kind"], "qcow2", "{status}");
     assert_eq!(status["device"]["qcow2"]["cluster_size"], 65536, "{status}");
+    assert_eq!(
+        status["device"]["qcow2"]["extended_l2"],
+        opts.is_some(),
+        "{status}"
+    );
     assert_eq!(
         status["device"]["qcow2"]["backing_chain"][0],
         std::fs::canonicalize(&base).unwrap().display().to_string(),

@@ -272,21 +272,49 @@ fn writes_discards_zeroes_and_resize_leave_images_qemu_img_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let src = source(d);
-    let variants: Vec<(&str, Vec<&str>)> = vec![
-        ("v3", vec!["-o", "compat=1.1"]),
-        ("v2", vec!["-o", "compat=0.10"]),
-        ("512 B clusters", vec!["-o", "cluster_size=512"]),
-        ("2 MiB clusters", vec!["-o", "cluster_size=2M"]),
-        ("compressed", vec!["-c", "-o", "compression_type=zstd"]),
-        ("refcount_bits=2", vec!["-o", "refcount_bits=2"]),
-        ("over a backing chain", vec![]),
+    // (what, qemu-img options, over a backing file (the options are the overlay's)).
+    let variants: Vec<(&str, Vec<&str>, bool)> = vec![
+        ("v3", vec!["-o", "compat=1.1"], false),
+        ("v2", vec!["-o", "compat=0.10"], false),
+        ("512 B clusters", vec!["-o", "cluster_size=512"], false),
+        ("2 MiB clusters", vec!["-o", "cluster_size=2M"], false),
+        (
+            "compressed",
+            vec!["-c", "-o", "compression_type=zstd"],
+            false,
+        ),
+        ("refcount_bits=2", vec!["-o", "refcount_bits=2"], false),
+        ("over a backing chain", vec![], true),
+        // Extended L2 (subclusters of 2 KiB and 512 bytes), alone and over a backing chain:
+        // writes allocate subclusters, copy on write only partial ones.
+        ("extended L2", vec!["-o", "extended_l2=on"], false),
+        (
+            "extended L2, 16 KiB clusters",
+            vec!["-o", "extended_l2=on,cluster_size=16k"],
+            false,
+        ),
+        (
+            "extended L2, compressed",
+            vec!["-c", "-o", "extended_l2=on"],
+            false,
+        ),
+        (
+            "extended L2 over a backing chain",
+            vec!["extended_l2=on"],
+            true,
+        ),
+        (
+            "extended L2, 16 KiB clusters, over a backing chain",
+            vec!["extended_l2=on,cluster_size=16k"],
+            true,
+        ),
     ];
-    for (n, (what, opts)) in variants.into_iter().enumerate() {
+    for (n, (what, opts, over_backing)) in variants.into_iter().enumerate() {
         let img = d.join(format!("w{n}.qcow2"));
         let base = d.join(format!("w{n}-base.qcow2"));
-        if what == "over a backing chain" {
+        if over_backing {
             qemu_img(&["convert", "-c", "-O", "qcow2", s(&src), s(&base)]);
-            qcow2_overlay(&base, "qcow2", &img, None, None);
+            qcow2_overlay(&base, "qcow2", &img, opts.first().copied(), None);
         } else {
             let mut args = vec!["convert", "-O", "qcow2"];
             args.extend_from_slice(&opts);
@@ -526,6 +554,16 @@ fn the_metadata_cache_stays_within_its_budget() {
 
 #[test]
 fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
+    kill_9_rounds(None);
+}
+
+#[test]
+fn kill_9_during_writes_to_an_extended_l2_overlay_never_corrupts() {
+    kill_9_rounds(Some("extended_l2=on"));
+}
+
+/// 20 rounds of the crash writer on an overlay made with `opts`, each ended by SIGKILL.
+fn kill_9_rounds(opts: Option<&str>) {
     use vback_tests::qcow2_ops::assert_flushed_data_survived;
     const FLUSH_EVERY: u64 = 8;
     let writer = env!("CARGO_BIN_EXE_qcow2-crash-writer");
@@ -533,7 +571,7 @@ fn kill_9_during_writes_never_corrupts_and_keeps_what_was_flushed() {
     let d = dir.path();
     let base = source(d);
     let img = d.join("crash.qcow2");
-    qcow2_overlay(&base, "raw", &img, None, None);
+    qcow2_overlay(&base, "raw", &img, opts, None);
     let base_before = std::fs::read(&base).unwrap();
     let current = d.join("now.raw");
     let mut baseline = base_before.clone();

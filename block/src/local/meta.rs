@@ -62,6 +62,9 @@ pub(super) struct Job {
     pub offset: u64,
     /// The request's buffers (reads and writes).
     pub iov: Vec<libc::iovec>,
+    /// A read or write the worker finds mapped (data clusters of the top image, once their L2
+    /// tables are loaded) goes back to the queue for its engine instead of being served here.
+    pub remap: bool,
     /// Where the result goes.
     pub port: Arc<MetaPort>,
 }
@@ -77,7 +80,7 @@ unsafe impl Send for Job {}
 /// A queue's mailbox for the worker's completions.
 #[derive(Debug)]
 pub(super) struct MetaPort {
-    done: Mutex<Vec<(u32, Result<u64, BlockError>)>>,
+    done: Mutex<Posted>,
     cv: Condvar,
     /// A duplicate of the queue engine's eventfd.
     notify: File,
@@ -93,38 +96,65 @@ impl MetaPort {
             return Err(std::io::Error::last_os_error());
         }
         Ok(MetaPort {
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new(Posted::default()),
             cv: Condvar::new(),
             // SAFETY: `fd` was just created above and is owned by nothing else.
             notify: unsafe { File::from_raw_fd(fd) },
         })
     }
 
-    fn post(&self, slot: u32, result: Result<u64, BlockError>) {
-        lock(&self.done).push((slot, result));
+    fn post(&self, slot: u32, outcome: Outcome) {
+        {
+            let mut d = lock(&self.done);
+            match outcome {
+                Outcome::Done(r) => d.results.push((slot, r)),
+                Outcome::Remap => d.remap.push(slot),
+            }
+        }
         self.cv.notify_all();
         // An eventfd counter write; EAGAIN (counter full) means it is readable already.
         let _ = (&self.notify).write(&1u64.to_ne_bytes());
     }
 
-    /// Moves the posted results into `out`; returns how many.
-    pub fn take(&self, out: &mut Vec<(u32, Result<u64, BlockError>)>) -> usize {
+    /// Moves the posted results into `out` and the slots handed back into `remap`; returns
+    /// how many jobs that finishes.
+    pub fn take(
+        &self,
+        out: &mut Vec<(u32, Result<u64, BlockError>)>,
+        remap: &mut Vec<u32>,
+    ) -> usize {
         let mut d = lock(&self.done);
-        let n = d.len();
-        out.append(&mut d);
+        let n = d.results.len() + d.remap.len();
+        out.append(&mut d.results);
+        remap.append(&mut d.remap);
         n
     }
 
-    /// Waits until some result is posted.
+    /// Waits until some job finishes.
     pub fn wait(&self) {
         let mut d = lock(&self.done);
-        while d.is_empty() {
+        while d.results.is_empty() && d.remap.is_empty() {
             d = self
                 .cv
                 .wait(d)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
+}
+
+/// What the worker posted and the queue has not taken yet.
+#[derive(Debug, Default)]
+struct Posted {
+    results: Vec<(u32, Result<u64, BlockError>)>,
+    /// Slots handed back for the engine.
+    remap: Vec<u32>,
+}
+
+/// How a job ended.
+enum Outcome {
+    Done(Result<u64, BlockError>),
+    /// The range is data in the top image, now published: the queue sends it to its engine.
+    Remap,
 }
 
 /// The worker thread of one qcow2 disk, shared by its backend and queues; joined when the last
@@ -174,9 +204,43 @@ fn serve(disk: &Disk, dp: &DataPath, rx: &Receiver<Job>) {
     };
     let path = crate::backend::path_of(&disk.uname);
     let mut buf = Vec::new();
+    let mut extents = Vec::new();
+    // Set when a job panicked: the image's state in memory is unknown, so no job runs after.
+    let mut failed = false;
     while let Ok(job) = rx.recv() {
+        let op = job.kind.operation();
+        if failed {
+            job.port.post(job.slot, Outcome::Done(Err(stopped(op))));
+            continue;
+        }
         let mut g = lock(img);
-        let r = run(&mut g, dp, &job, &mut buf).map_err(|e| {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if job.remap && remappable(&mut g, dp, &job, &mut extents) {
+                Ok(None)
+            } else {
+                run(&mut g, dp, &job, &mut buf).map(Some)
+            }
+        }));
+        drop(g);
+        let r = match ran {
+            Ok(Ok(None)) => {
+                job.port.post(job.slot, Outcome::Remap);
+                continue;
+            }
+            Ok(Ok(Some(n))) => Ok(n),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                log::error!(
+                    "the qcow2 metadata worker of {} failed (a bug); the disk's requests that need \
+                     it now fail with I/O errors: restart the daemon",
+                    disk.uname
+                );
+                failed = true;
+                job.port.post(job.slot, Outcome::Done(Err(stopped(op))));
+                continue;
+            }
+        };
+        let r = r.map_err(|e| {
             let e = BlockError::qcow2(job.kind.operation(), e);
             let e = if e.path.is_some() {
                 e
@@ -189,9 +253,36 @@ fn serve(disk: &Disk, dp: &DataPath, rx: &Receiver<Job>) {
                 e.at(job.offset)
             }
         });
-        drop(g);
-        job.port.post(job.slot, r);
+        job.port.post(job.slot, Outcome::Done(r));
     }
+}
+
+/// The error of a job the failed worker does not run.
+fn stopped(op: Operation) -> BlockError {
+    BlockError::new(
+        crate::error::ErrorKind::Io,
+        op,
+        "the qcow2 metadata worker has stopped after a failure (see the log); restart the daemon",
+    )
+}
+
+/// Whether a read or write is data in the top image (loading its L2 tables), published so the
+/// queue can send it to its engine. Errors are left to [`run`] to report.
+fn remappable(img: &mut Image, dp: &DataPath, job: &Job, extents: &mut Vec<(u64, u64)>) -> bool {
+    let write = match job.kind {
+        JobKind::Read => false,
+        JobKind::Write { .. } => true,
+        _ => return false,
+    };
+    let len: u64 = job.iov.iter().map(|v| v.iov_len as u64).sum();
+    if !matches!(
+        img.map_extents(job.offset, len, write, super::MAX_PIECES, extents),
+        Ok(true)
+    ) {
+        return false;
+    }
+    img.publish(dp, job.offset, len);
+    true
 }
 
 /// Runs one job on the image; publishes the range it touched.

@@ -336,11 +336,6 @@ impl Image {
                     "the image has internal snapshots (writing them is not supported); open it read-only",
                 ));
             }
-            if h.extended_l2() {
-                return Err(refuse(
-                    "writing images with extended L2 entries is not supported yet; open it read-only",
-                ));
-            }
         }
         let mut layers = vec![top];
         let mut chain_h = h.clone();
@@ -1532,17 +1527,226 @@ impl Image {
         Ok(())
     }
 
+    /// Sets an extended L2 entry and its subcluster bitmap: in the file first (the 16 bytes in
+    /// one write), then in the cache.
+    fn set_l2_ext(&mut self, off: u64, idx: usize, entry: u64, bitmap: u64) -> Result<()> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&entry.to_be_bytes());
+        b[8..].copy_from_slice(&bitmap.to_be_bytes());
+        self.write_at(&b, off + idx as u64 * 16, "update an L2 table")?;
+        let t = self.table(0, off)?;
+        t[2 * idx] = entry;
+        t[2 * idx + 1] = bitmap;
+        Ok(())
+    }
+
+    /// Writes `chunk` at `guest` within one cluster of an image with extended L2 entries, as
+    /// QEMU does: a cluster without a host cluster gets one; the subclusters the write touches
+    /// become allocated (their zero bits cleared), and only the parts of its first and last
+    /// subclusters that it does not cover, if those subclusters were not allocated, are copied
+    /// from what the guest read there (the backing chain, or zeroes). Untouched subclusters stay
+    /// as they were (unallocated ones still read from the backing file). Data is written before
+    /// the L2 entry that maps it.
+    fn write_ext(&mut self, guest: u64, chunk: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let sc = cs / 32;
+        let in_cluster = guest & (cs - 1);
+        let cluster = guest - in_cluster;
+        let (off, idx) = self.l2_for_write(guest)?;
+        let t = self.table(0, off)?;
+        let (entry, bitmap) = (t[2 * idx], t[2 * idx + 1]);
+        if entry & l2::COMPRESSED != 0 {
+            // A compressed cluster becomes a whole allocated cluster.
+            let h = self.alloc_cluster()?;
+            let mut full = vec![0u8; cs as usize];
+            let staged = self.read_layer(0, cluster, &mut full).and_then(|()| {
+                full[in_cluster as usize..in_cluster as usize + chunk.len()].copy_from_slice(chunk);
+                self.write_at(&full, h, "write data")
+            });
+            if let Err(e) = staged {
+                self.unalloc_cluster(h);
+                return Err(e);
+            }
+            if let Err(e) = self.set_l2_ext(off, idx, h | COPIED, 0xffff_ffff) {
+                if nothing_written(&e) {
+                    self.unalloc_cluster(h);
+                }
+                return Err(e);
+            }
+            if let Ok((old, _)) = decode_l2(entry, None, self.top().h.cluster_bits, 3, 0) {
+                self.free_later(old);
+            }
+            return Ok(());
+        }
+        let mut host = entry & OFFSET_MASK;
+        let bad = if entry & ZERO != 0 {
+            Some("the zero flag is reserved in extended L2 entries".to_owned())
+        } else if !host.is_multiple_of(cs) {
+            Some(format!(
+                "data cluster offset {host:#x} is not aligned to a cluster"
+            ))
+        } else if bitmap & (bitmap >> 32) & 0xffff_ffff != 0 {
+            Some("a subcluster is marked both allocated and zero".to_owned())
+        } else if host == 0 && bitmap & 0xffff_ffff != 0 {
+            Some("subclusters are allocated in a cluster without a host offset".to_owned())
+        } else {
+            None
+        };
+        if let Some(d) = bad {
+            return Err(self.corrupt(
+                0,
+                format!("L2 entry {idx} of the table at {off:#x} (guest offset {guest}): {d}"),
+            ));
+        }
+        if host != 0 && entry & COPIED == 0 {
+            return Err(self.corrupt(
+                0,
+                format!(
+                    "L2 entry {idx} of the table at {off:#x} is shared (no COPIED flag) but the image has no snapshots"
+                ),
+            ));
+        }
+        let end = in_cluster + chunk.len() as u64;
+        let (first, last) = (in_cluster / sc, (end - 1) / sc);
+        let allocated = |i: u64| host != 0 && bitmap & (1 << i) != 0;
+        // What to write: the chunk, widened to its first and last subclusters' edges where
+        // those are not allocated yet (copy on write of the rest of the subcluster).
+        let start = if allocated(first) {
+            in_cluster
+        } else {
+            first * sc
+        };
+        let stop = if allocated(last) {
+            end
+        } else {
+            (last + 1) * sc
+        };
+        let mut buf = vec![0u8; (stop - start) as usize];
+        if start < in_cluster {
+            self.read_layer(
+                0,
+                cluster + start,
+                &mut buf[..(in_cluster - start) as usize],
+            )?;
+        }
+        if stop > end {
+            let at = (end - start) as usize;
+            self.read_layer(0, cluster + end, &mut buf[at..])?;
+        }
+        buf[(in_cluster - start) as usize..(end - start) as usize].copy_from_slice(chunk);
+        let fresh = host == 0;
+        if fresh {
+            self.test_gate();
+            host = self.alloc_cluster()?;
+        }
+        if let Err(e) = self.write_at(&buf, host + start, "write data") {
+            if fresh {
+                self.unalloc_cluster(host);
+            }
+            return Err(e);
+        }
+        let mask = sub_mask(first, last);
+        let new_bitmap = (bitmap | mask) & !(mask << 32);
+        let new_entry = host | COPIED;
+        if (new_entry, new_bitmap) != (entry, bitmap)
+            && let Err(e) = self.set_l2_ext(off, idx, new_entry, new_bitmap)
+        {
+            if fresh && nothing_written(&e) {
+                self.unalloc_cluster(host);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Discards or zeroes `[guest, guest + len)` of an image with extended L2 entries: whole
+    /// clusters lose their host cluster (freed at the next flush) and read as zeroes (zero
+    /// bits) when zeroing or over a backing file; whole subclusters become zero subclusters
+    /// (unallocated ones, when discarding without a backing file); the parts of subclusters
+    /// left are written with zeroes when zeroing and left alone when discarding.
+    fn discard_ext(&mut self, guest: u64, len: u64, zero: bool) -> Result<()> {
+        let cs = self.cluster_size();
+        let sc = cs / 32;
+        let backing = self.layers.len() > 1;
+        let size = self.size();
+        let end = guest + len;
+        let mut g = guest;
+        while g < end {
+            let in_cluster = g & (cs - 1);
+            let take = (cs - in_cluster).min(end - g);
+            let stop = in_cluster + take;
+            // Whole subclusters (the end of the disk ends the last one).
+            let a = in_cluster.div_ceil(sc) * sc;
+            let b = if g + take == size {
+                stop.div_ceil(sc) * sc
+            } else {
+                stop / sc * sc
+            };
+            if a >= b {
+                if zero {
+                    self.write(g, &vec![0u8; take as usize])?;
+                }
+                g += take;
+                continue;
+            }
+            if zero {
+                if a > in_cluster {
+                    self.write(g, &vec![0u8; (a - in_cluster) as usize])?;
+                }
+                if stop > b {
+                    self.write(g - in_cluster + b, &vec![0u8; (stop - b) as usize])?;
+                }
+            }
+            let reads_zero = zero || backing;
+            if self.l2_slot(0, g)?.is_none() && !backing {
+                // No table and no backing file: reads as zeroes already.
+                g += take;
+                continue;
+            }
+            let (off, idx) = self.l2_for_write(g)?;
+            let t = self.table(0, off)?;
+            let (entry, bitmap) = (t[2 * idx], t[2 * idx + 1]);
+            let whole = a == 0 && b >= cs;
+            let mask = sub_mask(a / sc, (b / sc).min(32) - 1);
+            let zeros = if reads_zero { mask << 32 } else { 0 };
+            let (new_entry, new_bitmap, old) = if whole {
+                let old = decode_l2(entry, None, self.top().h.cluster_bits, 3, 0).ok();
+                (0, zeros, old.map(|o| o.0))
+            } else if entry & l2::COMPRESSED != 0 {
+                // Part of a compressed cluster: zeroes were written above; a discard is a hint.
+                g += take;
+                continue;
+            } else {
+                (entry, (bitmap & !mask & !(mask << 32)) | zeros, None)
+            };
+            if (new_entry, new_bitmap) != (entry, bitmap) {
+                self.set_l2_ext(off, idx, new_entry, new_bitmap)?;
+                if let Some(old) = old {
+                    self.free_later(old);
+                }
+            }
+            g += take;
+        }
+        self.maybe_flush()
+    }
+
     /// Writes guest bytes (allocating clusters as needed, copying on write from the backing
     /// chain, zero or compressed clusters).
     pub fn write(&mut self, guest: u64, data: &[u8]) -> Result<()> {
         self.check_writable(guest, data.len() as u64)?;
         let cs = self.cluster_size();
+        let ext_l2 = self.top().h.extended_l2();
         let mut pos = 0usize;
         while pos < data.len() {
             let g = guest + pos as u64;
             let in_cluster = g & (cs - 1);
             let take = ((cs - in_cluster) as usize).min(data.len() - pos);
             let chunk = &data[pos..pos + take];
+            if ext_l2 {
+                self.write_ext(g, chunk)?;
+                pos += take;
+                continue;
+            }
             let (off, idx) = self.l2_for_write(g)?;
             let (ext, _) = self.lookup(0, g)?;
             match ext {
@@ -1607,6 +1811,9 @@ impl Image {
     /// zeroing and left alone when discarding (discard is a hint).
     pub fn discard(&mut self, guest: u64, len: u64, zero: bool) -> Result<()> {
         self.check_writable(guest, len)?;
+        if self.top().h.extended_l2() {
+            return self.discard_ext(guest, len, zero);
+        }
         let cs = self.cluster_size();
         let v3 = self.top().h.version >= 3;
         let backing = self.layers.len() > 1;
@@ -1768,6 +1975,17 @@ impl Drop for Image {
             log::error!("closing the qcow2 image: {e}");
         }
     }
+}
+
+/// The bits of subclusters `first..=last` in a subcluster allocation bitmap's low half.
+fn sub_mask(first: u64, last: u64) -> u64 {
+    let n = last + 1 - first;
+    let ones = if n >= 32 {
+        0xffff_ffff
+    } else {
+        (1u64 << n) - 1
+    };
+    ones << first
 }
 
 /// Whether `e` is a write that the kernel refused before writing anything (no space, or over

@@ -39,6 +39,8 @@ pub(crate) struct Gate {
     /// (open, threads that reached the gate).
     state: std::sync::Mutex<(bool, usize)>,
     cv: std::sync::Condvar,
+    /// Panic instead of waiting (a bug in the slow path, simulated).
+    panics: bool,
 }
 
 impl Gate {
@@ -47,8 +49,17 @@ impl Gate {
         std::sync::Arc::new(Gate::default())
     }
 
+    /// A gate that panics when reached.
+    pub(crate) fn panicking() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            panics: true,
+            ..Gate::default()
+        })
+    }
+
     /// Waits while the gate is closed.
     pub(crate) fn pass(&self) {
+        assert!(!self.panics, "the test gate panics here");
         let mut g = self.state.lock().unwrap();
         g.1 += 1;
         self.cv.notify_all();
@@ -417,4 +428,144 @@ fn table_moves_on_a_full_file_system_fail_without_leaking() {
     img.close().unwrap();
     drop(img);
     qemu_img(&["check", ps]);
+}
+
+#[test]
+fn extended_l2_writes_allocate_subclusters_and_copy_on_write_only_partial_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    let p = dir.path().join("ext.qcow2");
+    let (b, ps) = (base.to_str().unwrap(), p.to_str().unwrap());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-F",
+        "raw",
+        "-b",
+        b,
+        ps,
+    ]);
+    let cs = 65536u64;
+    {
+        let mut img = open(&p, true);
+        assert!(img.info().extended_l2);
+        // 1 KiB in the middle of subcluster 1 (2 KiB subclusters) of cluster 1.
+        img.write(cs + 2048 + 512, &[0xabu8; 1024]).unwrap();
+        let kind = |img: &mut Image, at: u64| img.lookup(0, at).unwrap().0;
+        assert_eq!(
+            kind(&mut img, cs),
+            Ext::Unallocated,
+            "subcluster 0 untouched"
+        );
+        let Ext::Data { host, copied: true } = kind(&mut img, cs + 2048) else {
+            panic!("subcluster 1 is allocated");
+        };
+        assert_eq!(
+            kind(&mut img, cs + 4096),
+            Ext::Unallocated,
+            "subcluster 2 untouched"
+        );
+        // The partial subcluster was completed from the backing file, and only it.
+        let mut sub = vec![0u8; 2048];
+        img.pread_layer(0, &mut sub, host).unwrap();
+        assert!(sub[..512].iter().all(|&v| v == 0x11));
+        assert!(sub[512..1536].iter().all(|&v| v == 0xab));
+        assert!(sub[1536..].iter().all(|&v| v == 0x11));
+        // A second write to another subcluster of the same cluster reuses its host cluster.
+        img.write(cs + 8 * 2048, &[0xcdu8; 4096]).unwrap();
+        assert_eq!(
+            kind(&mut img, cs + 8 * 2048),
+            Ext::Data {
+                host: host - 2048 + 8 * 2048,
+                copied: true
+            }
+        );
+        // Zeroing whole subclusters sets their zero bits; a whole cluster loses its host
+        // cluster and reads as zeroes over the backing file; a discard of part of a subcluster
+        // is ignored.
+        img.discard(cs + 8 * 2048, 2048, true).unwrap();
+        assert!(matches!(kind(&mut img, cs + 8 * 2048), Ext::Zero { .. }));
+        assert!(matches!(kind(&mut img, cs + 9 * 2048), Ext::Data { .. }));
+        img.write(3 * cs, &[0x77u8; 512]).unwrap();
+        img.discard(3 * cs, cs, true).unwrap();
+        assert!(matches!(kind(&mut img, 3 * cs), Ext::Zero { .. }));
+        img.discard(cs + 2048 + 512, 512, false).unwrap();
+        let mut got = vec![0u8; 2048];
+        img.read(cs + 2048, &mut got).unwrap();
+        assert_eq!(got, sub);
+        img.close().unwrap();
+    }
+    // QEMU agrees: the image is clean and reads what was written.
+    qemu_img(&["check", "-q", ps]);
+    let io = |cmd: &str| {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd, ps])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("Pattern verification failed"),
+            "{cmd}: {text}"
+        );
+    };
+    io("read -P 0x11 65536 2560");
+    io("read -P 0xab 68096 1024");
+    io("read -P 0x11 69120 11264");
+    io("read -P 0 81920 2048");
+    io("read -P 0xcd 83968 2048");
+    io("read -P 0 196608 65536");
+    io("read -P 0x11 262144 65536");
+}
+
+#[test]
+fn a_malformed_extended_l2_entry_fails_writes_with_a_corruption_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        ps,
+        "1M",
+    ]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 1 0 4k", ps])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Find the L2 table (the L1 table's first entry) and mark subcluster 5 of cluster 0
+    // both allocated and zero.
+    let (l2, bitmap_at) = {
+        let img = open(&p, false);
+        let l2 = img.top().l1[0] & OFFSET_MASK;
+        (l2, l2 + 8)
+    };
+    assert_ne!(l2, 0);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, bitmap_at).unwrap();
+    let bm = u64::from_be_bytes(b) | (1 << 5) | (1 << 37);
+    f.write_all_at(&bm.to_be_bytes(), bitmap_at).unwrap();
+    drop(f);
+    let mut img = open(&p, true);
+    let e = img.write(20 << 10, &[7u8; 512]).unwrap_err();
+    assert!(matches!(e, Qcow2Error::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("both allocated and zero"), "{e}");
+    // Reads of the sound subclusters still work.
+    let mut got = vec![0u8; 4096];
+    img.read(0, &mut got).unwrap();
+    assert!(got.iter().all(|&v| v == 1));
 }
