@@ -29,6 +29,8 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Requests in flight now.
     pub in_flight: AtomicU64,
+    /// Requests resubmitted after a restart (left in flight by a crashed predecessor).
+    pub resubmitted: AtomicU64,
 }
 
 impl QueueStats {
@@ -52,6 +54,7 @@ impl QueueStats {
             "errors": g(&self.errors),
             "unsupported": g(&self.unsupported),
             "in_flight": g(&self.in_flight),
+            "resubmitted": g(&self.resubmitted),
         })
     }
 }

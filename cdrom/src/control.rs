@@ -62,6 +62,7 @@ impl ControlHandler for CdControl {
             "get_event_status": cd.count(0x4a),
             "prevent_allow": cd.count(0x1e),
             "start_stop": cd.count(0x1b),
+            "resubmitted": cd.resubmitted(),
         })
     }
 

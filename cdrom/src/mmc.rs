@@ -231,6 +231,8 @@ pub struct Cdrom {
     last_sense: Sense,
     serial: String,
     counts: Box<[u64; 256]>,
+    /// Commands resubmitted after a restart (in-flight tracking), for `stats`.
+    resubmitted: u64,
 }
 
 fn be16(b: &[u8]) -> usize {
@@ -267,6 +269,7 @@ impl Cdrom {
                 .take(20)
                 .collect(),
             counts: Box::new([0; 256]),
+            resubmitted: 0,
         }
     }
 
@@ -277,6 +280,16 @@ impl Cdrom {
     /// while no daemon ran is not reported.
     pub fn take_over(&mut self) {
         self.unit_attention.retain(|s| *s != POWER_ON);
+    }
+
+    /// Counts `n` commands a crashed predecessor left in flight, resubmitted to this drive.
+    pub fn note_resubmitted(&mut self, n: usize) {
+        self.resubmitted += n as u64;
+    }
+
+    /// Commands resubmitted after restarts.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted
     }
 
     /// Whether a disc is in the closed drive.
