@@ -91,6 +91,7 @@ impl ControlHandler for BlkControl {
             "engine": self.backend.engine_name(),
             "serial": String::from_utf8_lossy(&dev.serial).trim_end_matches('\0'),
             "warning": info.warning,
+            "image_locked": dev.disk.lock_held(),
             "last_error": last_error,
         })
     }

@@ -71,6 +71,9 @@ pub struct Config {
     /// The vbd hotplug script (`script=` in the disk entry), run with `add` before the disk is
     /// opened and `remove` after it is closed.
     pub script: Option<Hotplug>,
+    /// A live migration's destination (`--incoming`): the image is opened without its lock,
+    /// which is taken when the front end starts the device (after the source released it).
+    pub incoming: bool,
     /// Daemon options.
     pub common: CommonArgs,
 }
@@ -150,12 +153,35 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         DiskMode::ReadWrite => LockMode::Exclusive,
         DiskMode::ReadWriteShared => LockMode::None,
     };
+    if config.incoming {
+        if matches!(
+            config.disk,
+            vback_common::spec::DiskUname::Image {
+                format: vback_common::spec::ImageFormat::Qcow2,
+                ..
+            }
+        ) {
+            return Err(Error::Config(
+                "--incoming serves raw images and block devices only: a qcow2 image's metadata \
+                 would be read before the migration's source stops writing it"
+                    .into(),
+            ));
+        }
+        log::info!(
+            "--incoming: the image is opened without its lock, which is taken when the front \
+             end starts the device (once the migration's source has released it)"
+        );
+    }
     let disk = open_backend(
         &config.disk,
         DiskOptions {
             read_only,
             direct: !config.page_cache,
-            lock,
+            lock: if config.incoming {
+                LockMode::None
+            } else {
+                lock
+            },
             qcow2: config.qcow2.clone(),
         },
         config.engine,
@@ -195,7 +221,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         w.set_poll(config.poll);
         workers.push(w);
     }
-    let backend = BlkBackend::new(dev.clone(), workers, queue_size, config.inflight);
+    let backend = BlkBackend::new(dev.clone(), workers, queue_size, config.inflight, lock);
     let info = dev.disk.info();
     log::info!(
         "disk {} ({}, {} bytes, {}{}), {} queue(s) of {}, engine {}, serial {}",

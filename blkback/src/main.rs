@@ -65,6 +65,13 @@ struct Args {
     #[arg(long, hide = true)]
     no_inflight: bool,
 
+    /// Be a live migration's destination: open the image without its lock and take the lock
+    /// only when the front end starts the device, after the source's blkback released it (it
+    /// does when its front end stops the device while logging dirty pages). If the lock cannot
+    /// be taken then, the device does not start. Raw images and block devices.
+    #[arg(long)]
+    incoming: bool,
+
     /// Serial number the guest reads (/sys/block/vdX/serial; up to 20 bytes). Default: "vback-"
     /// and a hash of the image path, stable across restarts.
     #[arg(long, value_name = "ID")]
@@ -227,6 +234,7 @@ fn main() -> ExitCode {
         },
         poll: std::time::Duration::from_micros(args.poll_us),
         inflight: !args.no_inflight,
+        incoming: args.incoming,
         qcow2: vback_block::qcow2::OpenOptions {
             writable: false,
             cache_bytes: args.qcow2_cache_size,

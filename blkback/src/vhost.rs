@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::virtio::{BlkConfig, CONFIG_WCE_OFFSET};
 use crate::worker::{Device, Mem, Vring, Worker};
+use vback_block::lock::LockMode;
 
 /// The vhost-user-blk backend: cloned into every connection, state shared.
 #[derive(Clone)]
@@ -33,6 +34,9 @@ struct Inner {
     acked: AtomicU64,
     /// The back-end request channel of the connected front end (for CONFIG_CHANGE_MSG).
     channel: Mutex<Option<BackendChannel>>,
+    /// The image lock the device holds while it runs (taken when it starts if the disk was
+    /// opened without it, `--incoming`, or released by a migration).
+    lock_mode: LockMode,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -56,6 +60,7 @@ impl BlkBackend {
         workers: Vec<Worker>,
         queue_size: u16,
         inflight: bool,
+        lock_mode: LockMode,
     ) -> BlkBackend {
         BlkBackend {
             inner: Arc::new(Inner {
@@ -65,6 +70,7 @@ impl BlkBackend {
                 inflight,
                 acked: AtomicU64::new(0),
                 channel: Mutex::new(None),
+                lock_mode,
             }),
         }
     }
@@ -275,6 +281,55 @@ impl VhostUserBackend for BlkBackend {
             lock(w).drain(true);
         }
         Ok(())
+    }
+
+    fn device_starting(&self) -> io::Result<()> {
+        let disk = &self.inner.dev.disk;
+        match disk.take_lock(self.inner.lock_mode) {
+            Ok(true) => {
+                log::info!(
+                    "the device starts: took the image lock (the disk was opened without it, \
+                     as a migration's destination, or a migration released it)"
+                );
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let e = format!(
+                    "the device cannot start: the image lock cannot be taken, so the guest must \
+                     not write the disk ({e}); is the migration's source still running the \
+                     device?"
+                );
+                log::error!("{e}");
+                Err(io::Error::other(e))
+            }
+        }
+    }
+
+    fn device_stopped(&self, migrating: bool) -> io::Result<()> {
+        if !migrating {
+            return Ok(());
+        }
+        // Every queue was drained by stop_vring: what the guest wrote is on the disk once it
+        // is flushed, and the destination may take over.
+        match self.inner.dev.disk.release_lock() {
+            Ok(()) => {
+                log::info!(
+                    "the front end stopped the device while logging dirty pages (a live \
+                     migration's source): the disk is flushed and its image lock released for \
+                     the destination"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let e = format!(
+                    "a live migration stopped the device but the disk cannot be flushed; its \
+                     image lock is kept (the destination cannot start): {e}"
+                );
+                log::error!("{e}");
+                Err(io::Error::other(e))
+            }
+        }
     }
 
     fn handle_event(

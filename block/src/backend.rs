@@ -195,6 +195,25 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn close(&self) -> Result<(), BlockError> {
         Ok(())
     }
+
+    /// Live migration's handoff on the source, after every queue was drained: makes
+    /// everything durable and releases the disk's lock (the disk stays open; see
+    /// [`BlockBackend::take_lock`]).
+    fn release_lock(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    /// Locks the disk for `mode` if it is not locked (a migration's destination opened it
+    /// without the lock; a source that released it resumes): an error while another process
+    /// holds a conflicting lock. True if it took the lock now.
+    fn take_lock(&self, _mode: crate::lock::LockMode) -> Result<bool, BlockError> {
+        Ok(false)
+    }
+
+    /// Whether the disk holds its image lock now (`None`: nothing to lock, the null device).
+    fn lock_held(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// One device queue's access to the disk. Used by one thread at a time.

@@ -489,6 +489,60 @@ impl Disk {
         self.uname.path()
     }
 
+    /// Live migration's handoff on the source, once no queue has requests in flight: makes
+    /// every write durable (a qcow2 image's metadata too) and releases the image's lock, so
+    /// that the destination's daemon can take it. The disk stays open: if the migration fails
+    /// the front end starts the device here again, and [`Disk::take_lock`] locks it again.
+    pub fn release_lock(&self) -> Result<(), DiskError> {
+        let r = match (&self.qcow2, &self.files) {
+            (Some(img), _) => vback_common::sync::lock(img)
+                .flush()
+                .map_err(DiskError::from),
+            (None, Some(files)) if !self.read_only => {
+                files.main.sync_data().map_err(|source| DiskError::Io {
+                    op: "flush (fdatasync)",
+                    path: self.path().map(Path::to_path_buf).unwrap_or_default(),
+                    source,
+                })
+            }
+            _ => Ok(()),
+        };
+        // Not released when the flush failed: the destination must not take over an image
+        // whose last writes may not be on it.
+        r?;
+        vback_common::sync::lock(&self.lock).take();
+        Ok(())
+    }
+
+    /// Locks the image for `mode` if it is not locked now (a destination of a migration
+    /// opened it unlocked; a source released it): fails, naming who holds it, while another
+    /// process holds a conflicting lock. True if it took the lock now.
+    pub fn take_lock(&self, mode: LockMode) -> Result<bool, DiskError> {
+        let (Some(files), Some(path)) = (&self.files, self.path()) else {
+            return Ok(false);
+        };
+        let mut held = vback_common::sync::lock(&self.lock);
+        if held.as_ref().is_some_and(ImageLock::is_held) || mode == LockMode::None {
+            return Ok(false);
+        }
+        // No patience: the source released its lock before its front end stopped the device
+        // (a close, synchronous), so a lock still there is a process still using the image.
+        *held = Some(ImageLock::acquire(
+            &files.main,
+            path,
+            mode,
+            std::time::Duration::ZERO,
+        )?);
+        Ok(true)
+    }
+
+    /// Whether the image is locked by this disk now.
+    pub fn lock_held(&self) -> bool {
+        vback_common::sync::lock(&self.lock)
+            .as_ref()
+            .is_some_and(ImageLock::is_held)
+    }
+
     /// At exit, once no queue has requests in flight: makes every write durable, closes a
     /// qcow2 image (flushing, and giving back the clusters it reserved) and releases the
     /// disk's lock, even while other holders of the disk (a control request's thread) still

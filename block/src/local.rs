@@ -159,6 +159,22 @@ impl BlockBackend for LocalBackend {
             .map_err(|e| BlockError::disk(Operation::Flush, e))
     }
 
+    fn release_lock(&self) -> Result<(), BlockError> {
+        self.disk
+            .release_lock()
+            .map_err(|e| BlockError::disk(Operation::Flush, e))
+    }
+
+    fn take_lock(&self, mode: crate::lock::LockMode) -> Result<bool, BlockError> {
+        self.disk
+            .take_lock(mode)
+            .map_err(|e| BlockError::disk(Operation::Open, e))
+    }
+
+    fn lock_held(&self) -> Option<bool> {
+        self.disk.files.as_ref().map(|_| self.disk.lock_held())
+    }
+
     fn open_queue(&self, depth: u32) -> Result<Box<dyn BlockQueue>, BlockError> {
         let Some(files) = &self.disk.files else {
             return Ok(Box::new(NullQueue::new(depth)));

@@ -82,6 +82,14 @@ impl SharedMemory {
         unsafe { p.read_volatile() }
     }
 
+    /// Copies all of `other` (as large) into this memory: a migration's RAM transfer.
+    pub fn copy_from(&self, other: &SharedMemory) {
+        assert_eq!(self.len, other.len);
+        // SAFETY: two distinct mappings (each owned by its value) of `len` bytes each; nothing
+        // else writes them while the test copies (their back ends are stopped).
+        unsafe { std::ptr::copy_nonoverlapping(other.addr, self.addr, self.len as usize) };
+    }
+
     /// The little-endian u16 at `gpa` (2-byte aligned), loaded with Acquire: a ring index the
     /// backend publishes.
     pub fn load_u16(&self, gpa: u64) -> u16 {
@@ -124,27 +132,46 @@ pub mod blk_layout {
 /// Shares `mem` (all of it, at guest address 0) and starts queue 0 in [`blk_layout`]'s rings
 /// at avail index `base`, with `call` and `kick`.
 fn start_queue0(fe: &mut Frontend, mem: &SharedMemory, base: u16, call: &EventFd, kick: &EventFd) {
+    try_start_queue0(fe, mem, base, call, kick).unwrap();
+}
+
+/// Queue 0's ring addresses in `mem` ([`blk_layout`]), the used ring logged at its guest
+/// address when `log` is set.
+fn queue0_addr(mem: &SharedMemory, log: bool) -> VringConfigData {
     use blk_layout::*;
-    fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
     let va = mem.addr() as u64;
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: va + DESC,
-            used_ring_addr: va + USED,
-            avail_ring_addr: va + AVAIL,
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, base).unwrap();
-    fe.set_vring_call(0, call).unwrap();
-    fe.set_vring_kick(0, kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    VringConfigData {
+        queue_max_size: QSIZE,
+        queue_size: QSIZE,
+        flags: u32::from(log),
+        desc_table_addr: va + DESC,
+        used_ring_addr: va + USED,
+        avail_ring_addr: va + AVAIL,
+        log_addr: log.then_some(USED),
+    }
+}
+
+/// [`start_queue0`], with the first request the back end refused as the error.
+fn try_start_queue0(
+    fe: &mut Frontend,
+    mem: &SharedMemory,
+    base: u16,
+    call: &EventFd,
+    kick: &EventFd,
+) -> Result<(), String> {
+    use blk_layout::*;
+    let e = |what: &'static str| move |e| format!("{what}: {e}");
+    fe.set_mem_table(&[mem.info(0, MEM)])
+        .map_err(e("SET_MEM_TABLE"))?;
+    fe.set_vring_num(0, QSIZE).map_err(e("SET_VRING_NUM"))?;
+    fe.set_vring_addr(0, &queue0_addr(mem, false))
+        .map_err(e("SET_VRING_ADDR"))?;
+    fe.set_vring_base(0, base).map_err(e("SET_VRING_BASE"))?;
+    fe.set_vring_call(0, call).map_err(e("SET_VRING_CALL"))?;
+    fe.set_vring_kick(0, kick).map_err(e("SET_VRING_KICK"))?;
+    fe.set_vring_enable(0, true)
+        .map_err(e("SET_VRING_ENABLE"))?;
+    Ok(())
 }
 
 /// Descriptor flag: the device writes this buffer.
@@ -155,6 +182,7 @@ pub const DESC_WRITE: u16 = 2;
 #[allow(missing_debug_implementations)]
 pub struct BlkDriver {
     _fe: Frontend,
+    features: u64,
     kick: EventFd,
     _call: EventFd,
     mem: SharedMemory,
@@ -179,6 +207,7 @@ impl BlkDriver {
         start_queue0(&mut fe, &mem, 0, &call, &kick);
         BlkDriver {
             _fe: fe,
+            features: f,
             kick,
             _call: call,
             mem,
@@ -189,6 +218,71 @@ impl BlkDriver {
     /// The guest memory.
     pub fn mem(&self) -> &SharedMemory {
         &self.mem
+    }
+
+    /// Connects as a front end that can migrate (REPLY_ACK and LOG_SHMFD negotiated; each
+    /// request acknowledged) and starts queue 0 at avail index `base`; the back end's refusal
+    /// (the request it refused) is the error.
+    pub fn connect_migratable(
+        sock: &Path,
+        base: u16,
+        mem: SharedMemory,
+    ) -> Result<BlkDriver, String> {
+        use blk_layout::*;
+        let mut fe = Frontend::connect(sock, 1).map_err(|e| format!("connect: {e}"))?;
+        fe.set_owner().map_err(|e| format!("SET_OWNER: {e}"))?;
+        let f = fe
+            .get_features()
+            .map_err(|e| format!("GET_FEATURES: {e}"))?;
+        assert_ne!(f & (1 << 26), 0, "VHOST_F_LOG_ALL offered");
+        let f = f & !(1 << 26);
+        let pf = fe
+            .get_protocol_features()
+            .map_err(|e| format!("GET_PROTOCOL_FEATURES: {e}"))?;
+        let want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD;
+        assert!(pf.contains(want), "{pf:?}");
+        fe.set_protocol_features(want)
+            .map_err(|e| format!("SET_PROTOCOL_FEATURES: {e}"))?;
+        // Every request acknowledged: a refusal shows at the request refused.
+        fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_features(f)
+            .map_err(|e| format!("SET_FEATURES: {e}"))?;
+        assert_eq!(mem.len, MEM, "guest memory of blk_layout::MEM bytes");
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        try_start_queue0(&mut fe, &mem, base, &call, &kick)?;
+        Ok(BlkDriver {
+            _fe: fe,
+            features: f,
+            kick,
+            _call: call,
+            mem,
+            next: base,
+        })
+    }
+
+    /// A migration starts, as QEMU starts it: VHOST_F_LOG_ALL acked, the dirty log (`log`,
+    /// `bytes` of it) shared, and queue 0's addresses sent again with the used ring's log
+    /// address.
+    pub fn start_logging(&mut self, log: &SharedMemory, bytes: u64) {
+        self._fe.set_features(self.features | 1 << 26).unwrap();
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: bytes,
+            mmap_offset: 0,
+            mmap_handle: log.fd.as_raw_fd(),
+        };
+        self._fe.set_log_base(0, Some(region)).unwrap();
+        self._fe
+            .set_vring_addr(0, &queue0_addr(&self.mem, true))
+            .unwrap();
+    }
+
+    /// Stops queue 0 (GET_VRING_BASE, as QEMU when it stops the device): the avail index the
+    /// destination starts at.
+    pub fn stop(&mut self) -> u16 {
+        self._fe.get_vring_base(0).unwrap() as u16
     }
 
     /// One request (header, optional data out, status in); true if it completed with OK

@@ -96,6 +96,22 @@ pub trait VhostUserBackend: Send + Sync {
         Ok(())
     }
 
+    /// The device starts: a ring starts running (its kick arrived) while no other ring runs.
+    /// An error refuses the request that started it (the connection ends with the error in
+    /// the log): blkback takes its image lock here when it does not hold it (a live
+    /// migration's destination, `--incoming`, or a source whose migration failed).
+    fn device_starting(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every ring has stopped (GET_VRING_BASE of the last running one; each was drained by
+    /// [`VhostUserBackend::stop_vring`]). `migrating`: the front end was logging dirty pages
+    /// (VHOST_F_LOG_ALL), so this is a live migration's source stopping the device to hand it
+    /// to the destination: blkback flushes and releases its image lock here.
+    fn device_stopped(&self, _migrating: bool) -> Result<()> {
+        Ok(())
+    }
+
     /// Handle an event of worker thread `thread_id`.
     ///
     /// `device_event` below the number of the thread's vrings is a kick of `vrings[device_event]`

@@ -804,8 +804,10 @@ impl<T: VhostUserBackend> Connection<T> {
                 // it until it is replaced).
                 self.log = Some(Arc::new(log));
                 self.update_logging();
-                // QEMU waits for a reply without a payload (as DPDK answers it).
-                Ok(Reply::Body(Vec::new()))
+                // The front end waits for a reply: QEMU takes any payload (DPDK sends none),
+                // the vhost crate's front end (cloud-hypervisor, vmm-min) wants the log
+                // region's description back, as its request had it.
+                Ok(Reply::Body(m.body.clone()))
             }
             req::SET_LOG_FD => {
                 self.need_protocol(VhostUserProtocolFeatures::LOG_SHMFD, "LOG_SHMFD")?;
@@ -1197,6 +1199,7 @@ impl<T: VhostUserBackend> Connection<T> {
     fn get_vring_base(&mut self, ring: u32) -> Result<u16, RequestError> {
         let index = self.vring_index(ring)?;
         let vring = &self.vrings[index];
+        let was_running = vring.get_ref().get_queue().ready();
         // "Client must start ring upon receiving a kick (that is, detecting that file
         // descriptor is readable) on the descriptor specified by VHOST_USER_SET_VRING_KICK,
         // and stop ring upon receiving VHOST_USER_GET_VRING_BASE."
@@ -1226,6 +1229,11 @@ impl<T: VhostUserBackend> Connection<T> {
             );
         } else {
             log::debug!("ring {index}: stopped at {next_avail}, every request completed");
+        }
+        if was_running && self.running_rings() == 0 {
+            self.backend
+                .device_stopped(self.logging())
+                .map_err(RequestError::Device)?;
         }
         vring.set_kick(None);
         vring.set_call(None);
@@ -1267,11 +1275,24 @@ impl<T: VhostUserBackend> Connection<T> {
             !st.get_queue().ready() && st.has_kick()
         };
         if needs_init {
+            if self.running_rings() == 0 {
+                self.backend
+                    .device_starting()
+                    .map_err(RequestError::Device)?;
+            }
             self.start_inflight(index)?;
             vring.set_queue_ready(true);
             self.update_vring_registration(vring, index)?;
         }
         Ok(())
+    }
+
+    /// How many rings run (started, not stopped by GET_VRING_BASE).
+    fn running_rings(&self) -> usize {
+        self.vrings
+            .iter()
+            .filter(|v| v.get_ref().get_queue().ready())
+            .count()
     }
 
     /// The worker thread serving ring `index`.

@@ -1,0 +1,147 @@
+//! Live migration of a blkback disk (#15 item 4), with this crate's front end playing QEMU:
+//! the source's blkback logs what it writes into guest memory once the front end logs dirty
+//! pages, and hands the image to a destination blkback started with `--incoming` on the same
+//! image; at no point do both hold the image's write lock, and a destination that starts
+//! while the source still runs the device is refused.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use vback_common::control::ControlClient;
+use vback_tests::frontend::{BlkDriver, DESC_WRITE, SharedMemory, blk_layout};
+use vback_tests::process::blkback;
+
+fn image_locked(ctl: &Path) -> bool {
+    let st = ControlClient::connect(ctl)
+        .unwrap()
+        .call("status", Value::Null)
+        .unwrap();
+    st["device"]["image_locked"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("status has image_locked: {st}"))
+}
+
+/// A read of sector 0 into the data buffer; true if it completed with OK.
+fn read0(d: &mut BlkDriver) -> bool {
+    use blk_layout::*;
+    d.mem().put(HDR, &[0u8; 16]);
+    d.mem().put(STATUS, &[0xff]);
+    d.submit(&[
+        (HDR, 16, 0),
+        (DATA, 512, DESC_WRITE),
+        (STATUS, 1, DESC_WRITE),
+    ]) && d.mem().get8(STATUS) == 0
+}
+
+/// The dirty pages in the first `bytes` of a log bitmap.
+fn dirty_pages(log: &SharedMemory, bytes: u64) -> Vec<u64> {
+    (0..bytes * 8)
+        .filter(|p| log.get8(p / 8) & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+#[test]
+fn a_blkback_disk_is_handed_over_to_an_incoming_blkback_with_one_writer_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk = format!("file:{}", image.display());
+    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+    let (ca, cb) = (d.join("a.ctl"), d.join("b.ctl"));
+    let ctl = |c: &Path| c.to_str().unwrap().to_owned();
+    let mut a = blkback(
+        &sa,
+        &["--disk", &disk, "--control", &ctl(&ca)],
+        &d.join("a.log"),
+    )
+    .unwrap();
+    // The destination starts while the source holds the lock: it opens the image unlocked.
+    let mut b = blkback(
+        &sb,
+        &["--disk", &disk, "--control", &ctl(&cb), "--incoming"],
+        &d.join("b.log"),
+    )
+    .unwrap();
+    assert!(image_locked(&ca));
+    assert!(!image_locked(&cb), "an incoming blkback holds no lock");
+
+    // The guest writes through the source.
+    let mut fa = BlkDriver::connect_migratable(&sa, 0, SharedMemory::new(blk_layout::MEM)).unwrap();
+    let pattern: Vec<u8> = (0..512).map(|i| (i * 7 + 3) as u8).collect();
+    assert!(
+        fa.request(1, 0, Some(&pattern)),
+        "a write through the source"
+    );
+
+    // A destination started too early (the source still runs the device) is refused.
+    let e = BlkDriver::connect_migratable(&sb, 0, SharedMemory::new(blk_layout::MEM))
+        .err()
+        .unwrap_or_else(|| panic!("not refused: {}", b.log()));
+    assert!(e.contains("SET_VRING_KICK"), "{e}");
+    assert!(
+        b.log()
+            .contains("the device cannot start: the image lock cannot be taken"),
+        "{}",
+        b.log()
+    );
+    assert!(!image_locked(&cb) && image_locked(&ca));
+
+    // Migration: logging on, a read the source serves is logged (the data buffer's page, the
+    // status byte's, the used ring's), then the source stops the device.
+    let log = SharedMemory::new(4096);
+    fa.start_logging(&log, 64);
+    assert!(read0(&mut fa));
+    assert_eq!(fa.mem().get8(blk_layout::DATA + 5), pattern[5]);
+    let (used, hdr, data) = (
+        blk_layout::USED / 4096,
+        blk_layout::HDR / 4096,
+        blk_layout::DATA / 4096,
+    );
+    assert_eq!(dirty_pages(&log, 64), vec![used, hdr, data]);
+    let base = fa.stop();
+    assert_eq!(base, 2, "both requests were taken and completed");
+    assert!(
+        !image_locked(&ca),
+        "the source released the lock when its device stopped during the migration"
+    );
+    assert!(
+        a.log().contains("image lock released for the destination"),
+        "{}",
+        a.log()
+    );
+
+    // The destination's front end starts the device where the source stopped: the
+    // destination takes the lock and sees what the guest wrote.
+    let dest_mem = SharedMemory::new(blk_layout::MEM);
+    dest_mem.copy_from(fa.mem());
+    let mut fb = BlkDriver::connect_migratable(&sb, base, dest_mem).unwrap();
+    assert!(image_locked(&cb) && !image_locked(&ca));
+    assert!(read0(&mut fb));
+    assert_eq!(
+        (0..512)
+            .map(|i| fb.mem().get8(blk_layout::DATA + i))
+            .collect::<Vec<u8>>(),
+        pattern
+    );
+
+    // The source's front end resuming now (a migration QEMU would not fail at this point) is
+    // refused: the destination writes.
+    drop(fa);
+    let e = BlkDriver::connect_migratable(&sa, base, SharedMemory::new(blk_layout::MEM))
+        .err()
+        .expect("refused");
+    assert!(e.contains("SET_VRING_KICK"), "{e}");
+    assert!(image_locked(&cb) && !image_locked(&ca));
+    drop(fb);
+    for p in [&mut a, &mut b] {
+        assert_eq!(
+            p.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
