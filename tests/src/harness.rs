@@ -154,6 +154,8 @@ pub struct Guest {
     actions: Vec<(String, HostAction)>,
     kernel_args: Vec<String>,
     reconnect_ms: Option<u64>,
+    /// The destination of a live migration (its devices), see [`Guest::migrate_to`].
+    migration: Option<Box<Guest>>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -189,7 +191,18 @@ impl Guest {
             actions: Vec::new(),
             kernel_args: Vec::new(),
             reconnect_ms: None,
+            migration: None,
         }
+    }
+
+    /// Live-migrates the guest when it prints the line `VBACK-HOST:migrate`: a second QEMU,
+    /// started with the guest (`-incoming unix:...`) and with `dest`'s devices (the same kinds
+    /// in the same order, on the destination's back ends), receives it through QMP's
+    /// `migrate`; the source QEMU quits once the migration completed and the guest goes on in
+    /// the destination. The run's output is the source's then the destination's.
+    pub fn migrate_to(mut self, dest: Guest) -> Guest {
+        self.migration = Some(Box::new(dest));
+        self
     }
 
     /// Runs `action` on the host when the guest prints the line `VBACK-HOST:<name>` (for
@@ -423,46 +436,32 @@ impl Guest {
             w.join("status.log"),
         );
 
-        let mut cmd = Command::new(qemu);
-        match self.accel {
-            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
-        };
-        cmd.args(["-smp", &self.smp.to_string(), "-m", &self.mem]);
-        cmd.args(["-machine", "q35,memory-backend=mem", "-object"]);
-        cmd.arg(format!(
-            "memory-backend-memfd,id=mem,size={},share=on",
-            self.mem
-        ));
-        cmd.args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-monitor",
-            "none",
-        ]);
-        for f in [&console, &out, &status] {
-            cmd.arg("-serial").arg(format!("file:{}", f.display()));
-        }
-        cmd.arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&initrd);
-        let mut append = String::from(
-            "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off scsi_mod.scan=sync rdinit=/init",
-        );
-        for a in &self.kernel_args {
-            append.push(' ');
-            append.push_str(a);
-        }
-        cmd.arg("-append").arg(append);
-        cmd.args(self.device_args());
-        cmd.args(&self.extra);
+        let serials = [&console, &out, &status];
+        let mut cmd = self.qemu_command(&qemu, &image, &initrd, serials, self.device_args());
         let qemu_log = w.join("qemu.log");
         let qlog = fs::File::create(&qemu_log).map_err(|e| HarnessError::Setup(e.to_string()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(qlog);
+        let migration = self.migration.take().map(|dest| Migration::new(w, *dest));
+        let mut dest_child = None;
+        if let Some(m) = &migration {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", m.qmp_src.display()));
+            let serials = [&m.console, &m.out, &m.status];
+            let mut c = self.qemu_command(&qemu, &image, &initrd, serials, m.dest.device_args());
+            c.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", m.qmp_dest.display()));
+            c.arg("-incoming")
+                .arg(format!("unix:{}", m.socket.display()));
+            let log = fs::File::create(w.join("qemu-dest.log"))
+                .map_err(|e| HarnessError::Setup(e.to_string()))?;
+            c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+            dest_child = Some(c.spawn().map_err(|e| {
+                HarnessError::Setup(format!("cannot start the destination QEMU: {e}"))
+            })?);
+        }
+        let mut migration = migration;
+        let mut earlier = (String::new(), String::new());
+        let (mut console, mut out, mut status) = (console, out, status);
 
         let t0 = Instant::now();
         let mut child = cmd
@@ -475,6 +474,36 @@ impl Guest {
                 .map_err(|e| HarnessError::Setup(e.to_string()))?
             {
                 break st;
+            }
+            if let Some(m) = &migration {
+                let so_far = fs::read_to_string(&out).unwrap_or_default();
+                if so_far.lines().any(|l| l.trim() == "VBACK-HOST:migrate") {
+                    let r = m.run(self.timeout.saturating_sub(t0.elapsed()));
+                    if let Err(e) = r {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        if let Some(mut d) = dest_child.take() {
+                            let _ = d.kill();
+                            let _ = d.wait();
+                        }
+                        return Err(HarnessError::Migration(format!(
+                            "{e}\n--- source QEMU stderr ---\n{}\n--- destination QEMU stderr ---\n{}",
+                            fs::read_to_string(&qemu_log).unwrap_or_default(),
+                            fs::read_to_string(w.join("qemu-dest.log")).unwrap_or_default()
+                        )));
+                    }
+                    // The source quits; the guest runs on in the destination.
+                    let _ = child.wait();
+                    child = dest_child
+                        .take()
+                        .ok_or_else(|| HarnessError::Setup("no destination QEMU".into()))?;
+                    earlier = (fs::read_to_string(&console).unwrap_or_default(), so_far);
+                    let m = migration
+                        .take()
+                        .ok_or_else(|| HarnessError::Setup("no migration".into()))?;
+                    (console, out, status) = (m.console, m.out, m.status);
+                    continue;
+                }
             }
             if !pending.is_empty() {
                 let so_far =
@@ -492,6 +521,10 @@ impl Guest {
             if t0.elapsed() > self.timeout {
                 let _ = child.kill();
                 let _ = child.wait();
+                if let Some(mut d) = dest_child.take() {
+                    let _ = d.kill();
+                    let _ = d.wait();
+                }
                 return Err(HarnessError::Timeout {
                     seconds: self.timeout.as_secs(),
                     console_tail: tail(&fs::read_to_string(&console).unwrap_or_default(), 30),
@@ -500,9 +533,14 @@ impl Guest {
             sleep(Duration::from_millis(50));
         };
         let wall = t0.elapsed();
+        // A guest that ended before it asked to migrate leaves the destination waiting.
+        if let Some(mut d) = dest_child.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
         let console_text =
-            String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
-        let output = String::from_utf8_lossy(&fs::read(&out).unwrap_or_default()).into_owned();
+            earlier.0 + &String::from_utf8_lossy(&fs::read(&console).unwrap_or_default());
+        let output = earlier.1 + &String::from_utf8_lossy(&fs::read(&out).unwrap_or_default());
         let status_text = fs::read_to_string(&status).unwrap_or_default();
         let code = status_text
             .lines()
@@ -530,6 +568,56 @@ impl Guest {
             wall,
             accel: self.accel,
         })
+    }
+
+    /// The QEMU command line of this guest with `devices`, its serial ports to `serials`
+    /// (console, output, status).
+    fn qemu_command(
+        &self,
+        qemu: &Path,
+        image: &GuestImage,
+        initrd: &Path,
+        serials: [&PathBuf; 3],
+        devices: Vec<String>,
+    ) -> Command {
+        let mut cmd = Command::new(qemu);
+        match self.accel {
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        };
+        cmd.args(["-smp", &self.smp.to_string(), "-m", &self.mem]);
+        cmd.args(["-machine", "q35,memory-backend=mem", "-object"]);
+        cmd.arg(format!(
+            "memory-backend-memfd,id=mem,size={},share=on",
+            self.mem
+        ));
+        cmd.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ]);
+        for f in serials {
+            cmd.arg("-serial").arg(format!("file:{}", f.display()));
+        }
+        cmd.arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&initrd);
+        let mut append = String::from(
+            "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off scsi_mod.scan=sync rdinit=/init",
+        );
+        for a in &self.kernel_args {
+            append.push(' ');
+            append.push_str(a);
+        }
+        cmd.arg("-append").arg(append);
+        cmd.args(devices);
+        cmd.args(&self.extra);
+        cmd
     }
 
     fn write_initrd(&self, base: &Path, dest: &Path, script: &str) -> Result<(), HarnessError> {
@@ -739,5 +827,115 @@ mod tests {
             a.contains("virtio-net-pci,netdev=net3,mac=00:16:3e:00:00:01"),
             "{a}"
         );
+    }
+}
+
+/// A live migration from the guest's QEMU to a second one (see [`Guest::migrate_to`]).
+struct Migration {
+    dest: Guest,
+    socket: PathBuf,
+    qmp_src: PathBuf,
+    qmp_dest: PathBuf,
+    console: PathBuf,
+    out: PathBuf,
+    status: PathBuf,
+}
+
+impl Migration {
+    fn new(w: &Path, dest: Guest) -> Migration {
+        Migration {
+            dest,
+            socket: w.join("migrate.sock"),
+            qmp_src: w.join("qmp-src.sock"),
+            qmp_dest: w.join("qmp-dest.sock"),
+            console: w.join("dest-console.log"),
+            out: w.join("dest-out.log"),
+            status: w.join("dest-status.log"),
+        }
+    }
+
+    /// Migrates (QMP `migrate` on the source, waiting for `completed`), then quits the source.
+    fn run(&self, limit: Duration) -> Result<(), String> {
+        let t0 = Instant::now();
+        let mut src = Qmp::connect(&self.qmp_src)?;
+        // A guest busy writing under TCG converges slowly at the default limits: the tests
+        // want the migration done, not a short downtime.
+        src.execute(
+            "migrate-set-parameters",
+            serde_json::json!({"downtime-limit": 2000, "max-bandwidth": 4_000_000_000u64}),
+        )?;
+        src.execute(
+            "migrate",
+            serde_json::json!({"uri": format!("unix:{}", self.socket.display())}),
+        )?;
+        loop {
+            let st = src.execute("query-migrate", serde_json::json!({}))?;
+            match st["status"].as_str() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!("the source says: {st}"));
+                }
+                _ => {}
+            }
+            if t0.elapsed() > limit {
+                return Err(format!("not done within the time limit: {st}"));
+            }
+            sleep(Duration::from_millis(100));
+        }
+        let mut dest = Qmp::connect(&self.qmp_dest)?;
+        let st = dest.execute("query-status", serde_json::json!({}))?;
+        if st["status"] != "running" {
+            return Err(format!("the destination does not run the guest: {st}"));
+        }
+        let _ = src.execute("quit", serde_json::json!({}));
+        Ok(())
+    }
+}
+
+/// A QMP client (one command at a time; events are skipped).
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let s = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| format!("cannot connect to QMP at {}: {e}", path.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let writer = s.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(s),
+            writer,
+        };
+        q.line()?; // the greeting
+        q.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) => Err("QMP closed".into()),
+            Ok(_) => serde_json::from_str(&l).map_err(|e| format!("QMP sent `{l}`: {e}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// Runs `cmd`; its `return` value, or its error as the message.
+    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+        let req = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{req}").map_err(|e| format!("writing QMP: {e}"))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("QMP {cmd}: {e}"));
+            }
+        }
     }
 }

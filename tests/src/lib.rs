@@ -40,6 +40,9 @@ pub enum HarnessError {
     /// QEMU ran but the guest did not report an exit status.
     #[error("the guest did not finish: {0}")]
     Guest(String),
+    /// A live migration between two QEMUs failed.
+    #[error("the live migration failed: {0}")]
+    Migration(String),
     /// The wall-clock limit passed.
     #[error("the guest timed out after {seconds} s; console tail:\n{console_tail}")]
     Timeout {

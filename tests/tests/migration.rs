@@ -145,3 +145,102 @@ fn a_blkback_disk_is_handed_over_to_an_incoming_blkback_with_one_writer_at_a_tim
         );
     }
 }
+
+/// Polls both daemons' `status` until `stop` is set; true if both ever said they held the
+/// image lock at once.
+fn watch_locks(
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(bool, usize)> {
+    std::thread::spawn(move || {
+        let (mut both, mut polls) = (false, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            both |= image_locked(&a) && image_locked(&b);
+            polls += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (both, polls)
+    })
+}
+
+#[test]
+fn a_guest_running_fio_verify_migrates_to_a_second_qemu_with_an_incoming_blkback() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let disk = format!("file:{}", image.display());
+    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+    let (ca, cb) = (d.join("a.ctl"), d.join("b.ctl"));
+    let ctl = |c: &Path| c.to_str().unwrap().to_owned();
+    let mut a = blkback(
+        &sa,
+        &["--disk", &disk, "--control", &ctl(&ca)],
+        &d.join("a.log"),
+    )
+    .unwrap();
+    let mut b = blkback(
+        &sb,
+        &["--disk", &disk, "--control", &ctl(&cb), "--incoming"],
+        &d.join("b.log"),
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_locks(ca.clone(), cb.clone(), stop.clone());
+
+    // fio writes and verifies across the migration: the guest asks for it 2 s into the run.
+    let script = r#"
+check fio 'wait_dev /dev/vda && { fio --name=v --filename=/dev/vda --direct=1 --ioengine=libaio \
+  --iodepth=16 --rw=randwrite --bs=4k --size=32M --time_based --runtime=12 --verify=crc32c \
+  --verify_fatal=1 --verify_backlog=256 --randrepeat=0 --output-format=terse >/tmp/fio.out; \
+  echo fio-status=$? >/tmp/fio.st; } & sleep 2; echo VBACK-HOST:migrate; wait; \
+  cut -d";" -f5,6 /tmp/fio.out; cat /tmp/fio.st'
+"#;
+    let run = vback_tests::Guest::new()
+        .mem("256M")
+        .timeout(Duration::from_secs(120))
+        .vhost_blk(&sa, "")
+        .migrate_to(vback_tests::Guest::new().vhost_blk(&sb, ""))
+        .run(script)
+        .unwrap_or_else(|e| panic!("{e}\n--- a ---\n{}\n--- b ---\n{}", a.log(), b.log()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (both, polls) = watcher.join().unwrap();
+    assert!(
+        run.check("fio").output.contains("fio-status=0"),
+        "fio failed across the migration:\n{}\n--- a ---\n{}\n--- b ---\n{}",
+        run.summary(),
+        a.log(),
+        b.log()
+    );
+    assert!(polls > 10, "the lock states were watched ({polls} polls)");
+    assert!(!both, "both blkbacks held the image lock at once");
+    assert!(
+        a.log().contains("image lock released for the destination"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.log().contains("dirty page logging on"),
+        "the source logged dirty pages during the migration: {}",
+        a.log()
+    );
+    assert!(b.log().contains("took the image lock"), "{}", b.log());
+    assert!(image_locked(&cb) && !image_locked(&ca));
+    eprintln!(
+        "migrated in a run of {:?}: {}\n--- a ---\n{}\n--- b ---\n{}",
+        run.wall,
+        run.check("fio").output,
+        a.log(),
+        b.log()
+    );
+    for p in [&mut a, &mut b] {
+        assert_eq!(
+            p.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
