@@ -606,7 +606,7 @@ impl Guest {
         cmd.arg("-kernel")
             .arg(&image.kernel)
             .arg("-initrd")
-            .arg(&initrd);
+            .arg(initrd);
         let mut append = String::from(
             "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off scsi_mod.scan=sync rdinit=/init",
         );
@@ -780,56 +780,6 @@ impl GuestRun {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checks_are_parsed() {
-        let out = "noise\n@@VBACK-CHECK-BEGIN a\nline1\nline2\n@@VBACK-CHECK-END a rc=0\n\
-                   @@VBACK-CHECK-BEGIN b c\n@@VBACK-CHECK-END b c rc=3\n";
-        let c = parse_checks(out);
-        assert_eq!(c.len(), 2);
-        assert_eq!(
-            c[0],
-            Check {
-                name: "a".into(),
-                status: 0,
-                output: "line1\nline2\n".into()
-            }
-        );
-        assert_eq!(c[1].name, "b c");
-        assert_eq!(c[1].status, 3);
-    }
-
-    #[test]
-    fn device_arguments() {
-        let g = Guest::new()
-            .vhost_blk("/s/blk", "")
-            .vhost_blk("/s/blk2", "num-queues=2,serial=x")
-            .vhost_scsi("/s/scsi", "")
-            .vhost_net("/s/net", "mac=00:16:3e:00:00:01");
-        let a = g.device_args().join(" ");
-        assert!(
-            a.contains("vhost-user-blk-pci,chardev=vub0,num-queues=1"),
-            "{a}"
-        );
-        assert!(
-            a.contains("vhost-user-blk-pci,chardev=vub1,num-queues=2,serial=x"),
-            "{a}"
-        );
-        assert!(
-            a.contains("vhost-user-scsi-pci,chardev=vus2,num_queues=1"),
-            "{a}"
-        );
-        assert!(a.contains("-netdev vhost-user,id=net3,chardev=vun3"), "{a}");
-        assert!(
-            a.contains("virtio-net-pci,netdev=net3,mac=00:16:3e:00:00:01"),
-            "{a}"
-        );
-    }
-}
-
 /// A live migration from the guest's QEMU to a second one (see [`Guest::migrate_to`]).
 struct Migration {
     dest: Guest,
@@ -937,5 +887,55 @@ impl Qmp {
                 return Err(format!("QMP {cmd}: {e}"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_are_parsed() {
+        let out = "noise\n@@VBACK-CHECK-BEGIN a\nline1\nline2\n@@VBACK-CHECK-END a rc=0\n\
+                   @@VBACK-CHECK-BEGIN b c\n@@VBACK-CHECK-END b c rc=3\n";
+        let c = parse_checks(out);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            Check {
+                name: "a".into(),
+                status: 0,
+                output: "line1\nline2\n".into()
+            }
+        );
+        assert_eq!(c[1].name, "b c");
+        assert_eq!(c[1].status, 3);
+    }
+
+    #[test]
+    fn device_arguments() {
+        let g = Guest::new()
+            .vhost_blk("/s/blk", "")
+            .vhost_blk("/s/blk2", "num-queues=2,serial=x")
+            .vhost_scsi("/s/scsi", "")
+            .vhost_net("/s/net", "mac=00:16:3e:00:00:01");
+        let a = g.device_args().join(" ");
+        assert!(
+            a.contains("vhost-user-blk-pci,chardev=vub0,num-queues=1"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-blk-pci,chardev=vub1,num-queues=2,serial=x"),
+            "{a}"
+        );
+        assert!(
+            a.contains("vhost-user-scsi-pci,chardev=vus2,num_queues=1"),
+            "{a}"
+        );
+        assert!(a.contains("-netdev vhost-user,id=net3,chardev=vun3"), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,netdev=net3,mac=00:16:3e:00:00:01"),
+            "{a}"
+        );
     }
 }
