@@ -244,3 +244,87 @@ check fio 'wait_dev /dev/vda && { fio --name=v --filename=/dev/vda --direct=1 --
         );
     }
 }
+
+/// netback's `stats`: (frames the guest sent, bytes netback delivered to the guest).
+fn net_stats(ctl: &Path) -> (u64, u64) {
+    let s = ControlClient::connect(ctl)
+        .unwrap()
+        .call("stats", Value::Null)
+        .unwrap();
+    let dev = &s["device"];
+    (
+        dev["tx"]["bytes"].as_u64().unwrap_or(0),
+        dev["rx"]["bytes"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_guest_with_a_netback_nic_migrates_and_its_nic_runs_on_the_destination_netback() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (sa, sb) = (d.join("na.sock"), d.join("nb.sock"));
+    let (ca, cb) = (d.join("na.ctl"), d.join("nb.ctl"));
+    let args = |ctl: &Path| {
+        [
+            "--host".to_owned(),
+            "null".to_owned(),
+            "--vif".to_owned(),
+            "mac=00:16:3e:00:00:01".to_owned(),
+            "--control".to_owned(),
+            ctl.to_str().unwrap().to_owned(),
+        ]
+    };
+    let (aa, ab) = (args(&ca), args(&cb));
+    let (ra, rb): (Vec<&str>, Vec<&str>) = (
+        aa.iter().map(String::as_str).collect(),
+        ab.iter().map(String::as_str).collect(),
+    );
+    let mut a = vback_tests::process::netback(&sa, &ra, &d.join("na.log")).unwrap();
+    let mut b = vback_tests::process::netback(&sb, &rb, &d.join("nb.log")).unwrap();
+    // The guest transmits UDP and receives netback's frames (one every 100 ms) across the
+    // migration; it counts what it received before and after.
+    let script = r#"
+check net 'ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0 && arp -s 10.99.0.1 02:00:00:00:00:01 && sleep 1 && \
+  fio --name=udp --ioengine=net --protocol=udp --hostname=10.99.0.1 --port=5000 --rw=write --bs=1400 --size=4G \
+  --time_based --runtime=8 >/tmp/fio.out 2>&1 & sleep 2; \
+  echo rx-before=$(cat /sys/class/net/eth0/statistics/rx_packets); echo VBACK-HOST:migrate; wait; sleep 1; \
+  echo rx-after=$(cat /sys/class/net/eth0/statistics/rx_packets); grep -o "WRITE: bw=[^,]*" /tmp/fio.out'
+"#;
+    let run = vback_tests::Guest::new()
+        .mem("256M")
+        .timeout(Duration::from_secs(120))
+        .vhost_net(&sa, "mac=00:16:3e:00:00:01")
+        .migrate_to(vback_tests::Guest::new().vhost_net(&sb, "mac=00:16:3e:00:00:01"))
+        .run(script)
+        .unwrap_or_else(|e| panic!("{e}\n--- a ---\n{}\n--- b ---\n{}", a.log(), b.log()));
+    let out = run.check("net").output.clone();
+    eprintln!("{out}\n--- a ---\n{}\n--- b ---\n{}", a.log(), b.log());
+    run.assert_checks(&["net"]);
+    let count = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {out}"))
+    };
+    let (before, after) = (count("rx-before="), count("rx-after="));
+    assert!(
+        after > before,
+        "the guest received frames after the migration ({before} -> {after})"
+    );
+    assert!(
+        a.log().contains("dirty page logging on"),
+        "the source netback logged dirty pages: {}",
+        a.log()
+    );
+    let (tx_b, rx_b) = net_stats(&cb);
+    assert!(
+        tx_b > 0 && rx_b > 0,
+        "the destination netback carries the guest's traffic after the migration: tx {tx_b} rx {rx_b}"
+    );
+    for p in [&mut a, &mut b] {
+        assert_eq!(
+            p.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+}
