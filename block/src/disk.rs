@@ -494,10 +494,21 @@ impl Disk {
     /// that the destination's daemon can take it. The disk stays open: if the migration fails
     /// the front end starts the device here again, and [`Disk::take_lock`] locks it again.
     pub fn release_lock(&self) -> Result<(), DiskError> {
-        let r = match (&self.qcow2, &self.files) {
-            (Some(img), _) => vback_common::sync::lock(img)
-                .flush()
-                .map_err(DiskError::from),
+        // Not released when the flush failed: the destination must not take over an image
+        // whose last writes may not be on it.
+        self.make_durable(false)?;
+        vback_common::sync::lock(&self.lock).take();
+        Ok(())
+    }
+
+    /// Makes every write durable: a raw image's data (`fdatasync`), a qcow2 image's data and
+    /// metadata (`close`: closed too, its reserved clusters given back).
+    fn make_durable(&self, close: bool) -> Result<(), DiskError> {
+        match (&self.qcow2, &self.files) {
+            (Some(img), _) => {
+                let mut img = vback_common::sync::lock(img);
+                if close { img.close() } else { img.flush() }.map_err(DiskError::from)
+            }
             (None, Some(files)) if !self.read_only => {
                 files.main.sync_data().map_err(|source| DiskError::Io {
                     op: "flush (fdatasync)",
@@ -506,12 +517,7 @@ impl Disk {
                 })
             }
             _ => Ok(()),
-        };
-        // Not released when the flush failed: the destination must not take over an image
-        // whose last writes may not be on it.
-        r?;
-        vback_common::sync::lock(&self.lock).take();
-        Ok(())
+        }
     }
 
     /// Locks the image for `mode` if it is not locked now (a destination of a migration
@@ -548,19 +554,7 @@ impl Disk {
     /// disk's lock, even while other holders of the disk (a control request's thread) still
     /// exist. Writes to a closed qcow2 image are refused.
     pub fn close(&self) -> Result<(), DiskError> {
-        let r = match (&self.qcow2, &self.files) {
-            (Some(img), _) => vback_common::sync::lock(img)
-                .close()
-                .map_err(DiskError::from),
-            (None, Some(files)) if !self.read_only => {
-                files.main.sync_data().map_err(|source| DiskError::Io {
-                    op: "flush (fdatasync)",
-                    path: self.path().map(Path::to_path_buf).unwrap_or_default(),
-                    source,
-                })
-            }
-            _ => Ok(()),
-        };
+        let r = self.make_durable(true);
         vback_common::sync::lock(&self.lock).take();
         r
     }

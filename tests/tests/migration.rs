@@ -4,13 +4,13 @@
 //! image; at no point do both hold the image's write lock, and a destination that starts
 //! while the source still runs the device is refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 use vback_common::control::ControlClient;
 use vback_tests::frontend::{BlkDriver, DESC_WRITE, SharedMemory, blk_layout};
-use vback_tests::process::blkback;
+use vback_tests::process::{Daemon, blkback};
 
 fn image_locked(ctl: &Path) -> bool {
     let st = ControlClient::connect(ctl)
@@ -41,32 +41,52 @@ fn dirty_pages(log: &SharedMemory, bytes: u64) -> Vec<u64> {
         .collect()
 }
 
+/// A migration's two blkbacks on one raw image of `len` bytes in `d`: the source `a` (locked)
+/// and the destination `b` (`--incoming`), their sockets and control sockets.
+struct Pair {
+    a: Daemon,
+    b: Daemon,
+    sa: PathBuf,
+    sb: PathBuf,
+    ca: PathBuf,
+    cb: PathBuf,
+}
+
+impl Pair {
+    /// The daemons, then the source's and destination's sockets and control sockets.
+    fn parts(self) -> (Daemon, Daemon, [PathBuf; 4]) {
+        (self.a, self.b, [self.sa, self.sb, self.ca, self.cb])
+    }
+
+    fn start(d: &Path, len: u64) -> Pair {
+        let image = d.join("disk.raw");
+        std::fs::File::create(&image).unwrap().set_len(len).unwrap();
+        let disk = format!("file:{}", image.display());
+        let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
+        let (ca, cb) = (d.join("a.ctl"), d.join("b.ctl"));
+        let start = |sock: &Path, ctl: &Path, extra: &[&str], log: &str| {
+            let mut args = vec!["--disk", &disk, "--control", ctl.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            blkback(sock, &args, &d.join(log)).unwrap()
+        };
+        let a = start(&sa, &ca, &[], "a.log");
+        let b = start(&sb, &cb, &["--incoming"], "b.log");
+        Pair {
+            a,
+            b,
+            sa,
+            sb,
+            ca,
+            cb,
+        }
+    }
+}
+
 #[test]
 fn a_blkback_disk_is_handed_over_to_an_incoming_blkback_with_one_writer_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let image = d.join("disk.raw");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let disk = format!("file:{}", image.display());
-    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
-    let (ca, cb) = (d.join("a.ctl"), d.join("b.ctl"));
-    let ctl = |c: &Path| c.to_str().unwrap().to_owned();
-    let mut a = blkback(
-        &sa,
-        &["--disk", &disk, "--control", &ctl(&ca)],
-        &d.join("a.log"),
-    )
-    .unwrap();
     // The destination starts while the source holds the lock: it opens the image unlocked.
-    let mut b = blkback(
-        &sb,
-        &["--disk", &disk, "--control", &ctl(&cb), "--incoming"],
-        &d.join("b.log"),
-    )
-    .unwrap();
+    let (mut a, mut b, [sa, sb, ca, cb]) = Pair::start(dir.path(), 1 << 20).parts();
     assert!(image_locked(&ca));
     assert!(!image_locked(&cb), "an incoming blkback holds no lock");
 
@@ -167,28 +187,7 @@ fn watch_locks(
 #[test]
 fn a_guest_running_fio_verify_migrates_to_a_second_qemu_with_an_incoming_blkback() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let image = d.join("disk.raw");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let disk = format!("file:{}", image.display());
-    let (sa, sb) = (d.join("a.sock"), d.join("b.sock"));
-    let (ca, cb) = (d.join("a.ctl"), d.join("b.ctl"));
-    let ctl = |c: &Path| c.to_str().unwrap().to_owned();
-    let mut a = blkback(
-        &sa,
-        &["--disk", &disk, "--control", &ctl(&ca)],
-        &d.join("a.log"),
-    )
-    .unwrap();
-    let mut b = blkback(
-        &sb,
-        &["--disk", &disk, "--control", &ctl(&cb), "--incoming"],
-        &d.join("b.log"),
-    )
-    .unwrap();
+    let (mut a, mut b, [sa, sb, ca, cb]) = Pair::start(dir.path(), 64 << 20).parts();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch_locks(ca.clone(), cb.clone(), stop.clone());
 
