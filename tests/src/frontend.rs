@@ -82,6 +82,11 @@ impl SharedMemory {
         unsafe { p.read_volatile() }
     }
 
+    /// The memfd (for a message that hands it over).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Copies all of `other` (as large) into this memory: a migration's RAM transfer.
     pub fn copy_from(&self, other: &SharedMemory) {
         assert_eq!(self.len, other.len);

@@ -439,3 +439,122 @@ impl Target<'_> {
         (region, fe)
     }
 }
+
+impl Target<'_> {
+    /// Dirty-page logging from a hostile front end: a log region past the end of its file, an
+    /// empty one, and a log far too small for guest memory with a request on vring `queue`
+    /// whose device-writable buffer lies beyond what the log covers. The bad regions are
+    /// refused; the small log's bytes beyond its size are never written (a canary after it in
+    /// the same memfd stays zero) and the daemon says it could not log the page; the daemon
+    /// serves on after each.
+    pub fn hostile_dirty_log(&mut self, queue: usize) {
+        use vhost::VhostUserDirtyLogRegion;
+        let log = SharedMemory::new(4096);
+        let fd = log.raw_fd();
+        for (what, size, offset) in [
+            ("a dirty log reaching past the end of its file", 4096, 8),
+            ("an empty dirty log", 0, 0),
+        ] {
+            let fe = negotiate_log(self.sock);
+            let r = fe.set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: size,
+                    mmap_offset: offset,
+                    mmap_handle: fd,
+                }),
+            );
+            assert!(r.is_err(), "{what} was accepted");
+            drop(fe);
+            self.still_serving(what);
+        }
+
+        // A 1-byte log covers the first 32 KiB of guest memory; the request's buffer is at
+        // 512 KiB. The chain is one device-writable descriptor (a malformed request for every
+        // device: it comes back used, with its buffer logged).
+        let region = SharedMemory::new(MEM);
+        let va = region.addr() as u64;
+        let size = 64.min(self.max_queue);
+        let mut fe = negotiate_log(self.sock);
+        fe.set_mem_table(&[region.info(0, MEM)]).unwrap();
+        fe.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: 1,
+                mmap_offset: 0,
+                mmap_handle: fd,
+            }),
+        )
+        .unwrap();
+        fe.set_vring_num(queue, size).unwrap();
+        fe.set_vring_addr(
+            queue,
+            &VringConfigData {
+                queue_max_size: self.max_queue,
+                queue_size: size,
+                flags: 1,
+                desc_table_addr: va,
+                used_ring_addr: va + 0x2000,
+                avail_ring_addr: va + 0x1000,
+                log_addr: Some(0x2000),
+            },
+        )
+        .unwrap();
+        let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        fe.set_vring_base(queue, 0).unwrap();
+        fe.set_vring_call(queue, &call).unwrap();
+        fe.set_vring_kick(queue, &kick).unwrap();
+        fe.set_vring_enable(queue, true).unwrap();
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&0x8_0000u64.to_le_bytes());
+        d[8..12].copy_from_slice(&4096u32.to_le_bytes());
+        d[12..14].copy_from_slice(&2u16.to_le_bytes()); // VRING_DESC_F_WRITE
+        region.put(0, &d);
+        region.put(0x1000 + 4, &0u16.to_le_bytes());
+        region.put(0x1000 + 2, &1u16.to_le_bytes());
+        kick.write(1).unwrap();
+        let t0 = std::time::Instant::now();
+        while region.load_u16(0x2002) != 1 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            region.load_u16(0x2002),
+            1,
+            "{} did not return the request:\n{}",
+            self.name,
+            self.daemon.log()
+        );
+        assert!(
+            (1..4096).all(|i| log.get8(i) == 0),
+            "{} wrote past the dirty log's size",
+            self.name
+        );
+        assert_eq!(log.get8(0), 0b100, "the used ring's page (2) is logged");
+        assert!(
+            self.daemon.log().contains("beyond the 1-byte dirty log"),
+            "{}",
+            self.daemon.log()
+        );
+        drop(fe);
+        self.still_serving("a write beyond the dirty log");
+    }
+}
+
+/// Connects and negotiates like [`negotiate`], with dirty-page logging on
+/// (`VHOST_F_LOG_ALL`, `LOG_SHMFD`).
+pub fn negotiate_log(sock: &Path) -> Frontend {
+    let mut fe = Frontend::connect(sock, 64).expect("connect");
+    fe.set_owner().unwrap();
+    let f = fe.get_features().unwrap();
+    assert_ne!(f & (1 << 26), 0, "VHOST_F_LOG_ALL offered");
+    fe.set_features(f).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD),
+    )
+    .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
+}

@@ -35,6 +35,9 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
 
     // In-flight regions: bad sizes and counts, foreign descriptors, garbage entries.
     t.hostile_inflight(0);
+
+    // Dirty-page logs: bad regions, and a write beyond a log too small.
+    t.hostile_dirty_log(0);
 }
 
 #[test]

@@ -26,4 +26,5 @@ fn hostile_front_ends_are_refused_and_cdrom_lives_on() {
     // In-flight regions: bad sizes and counts, foreign descriptors, garbage entries (on the
     // request queue).
     t.hostile_inflight(2);
+    t.hostile_dirty_log(2);
 }

@@ -27,4 +27,8 @@ fn hostile_front_ends_are_refused_and_netback_lives_on() {
 
     // Receive (0) and transmit (1) rings with garbage in them, kicked.
     t.garbage_rings_do_not_spin(&[0, 1]);
+
+    // Dirty-page logs: bad regions, and a write beyond a log too small (a transmit chain with
+    // a device-writable buffer comes back through the direct-pointer ring).
+    t.hostile_dirty_log(1);
 }
