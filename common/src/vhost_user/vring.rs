@@ -269,7 +269,13 @@ impl<M: GuestAddressSpace> VringState<M> {
     }
 
     /// Enable event notification for queue.
+    ///
+    /// A stopped ring (not ready: GET_VRING_BASE, or not started) is not written: its used ring
+    /// belongs to the front end (a migration's destination) once its base was read.
     pub fn enable_notification(&mut self) -> Result<bool, VirtQueError> {
+        if !self.queue.ready() {
+            return Ok(false);
+        }
         let r = self.queue.enable_notification(self.mem.memory().deref());
         self.log_notification_fields();
         r
@@ -277,6 +283,9 @@ impl<M: GuestAddressSpace> VringState<M> {
 
     /// Disable event notification for queue.
     pub fn disable_notification(&mut self) -> Result<(), VirtQueError> {
+        if !self.queue.ready() {
+            return Ok(());
+        }
         let r = self.queue.disable_notification(self.mem.memory().deref());
         self.log_notification_fields();
         r
@@ -535,6 +544,24 @@ mod tests {
 
         vring.set_queue_ready(true);
         assert!(vring.get_ref().get_queue().ready());
+    }
+
+    #[test]
+    fn a_stopped_ring_does_not_write_its_notification_fields() {
+        use vm_memory::Bytes;
+        let vring = vring();
+        vring.set_queue_info(0x100000, 0x101000, 0x102000).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_event_idx(true);
+        vring.set_queue_next_avail(7);
+        let mem = vring.get_ref().mem.memory();
+        // avail_event, after the 16 used elements.
+        let avail_event = GuestAddress(0x102000 + 4 + 8 * 16);
+        assert!(!vring.enable_notification().unwrap());
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 0);
+        vring.set_queue_ready(true);
+        vring.enable_notification().unwrap();
+        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 7);
     }
 
     #[test]
