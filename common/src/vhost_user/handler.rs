@@ -824,8 +824,8 @@ impl<T: VhostUserBackend> Connection<T> {
         self.backend.features() | VHOST_F_LOG_ALL
     }
 
-    /// The protocol features offered: the device's, REPLY_ACK, and LOG_SHMFD (the log region
-    /// comes as a descriptor) when the device offers protocol features at all.
+    /// The protocol features offered: the device's, REPLY_ACK, and LOG_SHMFD (the dirty log
+    /// comes as a descriptor with SET_LOG_BASE).
     fn offered_protocol_features(&self) -> u64 {
         (self.backend.protocol_features()
             | VhostUserProtocolFeatures::REPLY_ACK
