@@ -26,9 +26,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 use thiserror::Error;
+
+use vback_api::{LabeledHistogram, PROTOCOL_VERSION, Stats, counters_from_device};
 
 use crate::socket::{BindError, SocketPerms, bind_unix_with};
 
@@ -36,86 +38,7 @@ use crate::socket::{BindError, SocketPerms, bind_unix_with};
 /// connection is closed.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// A request as sent on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Request {
-    /// The command name.
-    pub cmd: String,
-    /// Arguments, an object (absent means `{}`).
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub args: Value,
-}
-
-/// Stable error kinds of the control protocol: scripts may match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ErrorKind {
-    /// The request line is not a JSON object with a `cmd` string.
-    BadRequest,
-    /// The daemon does not know the command.
-    UnknownCommand,
-    /// An argument is missing or has a bad value.
-    BadArgument,
-    /// The command cannot run in the device's current state (for example a locked tray).
-    Busy,
-    /// The command ran and failed.
-    Failed,
-}
-
-/// An error reply.
-#[derive(Debug, Clone, Error, Serialize, Deserialize, PartialEq, Eq)]
-#[error("{message}")]
-pub struct ControlError {
-    /// Stable kind.
-    pub kind: ErrorKind,
-    /// A sentence for the operator.
-    pub message: String,
-}
-
-impl ControlError {
-    /// An error of the given kind.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ControlError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// A bad or missing argument.
-    pub fn bad_argument(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::BadArgument, message)
-    }
-}
-
-/// A reply as sent on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Reply {
-    /// Whether the command succeeded.
-    pub ok: bool,
-    /// The result on success.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
-    /// The error on failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ControlError>,
-}
-
-impl Reply {
-    fn from_result(r: Result<Value, ControlError>) -> Reply {
-        match r {
-            Ok(data) => Reply {
-                ok: true,
-                data: Some(data),
-                error: None,
-            },
-            Err(e) => Reply {
-                ok: false,
-                data: None,
-                error: Some(e),
-            },
-        }
-    }
-}
+pub use vback_api::{ControlError, ErrorKind, Reply, Request};
 
 /// A command a backend adds, for `help`.
 #[derive(Debug, Clone, Serialize)]
@@ -136,9 +59,15 @@ pub trait ControlHandler: Send + Sync {
         Value::Null
     }
 
-    /// Counters for `stats` (merged under `"device"`).
+    /// Counters for `stats` (merged under `"device"`; the reply's uniform `counters` are
+    /// derived from it).
     fn stats(&self) -> Value {
         Value::Null
+    }
+
+    /// Latency histograms for `stats` (under `"histograms"`).
+    fn histograms(&self) -> Vec<LabeledHistogram> {
+        Vec::new()
     }
 
     /// The backend's own commands, for `help`.
@@ -198,13 +127,26 @@ pub fn dispatch(
             for c in handler.commands() {
                 cmds.push(serde_json::to_value(c).unwrap_or(Value::Null));
             }
-            Ok(json!({ "commands": cmds }))
+            Ok(json!({ "protocol": PROTOCOL_VERSION, "commands": cmds }))
         }
         "status" => Ok(json!({
             "daemon": daemon.daemon_status(),
             "device": handler.status(),
         })),
-        "stats" => Ok(json!({ "device": handler.stats() })),
+        "stats" => {
+            let device = handler.stats();
+            let stats = Stats {
+                counters: counters_from_device(&device),
+                histograms: handler.histograms(),
+                device,
+            };
+            serde_json::to_value(stats).map_err(|e| {
+                ControlError::new(
+                    ErrorKind::Failed,
+                    format!("the stats could not be encoded: {e}"),
+                )
+            })
+        }
         cmd => handler.handle(cmd, &req.args).unwrap_or_else(|| {
             let mut known: Vec<&str> = vec!["help", "status", "stats"];
             let extra = handler.commands();
@@ -753,14 +695,20 @@ mod tests {
             json!({"daemon": {"name": "test"}, "device": {"size": 0}})
         );
         let r = reply(r#"{"cmd":"stats"}"#);
-        assert_eq!(r.data.unwrap()["device"]["reads"], 7);
+        let data = r.data.unwrap();
+        assert_eq!(data["device"]["reads"], 7);
+        // The typed reply: the same counters, uniform.
+        let stats: vback_api::Stats = vback_api::decode("stats", data).unwrap();
+        assert_eq!(stats.counters.len(), 1);
+        assert_eq!(
+            (stats.counters[0].name.as_str(), stats.counters[0].value),
+            ("reads", 7)
+        );
+        assert!(stats.histograms.is_empty());
         let r = reply(r#"{"cmd":"help"}"#);
-        let names: Vec<String> = r.data.unwrap()["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap().to_owned())
-            .collect();
+        let help: vback_api::Help = vback_api::decode("help", r.data.unwrap()).unwrap();
+        assert_eq!(help.protocol, vback_api::PROTOCOL_VERSION);
+        let names: Vec<&str> = help.commands.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["help", "status", "stats", "resize"]);
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
+use vback_api::Help;
 use vback_common::control::{ClientError, ControlClient};
 use vback_common::spec::{DiskArg, DiskUname, Rate, VifSpec};
 
@@ -135,14 +136,11 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
         Cmd::Status { control } => print_json(&call(&control, "status", Value::Null, timeout)?),
         Cmd::Stats { control } => print_json(&call(&control, "stats", Value::Null, timeout)?),
         Cmd::Commands { control } => {
-            let v = call(&control, "help", Value::Null, timeout)?;
-            for c in v["commands"].as_array().into_iter().flatten() {
-                let (name, args, help) = (
-                    c["name"].as_str().unwrap_or_default(),
-                    c["args"].as_str().unwrap_or_default(),
-                    c["help"].as_str().unwrap_or_default(),
-                );
-                println!("{:<28} {help}", format!("{name} {args}"));
+            let help: Help =
+                vback_api::decode("help", call(&control, "help", Value::Null, timeout)?)
+                    .map_err(|e| e.to_string())?;
+            for c in &help.commands {
+                println!("{:<28} {}", format!("{} {}", c.name, c.args), c.help);
             }
         }
         Cmd::Call {
