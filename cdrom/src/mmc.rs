@@ -8,6 +8,8 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vback_api::{AtomicHistogram, Histogram};
+
 use vback_block::backend::QueueFull;
 use vback_block::engine::EngineChoice;
 use vback_block::lock::ImageLock;
@@ -231,6 +233,8 @@ pub struct Cdrom {
     last_sense: Sense,
     serial: String,
     counts: Box<[u64; 256]>,
+    /// READ(10/12/16) latency from pop to used-ring publish, recorded by the request queue.
+    read_latency: AtomicHistogram,
 }
 
 fn be16(b: &[u8]) -> usize {
@@ -267,6 +271,7 @@ impl Cdrom {
                 .take(20)
                 .collect(),
             counts: Box::new([0; 256]),
+            read_latency: AtomicHistogram::default(),
         }
     }
 
@@ -301,6 +306,22 @@ impl Cdrom {
     /// How many commands with opcode `op` the guest sent.
     pub fn count(&self, op: u8) -> u64 {
         self.counts[usize::from(op)]
+    }
+
+    /// READ(10/12/16) commands the guest sent.
+    pub fn reads(&self) -> u64 {
+        self.count(0x28) + self.count(0xa8) + self.count(0x88)
+    }
+
+    /// Records a READ's latency (pop to used-ring publish).
+    pub fn record_read_latency(&self, d: std::time::Duration) {
+        self.read_latency
+            .record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// The READ latency histogram so far.
+    pub fn read_latency(&self) -> Histogram {
+        self.read_latency.snapshot()
     }
 
     /// Whether a media event waits for the guest's next GET EVENT STATUS NOTIFICATION poll.
