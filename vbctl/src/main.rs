@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod top;
+
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use vback_api::Help;
@@ -55,6 +57,24 @@ enum Cmd {
         /// Arguments as KEY=VALUE.
         args: Vec<String>,
     },
+    /// Watch daemons like xentop: one row per daemon with read/write rates, latency
+    /// percentiles, requests in flight and errors (block and CD), packet and bit rates (net).
+    /// Batch mode (`-b`) prints plain-text iterations for scripts; the full-screen view is
+    /// planned.
+    Top {
+        /// Batch mode: print ITERATIONS reports and exit (required for now).
+        #[arg(short = 'b', long)]
+        batch: bool,
+        /// How many reports to print.
+        #[arg(short = 'i', long, value_name = "ITERATIONS", default_value_t = 1)]
+        iterations: u32,
+        /// Seconds between samples (each report's rates cover one such interval).
+        #[arg(short = 'd', long, value_name = "SECONDS", default_value_t = 1.0)]
+        delay: f64,
+        /// Control sockets, or directories searched for `*.ctl` (and one level of
+        /// subdirectories); default /run/vback.
+        paths: Vec<PathBuf>,
+    },
     /// Check a disk uname (`tap:qcow:/path`) or a full entry (`UNAME,VDEV,MODE` or SXP) and
     /// print what it means.
     CheckDisk {
@@ -80,6 +100,7 @@ const AFTER_HELP: &str = "\
 Examples:
   vbctl status /run/vback/alice-xvda.ctl
   vbctl call /run/vback/alice-xvda.ctl resize size=20G
+  vbctl top -b -i 2 -d 1 /run/vback
   vbctl check-disk 'tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w'
   vbctl check-vif 'bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms'
 
@@ -157,6 +178,36 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
                 map.insert(k.to_owned(), value);
             }
             print_json(&call(&control, &command, Value::Object(map), timeout)?);
+        }
+        Cmd::Top {
+            batch,
+            iterations,
+            delay,
+            paths,
+        } => {
+            if !batch {
+                return Err(
+                    "the full-screen view of `top` is planned, not built yet; use batch mode: \
+                     vbctl top -b [-i ITERATIONS] [-d SECONDS]"
+                        .into(),
+                );
+            }
+            if !(delay.is_finite() && delay > 0.0) {
+                return Err("-d must be a positive number of seconds".into());
+            }
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(top::DEFAULT_DIR)]
+            } else {
+                paths
+            };
+            top::batch(
+                &paths,
+                iterations,
+                Duration::from_secs_f64(delay),
+                timeout,
+                &mut std::io::stdout(),
+            )
+            .map_err(|e| e.to_string())?;
         }
         Cmd::CheckDisk { spec } => {
             let arg = DiskArg::parse(&spec).map_err(|e| e.to_string())?;

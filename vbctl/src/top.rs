@@ -1,0 +1,469 @@
+//! `vbctl top`: a xentop for vback's daemons. Batch mode (`-b`) prints plain-text iterations for
+//! scripts: one row per daemon, rates computed between two samples, 80 columns.
+//!
+//! Everything here reads the typed API's uniform counters and histograms, so a row needs no
+//! knowledge of a device kind beyond which counters to show.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thiserror::Error;
+use vback_api::{Counter, Histogram, Stats, Status};
+use vback_common::control::{ClientError, ControlClient};
+
+/// The width `top` keeps to.
+pub const WIDTH: usize = 80;
+
+/// Where `top` looks when given no paths.
+pub const DEFAULT_DIR: &str = "/run/vback";
+
+/// Errors of `vbctl top`.
+#[derive(Debug, Error)]
+pub enum TopError {
+    /// A path given on the command line is neither a control socket nor a directory.
+    #[error(
+        "{0} is neither a directory nor a control socket; give daemons' --control sockets or \
+         directories holding them (*.ctl)"
+    )]
+    NotControl(PathBuf),
+    /// A directory could not be read.
+    #[error("cannot list {path}: {source}")]
+    ReadDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// The control sockets to watch: the paths given (sockets as they are, directories searched for
+/// `*.ctl` up to one level down, as in `/run/vback/<domain>/<vdev>.ctl`), sorted.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TopError> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            scan(p, 1, &mut out)?;
+        } else if is_socket(p) {
+            out.push(p.clone());
+        } else {
+            return Err(TopError::NotControl(p.clone()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+fn scan(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) -> Result<(), TopError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| TopError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() && depth > 0 {
+            // A domain's directory that vanishes meanwhile is just skipped.
+            let _ = scan(&p, depth - 1, out);
+        } else if p.extension().is_some_and(|x| x == "ctl") && is_socket(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// One daemon's sample.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When it was taken.
+    pub at: Instant,
+    /// The daemon's kind (`blkback`, `netback`, `cdrom`, ...).
+    pub kind: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its device state (tray and medium for a CD).
+    pub device: Value,
+    /// Its counters and histograms.
+    pub stats: Stats,
+}
+
+/// Takes one sample of the daemon behind `ctl`; the error is a short reason for the row.
+pub fn sample(ctl: &Path, timeout: Duration) -> Result<Sample, String> {
+    let short = |e: ClientError| match e {
+        ClientError::Connect { source, .. } => format!("gone ({source})"),
+        ClientError::Timeout { .. } => "no reply".to_owned(),
+        other => other.to_string(),
+    };
+    let mut c = ControlClient::connect_timeout(ctl, timeout).map_err(short)?;
+    let status: Status = vback_api::decode("status", c.call("status", Value::Null).map_err(short)?)
+        .map_err(|e| e.to_string())?;
+    let stats: Stats = vback_api::decode("stats", c.call("stats", Value::Null).map_err(short)?)
+        .map_err(|e| e.to_string())?;
+    Ok(Sample {
+        at: Instant::now(),
+        kind: status.daemon.name,
+        pid: status.daemon.pid,
+        device: status.device,
+        stats,
+    })
+}
+
+/// A counter's device-wide value: its unlabelled total when the device reports one (netback's
+/// `rx_packets`), else the sum over its labels (blkback's per-queue `reads`).
+pub fn total(counters: &[Counter], name: &str) -> u64 {
+    let mut sum = 0u64;
+    for c in counters.iter().filter(|c| c.name == name) {
+        if c.labels.is_empty() {
+            return c.value;
+        }
+        sum = sum.saturating_add(c.value);
+    }
+    sum
+}
+
+/// The rate per second of a counter between two samples; 0 when it went backwards (a
+/// restarted daemon) or no time passed.
+pub fn rate(prev: &[Counter], cur: &[Counter], name: &str, secs: f64) -> f64 {
+    let (a, b) = (total(prev, name), total(cur, name));
+    if b < a || secs <= 0.0 {
+        0.0
+    } else {
+        (b - a) as f64 / secs
+    }
+}
+
+/// Every latency histogram of a sample merged (all queues and operations).
+fn merged(stats: &Stats) -> BTreeMap<String, Histogram> {
+    let mut by_key: BTreeMap<String, Histogram> = BTreeMap::new();
+    for h in &stats.histograms {
+        let key = format!("{}{:?}", h.name, h.labels);
+        by_key.entry(key).or_default().merge(&h.histogram);
+    }
+    by_key
+}
+
+/// The latency histogram of the interval between two samples, over all queues and operations.
+pub fn interval_latency(prev: &Stats, cur: &Stats) -> Histogram {
+    let before = merged(prev);
+    let mut out = Histogram::default();
+    for (k, h) in merged(cur) {
+        let d = match before.get(&k) {
+            Some(b) => h.since(b),
+            None => h,
+        };
+        out.merge(&d);
+    }
+    out
+}
+
+/// A duration in nanoseconds, in 6 characters or fewer (`850ns`, `12.3us`, `4.1ms`, `2.0s`).
+pub fn format_ns(ns: Option<u64>) -> String {
+    let Some(ns) = ns else { return "-".into() };
+    let f = ns as f64;
+    if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 100_000 {
+        format!("{:.1}us", f / 1e3)
+    } else if ns < 1_000_000 {
+        format!("{:.0}us", f / 1e3)
+    } else if ns < 100_000_000 {
+        format!("{:.1}ms", f / 1e6)
+    } else if ns < 1_000_000_000 {
+        format!("{:.0}ms", f / 1e6)
+    } else {
+        format!("{:.1}s", f / 1e9)
+    }
+}
+
+/// A rate in 6 characters or fewer (`999`, `12.5k`, `3.2M`; `99999M` at most).
+pub fn format_rate(r: f64) -> String {
+    if r < 999.5 {
+        format!("{r:.0}")
+    } else if r < 99_950.0 {
+        format!("{:.1}k", r / 1e3)
+    } else if r < 999_500.0 {
+        format!("{:.0}k", r / 1e3)
+    } else if r < 99_950_000.0 {
+        format!("{:.1}M", r / 1e6)
+    } else {
+        format!("{:.0}M", (r / 1e6).min(99_999.0))
+    }
+}
+
+/// The header line.
+pub fn header() -> String {
+    format!(
+        "{:<14} {:<4} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} {:>4}",
+        "DEVICE", "KIND", "PID", "RD/s", "WR/s", "RDMB/s", "WRMB/s", "P50", "P99", "INFL", "ERR"
+    )
+}
+
+fn short_kind(kind: &str) -> &str {
+    match kind {
+        "blkback" => "blk",
+        "netback" => "net",
+        "cdrom" => "cd",
+        "usbback" => "usb",
+        other => other,
+    }
+}
+
+/// The name a row shows: the socket's file name without `.ctl`, with its directory when that
+/// is a domain's (`alice/xvda`), cut to 14 characters.
+pub fn device_name(ctl: &Path) -> String {
+    let stem = ctl
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = ctl
+        .parent()
+        .and_then(Path::file_name)
+        .map(|s| s.to_string_lossy().into_owned());
+    let name = match dir {
+        Some(d) if d != "vback" && !d.is_empty() => format!("{d}/{stem}"),
+        _ => stem,
+    };
+    name.chars().take(14).collect()
+}
+
+/// One device's row: rates between `prev` and `cur`, or why there is none.
+pub fn row(name: &str, prev: Option<&Sample>, cur: &Result<Sample, String>) -> String {
+    let mut line = String::new();
+    match cur {
+        Err(why) => {
+            let _ = write!(line, "{name:<14} {:<4} {:>6} {why}", "-", "-");
+        }
+        Ok(s) => {
+            let kind = short_kind(&s.kind);
+            let _ = write!(line, "{name:<14} {kind:<4} {:>6} ", s.pid);
+            let Some(p) = prev.filter(|p| p.pid == s.pid) else {
+                line.push_str("(new: rates from the next sample)");
+                return fit(line);
+            };
+            let secs = s.at.duration_since(p.at).as_secs_f64();
+            let (pc, cc) = (&p.stats.counters, &s.stats.counters);
+            let r = |n: &str| rate(pc, cc, n, secs);
+            match kind {
+                "net" => {
+                    let drops = r("rx_drops") + r("tx_drops");
+                    let _ = write!(
+                        line,
+                        "rx {}pps {:.1}Mb/s tx {}pps {:.1}Mb/s drop/s {} stall {}",
+                        format_rate(r("rx_packets")),
+                        r("rx_bytes") * 8.0 / 1e6,
+                        format_rate(r("tx_packets")),
+                        r("tx_bytes") * 8.0 / 1e6,
+                        format_rate(drops),
+                        total(cc, "rx_rate_limited_stalls") + total(cc, "tx_rate_limited_stalls"),
+                    );
+                }
+                _ => {
+                    let lat = interval_latency(&p.stats, &s.stats);
+                    let reads = if kind == "cd" { r("read") } else { r("reads") };
+                    let errors = total(cc, "errors");
+                    let _ = write!(
+                        line,
+                        "{:>6} {:>6} {:>6.1} {:>6.1} {:>6} {:>6} {:>4} {:>4}",
+                        format_rate(reads),
+                        format_rate(r("writes")),
+                        r("read_bytes") / 1e6,
+                        r("write_bytes") / 1e6,
+                        format_ns(lat.quantile(0.5)),
+                        format_ns(lat.quantile(0.99)),
+                        total(cc, "in_flight"),
+                        errors,
+                    );
+                    if kind == "cd" {
+                        let tray = s.device["tray"].as_str().unwrap_or("?");
+                        let _ = write!(line, " tray {tray}");
+                    }
+                }
+            }
+        }
+    }
+    fit(line)
+}
+
+/// Cuts a line to [`WIDTH`] characters.
+fn fit(line: String) -> String {
+    if line.chars().count() <= WIDTH {
+        line
+    } else {
+        line.chars().take(WIDTH).collect()
+    }
+}
+
+/// Batch mode: `iterations` reports, `delay` apart, each with rates over the delay before it.
+/// Daemons that appear are picked up at the next sample; those that vanish stay as `gone`.
+pub fn batch(
+    paths: &[PathBuf],
+    iterations: u32,
+    delay: Duration,
+    timeout: Duration,
+    out: &mut dyn std::io::Write,
+) -> Result<(), TopError> {
+    let mut known: BTreeMap<PathBuf, Result<Sample, String>> = BTreeMap::new();
+    let take = |known: &mut BTreeMap<PathBuf, Result<Sample, String>>| -> Result<_, TopError> {
+        for p in discover(paths)? {
+            known.entry(p).or_insert_with(|| Err("gone".into()));
+        }
+        let mut next = BTreeMap::new();
+        for p in known.keys() {
+            next.insert(p.clone(), sample(p, timeout));
+        }
+        Ok(next)
+    };
+    let mut prev = take(&mut known)?;
+    known.clone_from(&prev);
+    for i in 0..iterations {
+        std::thread::sleep(delay);
+        let cur = take(&mut known)?;
+        let now = chrono_like_now();
+        let mut text = format!(
+            "vbctl top - {now}  {} daemons  iteration {}/{iterations}  interval {:.1} s\n{}\n",
+            cur.len(),
+            i + 1,
+            delay.as_secs_f64(),
+            header()
+        );
+        for (p, s) in &cur {
+            let before = prev.get(p).and_then(|r| r.as_ref().ok());
+            text.push_str(&row(&device_name(p), before, s));
+            text.push('\n');
+        }
+        text.push('\n');
+        // A closed pipe (`| head`) ends the run quietly.
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+        prev = cur;
+        known.clone_from(&prev);
+    }
+    Ok(())
+}
+
+/// The wall-clock time of day (UTC) as HH:MM:SS.
+fn chrono_like_now() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vback_api::{AtomicHistogram, LabeledHistogram, counters_from_device};
+
+    fn blk(at: Instant, reads: u64, read_bytes: u64, lat: &[u64]) -> Sample {
+        let device = serde_json::json!({"queues": [
+            {"reads": reads / 2, "read_bytes": read_bytes / 2, "writes": 0, "write_bytes": 0,
+             "errors": 0, "in_flight": 1},
+            {"reads": reads - reads / 2, "read_bytes": read_bytes - read_bytes / 2, "writes": 0,
+             "write_bytes": 0, "errors": 1, "in_flight": 2},
+        ]});
+        let h = AtomicHistogram::default();
+        for &v in lat {
+            h.record(v);
+        }
+        Sample {
+            at,
+            kind: "blkback".into(),
+            pid: 42,
+            device: Value::Null,
+            stats: Stats {
+                counters: counters_from_device(&device),
+                histograms: vec![LabeledHistogram {
+                    name: "latency_ns".into(),
+                    labels: BTreeMap::from([("op".into(), "read".into())]),
+                    histogram: h.snapshot(),
+                }],
+                device,
+            },
+        }
+    }
+
+    #[test]
+    fn block_rows_show_rates_latency_and_gauges() {
+        let t0 = Instant::now();
+        let a = blk(t0, 100, 409_600, &[1000; 100]);
+        let b = blk(
+            t0 + Duration::from_secs(2),
+            2100,
+            409_600 + 8_192_000,
+            &[&[1000; 100][..], &[50_000; 1970], &[2_000_000; 30]].concat(),
+        );
+        let line = row("alice/xvda", Some(&a), &Ok(b));
+        assert!(line.len() <= WIDTH, "{line}");
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&cols[..4], ["alice/xvda", "blk", "42", "1.0k"], "{line}");
+        assert_eq!(cols[5], "4.1", "read MB/s: {line}");
+        // The interval's p50 is the 50 µs bucket's bound, not the earlier 1 µs samples; p99
+        // reaches the 2 ms ones.
+        assert!(
+            cols[7].starts_with('5') && cols[7].ends_with("us"),
+            "{line}"
+        );
+        assert!(cols[8].ends_with("ms"), "{line}");
+        assert_eq!(&cols[9..], ["3", "1"], "in flight, errors: {line}");
+    }
+
+    #[test]
+    fn a_restarted_or_vanished_daemon_gets_no_bogus_rates() {
+        let t0 = Instant::now();
+        let a = blk(t0, 1000, 4096, &[]);
+        let mut b = blk(t0 + Duration::from_secs(1), 10, 4096, &[]);
+        b.pid = 43;
+        let line = row("d", Some(&a), &Ok(b));
+        assert!(line.contains("(new: rates"), "{line}");
+        let line = row("d", Some(&a), &Err("gone (Connection refused)".into()));
+        assert!(line.ends_with("gone (Connection refused)"), "{line}");
+        assert_eq!(rate(&[], &a.stats.counters, "reads", 0.0), 0.0);
+    }
+
+    #[test]
+    fn totals_prefer_the_unlabelled_counter() {
+        let dev = serde_json::json!({"rx": {"packets": 10}, "queues": [{"rx": {"packets": 4}},
+            {"rx": {"packets": 6}}]});
+        let c = counters_from_device(&dev);
+        assert_eq!(total(&c, "rx_packets"), 10);
+        let dev = serde_json::json!({"queues": [{"reads": 4}, {"reads": 6}]});
+        assert_eq!(total(&counters_from_device(&dev), "reads"), 10);
+    }
+
+    #[test]
+    fn formats_fit_their_columns() {
+        assert_eq!(format_ns(Some(850)), "850ns");
+        assert_eq!(format_ns(Some(12_345)), "12.3us");
+        assert_eq!(format_ns(Some(450_000)), "450us");
+        assert_eq!(format_ns(Some(4_100_000)), "4.1ms");
+        assert_eq!(format_ns(Some(2_000_000_000)), "2.0s");
+        assert_eq!(format_ns(None), "-");
+        assert_eq!(format_rate(999.0), "999");
+        assert_eq!(format_rate(12_500.0), "12.5k");
+        assert_eq!(format_rate(3_200_000.0), "3.2M");
+        for r in [0.0, 999.4, 99_949.0, 999_499.0, 1e12] {
+            assert!(format_rate(r).len() <= 6, "{r}");
+        }
+        assert!(header().len() <= WIDTH);
+        assert_eq!(
+            device_name(Path::new("/run/vback/alice/xvda.ctl")),
+            "alice/xvda"
+        );
+        assert_eq!(
+            device_name(Path::new("/run/vback/alice-xvda.ctl")),
+            "alice-xvda"
+        );
+    }
+}
