@@ -39,21 +39,26 @@ pub enum TopError {
     },
 }
 
-/// The control sockets to watch: the paths given (sockets as they are, directories searched for
-/// `*.ctl` up to one level down, as in `/run/vback/<domain>/<vdev>.ctl`), sorted.
-pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TopError> {
-    let mut out = Vec::new();
+/// The control sockets to watch, with the name each row shows: the paths given (a socket as
+/// it is, named by its file name; a directory searched for `*.ctl` up to one level down, as in
+/// `/run/vback/<domain>/<vdev>.ctl`, each named by its path below the directory: `alice/xvda`).
+pub fn discover(paths: &[PathBuf]) -> Result<BTreeMap<PathBuf, String>, TopError> {
+    let mut out = BTreeMap::new();
     for p in paths {
         if p.is_dir() {
-            scan(p, 1, &mut out)?;
+            let mut found = Vec::new();
+            scan(p, 1, &mut found)?;
+            for f in found {
+                let name = device_name(f.strip_prefix(p).unwrap_or(&f));
+                out.insert(f, name);
+            }
         } else if is_socket(p) {
-            out.push(p.clone());
+            let name = device_name(p.file_name().map_or(p.as_path(), Path::new));
+            out.insert(p.clone(), name);
         } else {
             return Err(TopError::NotControl(p.clone()));
         }
     }
-    out.sort();
-    out.dedup();
     Ok(out)
 }
 
@@ -215,22 +220,15 @@ fn short_kind(kind: &str) -> &str {
     }
 }
 
-/// The name a row shows: the socket's file name without `.ctl`, with its directory when that
-/// is a domain's (`alice/xvda`), cut to 14 characters.
-pub fn device_name(ctl: &Path) -> String {
-    let stem = ctl
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = ctl
-        .parent()
-        .and_then(Path::file_name)
-        .map(|s| s.to_string_lossy().into_owned());
-    let name = match dir {
-        Some(d) if d != "vback" && !d.is_empty() => format!("{d}/{stem}"),
-        _ => stem,
-    };
-    name.chars().take(14).collect()
+/// The name a row shows for a control socket's relative path: without `.ctl`, cut to 14
+/// characters.
+pub fn device_name(rel: &Path) -> String {
+    let s = rel.to_string_lossy();
+    s.strip_suffix(".ctl")
+        .unwrap_or(&s)
+        .chars()
+        .take(14)
+        .collect()
 }
 
 /// One device's row: rates between `prev` and `cur`, or why there is none.
@@ -309,22 +307,12 @@ pub fn batch(
     timeout: Duration,
     out: &mut dyn std::io::Write,
 ) -> Result<(), TopError> {
-    let mut known: BTreeMap<PathBuf, Result<Sample, String>> = BTreeMap::new();
-    let take = |known: &mut BTreeMap<PathBuf, Result<Sample, String>>| -> Result<_, TopError> {
-        for p in discover(paths)? {
-            known.entry(p).or_insert_with(|| Err("gone".into()));
-        }
-        let mut next = BTreeMap::new();
-        for p in known.keys() {
-            next.insert(p.clone(), sample(p, timeout));
-        }
-        Ok(next)
-    };
-    let mut prev = take(&mut known)?;
-    known.clone_from(&prev);
+    // Every socket seen so far, with its name: one that vanishes stays, as gone.
+    let mut names: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut prev = take(paths, &mut names, timeout)?;
     for i in 0..iterations {
         std::thread::sleep(delay);
-        let cur = take(&mut known)?;
+        let cur = take(paths, &mut names, timeout)?;
         let now = chrono_like_now();
         let mut text = format!(
             "vbctl top - {now}  {} daemons  iteration {}/{iterations}  interval {:.1} s\n{}\n",
@@ -335,7 +323,8 @@ pub fn batch(
         );
         for (p, s) in &cur {
             let before = prev.get(p).and_then(|r| r.as_ref().ok());
-            text.push_str(&row(&device_name(p), before, s));
+            let name = names.get(p).map_or("?", String::as_str);
+            text.push_str(&row(name, before, s));
             text.push('\n');
         }
         text.push('\n');
@@ -348,9 +337,21 @@ pub fn batch(
             return Ok(());
         }
         prev = cur;
-        known.clone_from(&prev);
     }
     Ok(())
+}
+
+/// Samples every socket seen so far (`names`, grown by what [`discover`] finds now).
+fn take(
+    paths: &[PathBuf],
+    names: &mut BTreeMap<PathBuf, String>,
+    timeout: Duration,
+) -> Result<BTreeMap<PathBuf, Result<Sample, String>>, TopError> {
+    names.extend(discover(paths)?);
+    Ok(names
+        .keys()
+        .map(|p| (p.clone(), sample(p, timeout)))
+        .collect())
 }
 
 /// The wall-clock time of day (UTC) as HH:MM:SS.
@@ -457,13 +458,7 @@ mod tests {
             assert!(format_rate(r).len() <= 6, "{r}");
         }
         assert!(header().len() <= WIDTH);
-        assert_eq!(
-            device_name(Path::new("/run/vback/alice/xvda.ctl")),
-            "alice/xvda"
-        );
-        assert_eq!(
-            device_name(Path::new("/run/vback/alice-xvda.ctl")),
-            "alice-xvda"
-        );
+        assert_eq!(device_name(Path::new("alice/xvda.ctl")), "alice/xvda");
+        assert_eq!(device_name(Path::new("alice-xvda.ctl")), "alice-xvda");
     }
 }

@@ -1,0 +1,147 @@
+//! Monitoring end to end: `vbctl top -b` over real daemons, and the latency histograms they
+//! serve.
+//!
+//! Two blkbacks share a directory (as under /run/vback): one is read by the test front end
+//! (`BlkDriver`, one request at a time, as long as `vbctl top` runs), the other idles; a third
+//! was killed with SIGKILL and left its control socket behind. `vbctl top -b -i 2 -d 1`
+//! prints two reports; each shows non-zero reads per second in the busy disk's row only, the
+//! idle disk at zero, and the killed one as gone. Afterwards the busy disk's read histogram
+//! holds exactly one sample per read it served.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use vback_common::control::ControlClient;
+use vback_tests::frontend::blk_layout::{DATA, HDR, STATUS};
+use vback_tests::frontend::{BlkDriver, DESC_WRITE};
+use vback_tests::process::{blkback, workspace_bin};
+
+fn stats(ctl: &Path) -> vback_api::Stats {
+    let v = ControlClient::connect(ctl)
+        .unwrap()
+        .call("stats", Value::Null)
+        .unwrap();
+    vback_api::decode("stats", v).unwrap()
+}
+
+/// The rows of `vbctl top -b` output for the device named `name`, split into columns.
+fn rows<'a>(out: &'a str, name: &str) -> Vec<Vec<&'a str>> {
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.first() == Some(&name))
+        .collect()
+}
+
+#[test]
+fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let start = |name: &str| {
+        blkback(
+            &d.join(format!("{name}.sock")),
+            &[
+                "--disk",
+                "null:64M",
+                "--control",
+                d.join(format!("{name}.ctl")).to_str().unwrap(),
+            ],
+            &d.join(format!("{name}.log")),
+        )
+        .unwrap()
+    };
+    let busy = start("busy");
+    let _idle = start("idle");
+    let mut dead = start("dead");
+    dead.kill();
+    assert!(d.join("dead.ctl").exists(), "SIGKILL leaves the socket");
+
+    let mut drv = BlkDriver::connect(&d.join("busy.sock"));
+    let mut top = Command::new(workspace_bin("vbctl").unwrap())
+        .args(["top", "-b", "-i", "2", "-d", "1"])
+        .arg(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Reads of 4 KiB, one at a time, until top has printed its two reports.
+    let mut sent = 0u64;
+    // A VIRTIO_BLK_T_IN (0) header at sector 0.
+    drv.mem().put(HDR, &[0u8; 16]);
+    while top.try_wait().unwrap().is_none() {
+        drv.mem().put(STATUS, &[0xff]);
+        assert!(
+            drv.submit(&[
+                (HDR, 16, 0),
+                (DATA, 4096, DESC_WRITE),
+                (STATUS, 1, DESC_WRITE)
+            ]),
+            "read {sent} completed"
+        );
+        assert_eq!(drv.mem().get8(STATUS), 0, "read {sent} succeeded");
+        sent += 1;
+    }
+    let out = top.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "vbctl top failed: {stderr}\n{stdout}");
+    eprintln!("{stdout}");
+    for l in stdout.lines() {
+        assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
+    }
+    assert_eq!(
+        stdout.matches("DEVICE").count(),
+        2,
+        "two reports:\n{stdout}"
+    );
+
+    let pid = busy.pid().unwrap().to_string();
+    let busy_rows = rows(&stdout, "busy");
+    assert_eq!(busy_rows.len(), 2, "{stdout}");
+    for r in &busy_rows {
+        // DEVICE KIND PID RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
+        assert_eq!(&r[1..3], ["blk", pid.as_str()], "{stdout}");
+        assert_ne!(r[3], "0", "the busy disk reads: {stdout}");
+        assert_eq!(r[4], "0", "and does not write: {stdout}");
+        assert_ne!(r[7], "-", "a read latency: {stdout}");
+        // (In flight is 0 or 1, depending on where the sample fell.)
+        assert!(
+            ["0", "1"].contains(&r[9]),
+            "one request at a time: {stdout}"
+        );
+        assert_eq!(r[10], "0", "no errors: {stdout}");
+    }
+    for r in rows(&stdout, "idle") {
+        assert_eq!(&r[3..5], ["0", "0"], "the idle disk: {stdout}");
+        assert_eq!(r[7], "-", "no latency without requests: {stdout}");
+    }
+    let dead_rows = rows(&stdout, "dead");
+    assert_eq!(dead_rows.len(), 2, "{stdout}");
+    for r in dead_rows {
+        assert_eq!(r[3], "gone", "the killed daemon: {stdout}");
+    }
+
+    // One latency sample per read served, on the read histogram.
+    let s = stats(&d.join("busy.ctl"));
+    let reads: u64 = s
+        .counters
+        .iter()
+        .filter(|c| c.name == "reads")
+        .map(|c| c.value)
+        .sum();
+    assert_eq!(reads, sent, "every read the front end sent was counted");
+    let sampled: u64 = s
+        .histograms
+        .iter()
+        .filter(|h| h.labels.get("op").map(String::as_str) == Some("read"))
+        .map(|h| h.histogram.count)
+        .sum();
+    assert_eq!(sampled, reads, "{:?}", s.histograms);
+    assert!(
+        s.histograms.iter().all(|h| h.labels["op"] == "read"),
+        "only reads were sent: {:?}",
+        s.histograms
+    );
+}
