@@ -1,7 +1,7 @@
 //! Monitoring end to end: `vbctl top -b` over real daemons, and the latency histograms they
 //! serve.
 //!
-//! Two blkbacks share a directory (as under /run/vback): one is read by the test front end
+//! Two blkbacks share a domain's directory (as under /run/vback/<domain>/): one is read by the test front end
 //! (`BlkDriver`, one request at a time, as long as `vbctl top` runs), the other idles; a third
 //! was killed with SIGKILL and left its control socket behind. `vbctl top -b -i 2 -d 1`
 //! prints two reports; each shows non-zero reads per second in the busy disk's row only, the
@@ -36,7 +36,9 @@ fn rows<'a>(out: &'a str, name: &str) -> Vec<Vec<&'a str>> {
 #[test]
 fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    // As under /run/vback: one directory per domain.
+    let d = &dir.path().join("alice");
+    std::fs::create_dir(d).unwrap();
     let start = |name: &str| {
         blkback(
             &d.join(format!("{name}.sock")),
@@ -59,7 +61,7 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     let mut drv = BlkDriver::connect(&d.join("busy.sock"));
     let mut top = Command::new(workspace_bin("vbctl").unwrap())
         .args(["top", "-b", "-i", "2", "-d", "1"])
-        .arg(d)
+        .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -98,7 +100,7 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     );
 
     let pid = busy.pid().unwrap().to_string();
-    let busy_rows = rows(&stdout, "busy");
+    let busy_rows = rows(&stdout, "alice/busy");
     assert_eq!(busy_rows.len(), 2, "{stdout}");
     for r in &busy_rows {
         // DEVICE KIND PID RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
@@ -113,11 +115,11 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
         );
         assert_eq!(r[10], "0", "no errors: {stdout}");
     }
-    for r in rows(&stdout, "idle") {
+    for r in rows(&stdout, "alice/idle") {
         assert_eq!(&r[3..5], ["0", "0"], "the idle disk: {stdout}");
         assert_eq!(r[7], "-", "no latency without requests: {stdout}");
     }
-    let dead_rows = rows(&stdout, "dead");
+    let dead_rows = rows(&stdout, "alice/dead");
     assert_eq!(dead_rows.len(), 2, "{stdout}");
     for r in dead_rows {
         assert_eq!(r[3], "gone", "the killed daemon: {stdout}");
