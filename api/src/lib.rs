@@ -266,6 +266,10 @@ pub struct BlockQueueStats {
     pub unsupported: u64,
     /// Requests in flight now (a gauge).
     pub in_flight: u64,
+    /// Requests resubmitted after a restart (left in flight by a crashed predecessor; 0 from
+    /// daemons before the key).
+    #[serde(default)]
+    pub resubmitted: u64,
     /// Failed requests by the storage error's kind (`io`, `out-of-bounds`, ...; kinds with no
     /// error are left out).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -295,6 +299,7 @@ impl BlockStats {
             t.errors += q.errors;
             t.unsupported += q.unsupported;
             t.in_flight += q.in_flight;
+            t.resubmitted += q.resubmitted;
             for (k, v) in &q.errors_by_kind {
                 *t.errors_by_kind.entry(k.clone()).or_default() += v;
             }
@@ -324,6 +329,10 @@ pub struct CdromStats {
     pub prevent_allow: u64,
     /// START STOP UNIT.
     pub start_stop: u64,
+    /// Requests resubmitted after a restart (left in flight by a crashed predecessor; 0 from
+    /// daemons before the key).
+    #[serde(default)]
+    pub resubmitted: u64,
 }
 
 /// The uniform counters of a device's `stats`: every unsigned integer in `device`, named by its

@@ -37,6 +37,8 @@ pub struct QueueStats {
     pub unsupported: AtomicU64,
     /// Requests in flight now.
     pub in_flight: AtomicU64,
+    /// Requests resubmitted after a restart (left in flight by a crashed predecessor).
+    pub resubmitted: AtomicU64,
     /// Requests the storage failed, by the error's kind (indexed by `ErrorKind as usize`).
     pub errors_by_kind: [AtomicU64; ErrorKind::ALL.len()],
     /// Latency from pop to used-ring publish of the requests the storage carried out
@@ -70,6 +72,7 @@ impl QueueStats {
             errors: g(&self.errors),
             unsupported: g(&self.unsupported),
             in_flight: g(&self.in_flight),
+            resubmitted: g(&self.resubmitted),
             errors_by_kind,
         }
     }

@@ -255,6 +255,12 @@ impl VhostUserBackend for BlkBackend {
         ))
     }
 
+    fn inflight_replayed(&self, queue: usize, requests: usize) {
+        if let Some(s) = self.inner.dev.stats.get(queue) {
+            crate::stats::QueueStats::add(&s.resubmitted, requests as u64);
+        }
+    }
+
     fn set_backend_req_fd(&self, channel: BackendChannel) {
         *lock(&self.inner.channel) = Some(channel);
     }

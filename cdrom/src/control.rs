@@ -64,6 +64,7 @@ impl ControlHandler for CdControl {
             get_event_status: cd.count(0x4a),
             prevent_allow: cd.count(0x1e),
             start_stop: cd.count(0x1b),
+            resubmitted: cd.resubmitted(),
         };
         serde_json::to_value(stats).unwrap_or(Value::Null)
     }

@@ -235,6 +235,8 @@ pub struct Cdrom {
     counts: Box<[u64; 256]>,
     /// READ(10/12/16) latency from pop to used-ring publish, recorded by the request queue.
     read_latency: AtomicHistogram,
+    /// Commands resubmitted after a restart (in-flight tracking), for `stats`.
+    resubmitted: u64,
 }
 
 fn be16(b: &[u8]) -> usize {
@@ -272,6 +274,7 @@ impl Cdrom {
                 .collect(),
             counts: Box::new([0; 256]),
             read_latency: AtomicHistogram::default(),
+            resubmitted: 0,
         }
     }
 
@@ -282,6 +285,16 @@ impl Cdrom {
     /// while no daemon ran is not reported.
     pub fn take_over(&mut self) {
         self.unit_attention.retain(|s| *s != POWER_ON);
+    }
+
+    /// Counts `n` commands a crashed predecessor left in flight, resubmitted to this drive.
+    pub fn note_resubmitted(&mut self, n: usize) {
+        self.resubmitted += n as u64;
+    }
+
+    /// Commands resubmitted after restarts.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted
     }
 
     /// Whether a disc is in the closed drive.

@@ -158,6 +158,10 @@ impl VhostUserBackend for CdBackend {
         }
     }
 
+    fn inflight_replayed(&self, _queue: usize, requests: usize) {
+        lock(&self.inner.cd).note_resubmitted(requests);
+    }
+
     fn inflight_handover(&self) {
         // The guest has been using this drive: a new daemon taking over is no power-on.
         lock(&self.inner.cd).take_over();

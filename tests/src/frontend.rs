@@ -121,6 +121,32 @@ pub mod blk_layout {
     pub const DATA: u64 = 0x10000;
 }
 
+/// Shares `mem` (all of it, at guest address 0) and starts queue 0 in [`blk_layout`]'s rings
+/// at avail index `base`, with `call` and `kick`.
+fn start_queue0(fe: &mut Frontend, mem: &SharedMemory, base: u16, call: &EventFd, kick: &EventFd) {
+    use blk_layout::*;
+    fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
+    let va = mem.addr() as u64;
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: va + DESC,
+            used_ring_addr: va + USED,
+            avail_ring_addr: va + AVAIL,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(0, base).unwrap();
+    fe.set_vring_call(0, call).unwrap();
+    fe.set_vring_kick(0, kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+}
+
 /// Descriptor flag: the device writes this buffer.
 pub const DESC_WRITE: u16 = 2;
 
@@ -148,28 +174,9 @@ impl BlkDriver {
         fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
             .unwrap();
         let mem = SharedMemory::new(MEM);
-        fe.set_mem_table(&[mem.info(0, MEM)]).unwrap();
-        let va = mem.addr() as u64;
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: va + DESC,
-                used_ring_addr: va + USED,
-                avail_ring_addr: va + AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(0, 0).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        fe.set_vring_enable(0, true).unwrap();
+        start_queue0(&mut fe, &mem, 0, &call, &kick);
         BlkDriver {
             _fe: fe,
             kick,
@@ -233,5 +240,182 @@ impl BlkDriver {
             std::thread::yield_now();
         }
         true
+    }
+}
+
+/// A vhost-user-blk front end that outlives its back end, as QEMU's device does: the guest
+/// memory and the ring stay while back ends come and go. Several requests can be in flight at
+/// once (each at its own descriptors), completions are read from the used ring in the order
+/// the back end published them. On each connection it does what QEMU's vhost-user-blk does
+/// after a back-end crash: the ring restarts at the used index (SET_VRING_BASE), and, when the
+/// back end offers in-flight tracking and `inflight` is asked for, the region is fetched once
+/// (GET_INFLIGHT_FD) and handed back on every connection (SET_INFLIGHT_FD) before the ring
+/// starts.
+#[allow(missing_debug_implementations)]
+pub struct RestartableBlk {
+    fe: Option<Frontend>,
+    kick: EventFd,
+    call: EventFd,
+    mem: SharedMemory,
+    avail: u16,
+    inflight: Option<(vhost::vhost_user::message::VhostUserInflight, std::fs::File)>,
+}
+
+/// [`RestartableBlk`]'s layout: queue size, and where request `n`'s parts live.
+pub mod restartable_layout {
+    /// Queue size (each request takes 3 descriptors: 5 requests at once).
+    pub const QSIZE: u16 = super::blk_layout::QSIZE;
+    /// Request `n`'s header.
+    pub fn header(n: u16) -> u64 {
+        0x3000 + 0x20 * u64::from(n)
+    }
+    /// Request `n`'s status byte.
+    pub fn status(n: u16) -> u64 {
+        0x3800 + u64::from(n)
+    }
+    /// Request `n`'s data buffer (4 KiB).
+    pub fn data(n: u16) -> u64 {
+        0x10000 + 0x1000 * u64::from(n)
+    }
+    /// Request `n`'s head (its first descriptor).
+    pub fn head(n: u16) -> u16 {
+        3 * n
+    }
+}
+
+impl Default for RestartableBlk {
+    fn default() -> Self {
+        RestartableBlk::new()
+    }
+}
+
+impl RestartableBlk {
+    /// The guest side, not connected.
+    pub fn new() -> RestartableBlk {
+        RestartableBlk {
+            fe: None,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            mem: SharedMemory::new(blk_layout::MEM),
+            avail: 0,
+            inflight: None,
+        }
+    }
+
+    /// Connects to `sock` and starts the ring at the used index. Returns whether in-flight
+    /// tracking is on (asked for and offered).
+    pub fn connect(&mut self, sock: &Path, inflight: bool) -> bool {
+        use restartable_layout::QSIZE;
+        self.fe = None;
+        let mut fe = Frontend::connect(sock, 1).expect("connect");
+        fe.set_owner().unwrap();
+        let f = fe.get_features().unwrap();
+        fe.set_features(f).unwrap();
+        let offered = fe.get_protocol_features().unwrap();
+        let mut pf = VhostUserProtocolFeatures::CONFIG;
+        let tracked = inflight && offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        if tracked {
+            pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        fe.set_protocol_features(offered & pf).unwrap();
+        if tracked {
+            if self.inflight.is_none() {
+                let ask = vhost::vhost_user::message::VhostUserInflight {
+                    num_queues: 1,
+                    queue_size: QSIZE,
+                    ..Default::default()
+                };
+                self.inflight = Some(fe.get_inflight_fd(&ask).expect("GET_INFLIGHT_FD"));
+            }
+            let (info, file) = self.inflight.as_ref().unwrap();
+            fe.set_inflight_fd(info, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
+        // What QEMU does after its back end died: the avail index it cannot know is rewound to
+        // the used index.
+        start_queue0(&mut fe, &self.mem, self.used_idx(), &self.call, &self.kick);
+        self.fe = Some(fe);
+        tracked
+    }
+
+    /// Forgets the connection (the back end died).
+    pub fn disconnect(&mut self) {
+        self.fe = None;
+    }
+
+    /// The guest memory.
+    pub fn mem(&self) -> &SharedMemory {
+        &self.mem
+    }
+
+    /// Publishes request `n` (a virtio-blk `kind` at `sector`, 4 KiB of data out for a write,
+    /// in for a read) on the avail ring and kicks.
+    pub fn submit(&mut self, n: u16, kind: u32, sector: u64) {
+        use restartable_layout::*;
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.put(header(n), &hdr);
+        self.mem.put(status(n), &[0xff]);
+        let data_flags = if kind == 0 { DESC_WRITE } else { 0 };
+        let parts = [
+            (header(n), 16u32, 0u16),
+            (data(n), 4096, data_flags),
+            (status(n), 1, DESC_WRITE),
+        ];
+        let first = head(n);
+        for (i, (addr, len, flags)) in parts.iter().enumerate() {
+            let idx = first + i as u16;
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let more = if i + 1 < parts.len() { 1u16 } else { 0 };
+            d[12..14].copy_from_slice(&(flags | more).to_le_bytes());
+            d[14..16].copy_from_slice(&(idx + 1).to_le_bytes());
+            self.mem.put(blk_layout::DESC + 16 * u64::from(idx), &d);
+        }
+        let slot = u64::from(self.avail % QSIZE);
+        self.mem
+            .put(blk_layout::AVAIL + 4 + 2 * slot, &first.to_le_bytes());
+        self.avail = self.avail.wrapping_add(1);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .put(blk_layout::AVAIL + 2, &self.avail.to_le_bytes());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let _ = self.kick.write(1);
+    }
+
+    /// The used index the back end published.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.load_u16(blk_layout::USED + 2)
+    }
+
+    /// Waits until the used index reaches `target`; false if it did not within `timeout`.
+    pub fn wait_used(&self, target: u16, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.used_idx() != target {
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// The heads on the used ring so far, in the order they were published (the test keeps
+    /// fewer than a ring's worth).
+    pub fn used_heads(&self) -> Vec<u16> {
+        let n = self.used_idx();
+        (0..n)
+            .map(|i| {
+                let at = blk_layout::USED + 4 + 8 * u64::from(i % restartable_layout::QSIZE);
+                self.mem.load_u16(at)
+            })
+            .collect()
+    }
+
+    /// Request `n`'s status byte.
+    pub fn status(&self, n: u16) -> u8 {
+        self.mem.get8(restartable_layout::status(n))
     }
 }

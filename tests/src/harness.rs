@@ -153,6 +153,7 @@ pub struct Guest {
     usb: bool,
     actions: Vec<(String, HostAction)>,
     kernel_args: Vec<String>,
+    reconnect_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -187,6 +188,7 @@ impl Guest {
             usb: false,
             actions: Vec::new(),
             kernel_args: Vec::new(),
+            reconnect_ms: None,
         }
     }
 
@@ -294,6 +296,14 @@ impl Guest {
         self
     }
 
+    /// QEMU reconnects the vhost-user devices' chardevs (`reconnect-ms=`) to a backend that
+    /// went away, every `ms` milliseconds: the backend can be killed and restarted under a
+    /// running guest.
+    pub fn reconnect_ms(mut self, ms: u64) -> Guest {
+        self.reconnect_ms = Some(ms);
+        self
+    }
+
     /// An extra raw QEMU argument.
     pub fn qemu_arg(mut self, arg: &str) -> Guest {
         self.extra.push(arg.to_owned());
@@ -302,6 +312,10 @@ impl Guest {
 
     fn device_args(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
+        let re = self
+            .reconnect_ms
+            .map(|ms| format!(",reconnect-ms={ms}"))
+            .unwrap_or_default();
         if self.usb {
             a.extend(["-device".into(), "qemu-xhci,id=xhci".into()]);
         }
@@ -314,7 +328,7 @@ impl Guest {
                         ",num-queues=1"
                     };
                     a.push("-chardev".into());
-                    a.push(format!("socket,id=vub{i},path={}", socket.display()));
+                    a.push(format!("socket,id=vub{i},path={}{re}", socket.display()));
                     a.push("-device".into());
                     a.push(format!(
                         "vhost-user-blk-pci,chardev=vub{i}{q}{}",
@@ -328,7 +342,7 @@ impl Guest {
                         ",num_queues=1"
                     };
                     a.push("-chardev".into());
-                    a.push(format!("socket,id=vus{i},path={}", socket.display()));
+                    a.push(format!("socket,id=vus{i},path={}{re}", socket.display()));
                     a.push("-device".into());
                     a.push(format!(
                         "vhost-user-scsi-pci,chardev=vus{i}{q}{}",
@@ -341,7 +355,7 @@ impl Guest {
                     props,
                 } => {
                     a.push("-chardev".into());
-                    a.push(format!("socket,id=vun{i},path={}", socket.display()));
+                    a.push(format!("socket,id=vun{i},path={}{re}", socket.display()));
                     a.push("-netdev".into());
                     a.push(format!(
                         "vhost-user,id=net{i},chardev=vun{i},queues={queues}"

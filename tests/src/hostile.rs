@@ -259,3 +259,183 @@ impl Target<'_> {
         (fe, kick)
     }
 }
+
+/// Connects and negotiates like [`negotiate`], with in-flight tracking (the daemon must offer
+/// it).
+pub fn negotiate_inflight(sock: &Path) -> Frontend {
+    let mut fe = Frontend::connect(sock, 64).expect("connect");
+    fe.set_owner().unwrap();
+    let f = fe.get_features().unwrap();
+    fe.set_features(f).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    assert!(
+        pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        "the daemon does not offer in-flight tracking"
+    );
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+    )
+    .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
+}
+
+/// The bytes of an in-flight region per queue of `queue_size` (libvhost-user's stride).
+fn inflight_stride(queue_size: u16) -> u64 {
+    vback_common::vhost_user::inflight::queue_region_size(queue_size)
+}
+
+impl Target<'_> {
+    /// In-flight tracking from a hostile front end (the daemon must offer it): a region for
+    /// too many queues or queues larger than the daemon's, one too small, a descriptor that is
+    /// not the sealed memfd the daemon handed out, a disconnect between GET and SET, a header
+    /// of another shape, and garbage entries in a valid region (a mark on a head beyond the
+    /// ring, two heads with one counter, counter 0, a mark other than 1, a last-batch head out
+    /// of range). Each is refused or its entries dropped with a warning, and the one valid
+    /// entry is replayed on vring `queue`; the daemon serves on after each.
+    pub fn hostile_inflight(&mut self, queue: usize) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        use vhost::vhost_user::message::VhostUserInflight;
+        let qs = self.max_queue;
+        let all = self.vrings as u16;
+        let ask = |num_queues: u16, queue_size: u16| VhostUserInflight {
+            num_queues,
+            queue_size,
+            ..Default::default()
+        };
+
+        let mut fe = negotiate_inflight(self.sock);
+        assert!(fe.get_inflight_fd(&ask(all + 1, qs)).is_err());
+        self.still_serving("GET_INFLIGHT_FD for more queues than the device has");
+
+        let mut fe2 = negotiate_inflight(self.sock);
+        assert!(fe2.get_inflight_fd(&ask(all, qs * 2)).is_err());
+        self.still_serving("GET_INFLIGHT_FD for queues larger than the device serves");
+        drop((fe, fe2));
+
+        let mut fe = negotiate_inflight(self.sock);
+        let (info, file) = fe.get_inflight_fd(&ask(all, qs)).unwrap();
+        assert_eq!(info.mmap_size, u64::from(all) * inflight_stride(qs));
+        let small = VhostUserInflight {
+            mmap_size: info.mmap_size - 1,
+            ..info
+        };
+        assert!(fe.set_inflight_fd(&small, file.as_raw_fd()).is_err());
+        self.still_serving("an in-flight region too small for its queues");
+
+        let mut fe = negotiate_inflight(self.sock);
+        let other = SharedMemory::new(info.mmap_size);
+        let raw = other.info(0, info.mmap_size).mmap_handle;
+        assert!(fe.set_inflight_fd(&info, raw).is_err());
+        self.still_serving("an in-flight region that is not the sealed memfd handed out");
+
+        let mut fe = negotiate_inflight(self.sock);
+        let _ = fe.get_inflight_fd(&ask(all, qs)).unwrap();
+        drop(fe);
+        self.still_serving("a disconnect between GET_INFLIGHT_FD and SET_INFLIGHT_FD");
+
+        // A header of another shape: refused when the ring starts.
+        let base = queue as u64 * inflight_stride(qs);
+        let header = |version: u16, desc_num: u16, last: u16, used: u16| {
+            let mut h = [0u8; 16];
+            h[8..10].copy_from_slice(&version.to_le_bytes());
+            h[10..12].copy_from_slice(&desc_num.to_le_bytes());
+            h[12..14].copy_from_slice(&last.to_le_bytes());
+            h[14..16].copy_from_slice(&used.to_le_bytes());
+            file.write_all_at(&h, base).unwrap();
+        };
+        header(7, qs / 2, 0, 0);
+        let (region, fe) = self.inflight_ring(queue, &info, &file);
+        drop((region, fe));
+        self.still_serving("an in-flight region with a garbage header");
+        let log = self.daemon.log();
+        assert!(
+            log.contains("header says version 7") && !log.contains("resubmitting"),
+            "{} did not refuse a garbage in-flight header:\n{log}",
+            self.name
+        );
+
+        // Garbage entries around one valid one (head 1, counter 7).
+        let ring = 8u16;
+        header(1, qs, 0xfff0, 5);
+        let entry = |head: u16, flag: u8, counter: u64| {
+            let mut e = [0u8; 16];
+            e[0] = flag;
+            e[8..].copy_from_slice(&counter.to_le_bytes());
+            file.write_all_at(&e, base + 16 + 16 * u64::from(head))
+                .unwrap();
+        };
+        entry(ring + 1, 1, 3); // beyond the ring
+        entry(1, 1, 7);
+        entry(2, 1, 7); // the same counter again
+        entry(3, 9, 8); // not a mark
+        entry(4, 1, 0); // counter 0
+        let (region, fe) = self.inflight_ring(queue, &info, &file);
+        // Head 1 is replayed (its chain is zeroes: answered or returned, either way on the
+        // used ring), and nothing else.
+        let used = |r: &SharedMemory| r.load_u16(0x2000 + 2);
+        for _ in 0..500 {
+            if used(&region) >= 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            used(&region),
+            1,
+            "{} replayed {} requests from the garbage region:\n{}",
+            self.name,
+            used(&region),
+            self.daemon.log()
+        );
+        assert_eq!(region.load_u16(0x2000 + 4), 1, "the replayed head");
+        let log = self.daemon.log();
+        assert_eq!(
+            log.matches("was not replayed").count(),
+            5,
+            "each garbage entry is named:\n{log}"
+        );
+        drop((region, fe));
+        self.still_serving("garbage entries in the in-flight region");
+    }
+
+    /// Sets up vring `queue` (8 entries, rings in fresh memory, used index 0) with the
+    /// in-flight region `file`, and starts it.
+    fn inflight_ring(
+        &mut self,
+        queue: usize,
+        info: &vhost::vhost_user::message::VhostUserInflight,
+        file: &std::fs::File,
+    ) -> (SharedMemory, Frontend) {
+        use std::os::fd::AsRawFd;
+        let region = SharedMemory::new(MEM);
+        let va = region.addr() as u64;
+        let mut fe = negotiate_inflight(self.sock);
+        fe.set_inflight_fd(info, file.as_raw_fd()).unwrap();
+        fe.set_mem_table(&[region.info(0, MEM)]).unwrap();
+        fe.set_vring_num(queue, 8).unwrap();
+        fe.set_vring_addr(
+            queue,
+            &VringConfigData {
+                queue_max_size: self.max_queue,
+                queue_size: 8,
+                flags: 0,
+                desc_table_addr: va,
+                used_ring_addr: va + 0x2000,
+                avail_ring_addr: va + 0x1000,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(queue, 0).unwrap();
+        let call = EventFd::new(0).unwrap();
+        let kick = EventFd::new(0).unwrap();
+        let _ = fe.set_vring_call(queue, &call);
+        let _ = fe.set_vring_kick(queue, &kick);
+        let _ = fe.set_vring_enable(queue, true);
+        (region, fe)
+    }
+}

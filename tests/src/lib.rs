@@ -4,6 +4,7 @@
 //!   script (a batch of named checks) inside, get its output and status back;
 //! - [`frontend`]: shared guest memory for tests that are their own vhost-user front end;
 //! - [`hostile`]: a malicious front end every backend must survive;
+//! - [`loopfs`]: a loop-mounted ext4 a test freezes, so writes block while reads complete;
 //! - [`netns`]: network namespaces (test hosts, bridges, veths) so no traffic leaves the machine;
 //! - [`qemu_tools`]: qemu-img and qemu-io, the independent judges of images;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
@@ -17,6 +18,7 @@ pub mod cpio;
 pub mod frontend;
 pub mod harness;
 pub mod hostile;
+pub mod loopfs;
 pub mod netns;
 pub mod process;
 pub mod qcow2_ops;

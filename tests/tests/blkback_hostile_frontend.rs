@@ -32,6 +32,9 @@ fn malformed_vhost_user_messages_are_refused_and_the_daemon_lives_on() {
     std::thread::sleep(Duration::from_millis(200));
     drop(conn);
     t.still_serving("a straddling ring with a garbage avail ring");
+
+    // In-flight regions: bad sizes and counts, foreign descriptors, garbage entries.
+    t.hostile_inflight(0);
 }
 
 #[test]

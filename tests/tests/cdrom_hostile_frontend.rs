@@ -22,4 +22,8 @@ fn hostile_front_ends_are_refused_and_cdrom_lives_on() {
 
     // The control (0) and request (2) queues with garbage in them, kicked.
     t.garbage_rings_do_not_spin(&[0, 2]);
+
+    // In-flight regions: bad sizes and counts, foreign descriptors, garbage entries (on the
+    // request queue).
+    t.hostile_inflight(2);
 }

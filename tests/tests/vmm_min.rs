@@ -682,3 +682,89 @@ fn linux_boot_path_prints_the_early_boot_log() {
         assert!(s.contains(want), "`{want}` missing:\n{s}");
     }
 }
+
+/// A write stuck in a blkback (its image's filesystem frozen) while a later read completed;
+/// blkback SIGKILLed, the filesystem thawed, a new blkback started (with `--no-inflight` on
+/// both unless `inflight`). Returns the guest's serial output, the second daemon's log and the
+/// sector the write was for.
+fn kill_blkback_with_a_write_in_flight(inflight: bool) -> (String, String, Vec<u8>) {
+    use vback_tests::loopfs::LoopFs;
+    let fs = LoopFs::mount();
+    let d = fs.dir();
+    let image = fs.mnt().join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let bs = d.join("blk.sock");
+    let disk = format!("file:{}", image.display());
+    let mut args = vec!["--disk", disk.as_str()];
+    if !inflight {
+        args.push("--no-inflight");
+    }
+    let mut first = blkback(&bs, &args, &d.join("blk1.log")).unwrap();
+    let mut vmm = Vmm::start(
+        d,
+        &test_guest(),
+        &[
+            "--mem",
+            "64M",
+            "--cmdline",
+            "vmmtest.inflight",
+            "--blk",
+            bs.to_str().unwrap(),
+        ],
+    );
+    vmm.wait_for(
+        "the guest's first round",
+        Duration::from_secs(60),
+        |s, _| s.contains("WAITING-FREEZE"),
+    );
+    fs.freeze(true);
+    vmm.send(b"\n");
+    vmm.wait_for(
+        "the read behind the stuck write",
+        Duration::from_secs(60),
+        |s, _| s.contains("WAITING-RESTART"),
+    );
+    assert_results(&vmm.serial(), &["blk-write", "blk-inflight-read-first"]);
+
+    let pid = first.pid().unwrap() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid with a valid signal; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    // The killed process ends once its blocked write returns.
+    fs.freeze(false);
+    first.kill();
+    vmm.wait_for("the disconnect", Duration::from_secs(20), |_, l| {
+        l.contains("disconnected; the device waits")
+    });
+    let second = blkback(&bs, &args, &d.join("blk2.log")).unwrap();
+    vmm.wait_for("the reconnection", Duration::from_secs(20), |_, l| {
+        l.contains("reconnected")
+    });
+    vmm.send(b"\n");
+    let st = vmm.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", vmm.context());
+    (vmm.serial(), second.log(), sector(&image, 24))
+}
+
+/// vmm-min keeps its in-flight region across a blkback crash: the write in flight comes back
+/// from the restarted blkback, exactly once, with its data on disk. Without in-flight tracking
+/// the same crash loses it (the read behind it is served again instead).
+#[test]
+fn a_write_in_flight_when_blkback_dies_is_resubmitted_by_the_next_one() {
+    let (serial, log, sector24) = kill_blkback_with_a_write_in_flight(true);
+    assert_results(
+        &serial,
+        &["blk-inflight-write-completed", "blk-inflight-data"],
+    );
+    assert!(
+        log.contains("resubmitting 1 requests that were in flight"),
+        "{log}"
+    );
+    assert_eq!(sector24, pattern(3));
+
+    let (serial, _, _) = kill_blkback_with_a_write_in_flight(false);
+    assert!(
+        serial.contains("INFLIGHT second used 3\n")
+            && serial.contains("RESULT blk-inflight-write-completed FAIL"),
+        "without tracking the read is served again and the write is lost:\n{serial}"
+    );
+}

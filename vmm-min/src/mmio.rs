@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::memory::GuestMem;
 use crate::transport::{Action, CONFIG_OFFSET, Transport};
-use crate::vhost::{Connection, VhostError};
+use crate::vhost::{Connection, Inflight, VhostError};
 
 /// First device's register window; each device takes 4 KiB.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -111,6 +111,8 @@ pub struct Device {
     kicks: Vec<EventFd>,
     call: EventFd,
     on_config_change: Option<Notifier>,
+    /// The backend's in-flight region, kept across reconnections (see [`Inflight`]).
+    inflight: Option<Inflight>,
     /// Requests handled by vmm-min (MMIO exits) and reconnections, for `status`.
     pub mmio_exits: u64,
     /// How often the backend came back.
@@ -187,6 +189,7 @@ impl Device {
             kicks,
             call,
             on_config_change: None,
+            inflight: None,
             mmio_exits: 0,
             reconnects: 0,
         })
@@ -229,7 +232,9 @@ impl Device {
     }
 
     /// A new connection to the backend: replay the device state, restarting each queue at the
-    /// used index the guest last saw (requests in flight at the crash are lost).
+    /// used index the guest last saw. A backend that tracks requests in flight gets the region
+    /// its predecessor handed out and resubmits what was in flight at the crash; with one that
+    /// does not, requests that had not completed in ring order are lost.
     pub fn reconnect(&mut self, conn: Connection) -> Result<(), VhostError> {
         let mut conn = conn;
         if let Some(Notifier(n)) = self.on_config_change.clone()
@@ -264,6 +269,7 @@ impl Device {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(());
         };
+        conn.set_inflight(&mut self.inflight, self.regs.queues())?;
         conn.activate(
             &self.mem,
             self.regs.driver_features(),
@@ -386,6 +392,8 @@ impl Device {
                 {
                     log::warn!("{e}");
                 }
+                // A reset device has nothing in flight: the next start gets a new region.
+                self.inflight = None;
                 self.regs.reset();
             }
         }

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -80,6 +80,25 @@ pub enum VhostError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// The in-flight region a backend handed out (GET_INFLIGHT_FD). The device keeps it across
+/// reconnections and hands it to every new backend process (SET_INFLIGHT_FD) before the rings
+/// start, so the requests in flight when a backend died are resubmitted by the next one; it is
+/// dropped when the driver resets the device.
+pub struct Inflight {
+    info: VhostUserInflight,
+    file: std::fs::File,
+}
+
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("mmap_size", &self.info.mmap_size)
+            .field("num_queues", &self.info.num_queues)
+            .field("queue_size", &self.info.queue_size)
+            .finish()
+    }
 }
 
 /// One queue as the driver configured it.
@@ -187,7 +206,8 @@ impl Connection {
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::BACKEND_REQ);
+                    | VhostUserProtocolFeatures::BACKEND_REQ
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
             frontend
                 .set_protocol_features(protocol)
                 .map_err(err("SET_PROTOCOL_FEATURES"))?;
@@ -351,6 +371,54 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether the backend tracks requests in flight (INFLIGHT_SHMFD).
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// Hands the backend its in-flight region before the rings start, as QEMU's vhost-user-blk
+    /// does: `kept` (the region an earlier backend process handed out, whose marks tell the
+    /// new one what to resubmit) if it covers these queues, else a new one from
+    /// GET_INFLIGHT_FD, which `kept` then holds. Nothing without INFLIGHT_SHMFD.
+    pub fn set_inflight(
+        &mut self,
+        kept: &mut Option<Inflight>,
+        queues: &[QueueConfig],
+    ) -> Result<(), VhostError> {
+        if !self.tracks_inflight() {
+            return Ok(());
+        }
+        let num_queues = u16::try_from(self.queues).unwrap_or(u16::MAX);
+        let queue_size = queues
+            .iter()
+            .filter(|q| q.ready)
+            .map(|q| q.size)
+            .max()
+            .unwrap_or(1);
+        let fits = kept
+            .as_ref()
+            .is_some_and(|k| k.info.num_queues == num_queues && k.info.queue_size >= queue_size);
+        if !fits {
+            let ask = VhostUserInflight {
+                num_queues,
+                queue_size,
+                ..Default::default()
+            };
+            let (info, file) = self
+                .frontend
+                .get_inflight_fd(&ask)
+                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            *kept = Some(Inflight { info, file });
+        }
+        let Some(k) = kept.as_ref() else {
+            return Ok(());
+        };
+        self.frontend
+            .set_inflight_fd(&k.info, k.file.as_raw_fd())
+            .map_err(self.err("SET_INFLIGHT_FD"))
     }
 
     /// Stops every started queue (GET_VRING_BASE), as on a device reset.

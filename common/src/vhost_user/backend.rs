@@ -75,6 +75,10 @@ pub trait VhostUserBackend: Send + Sync {
     /// (cdrom's power-on unit attention).
     fn inflight_handover(&self) {}
 
+    /// Queue `queue` resubmits `requests` requests a crashed predecessor left in flight (they
+    /// come before any new one): for the device's counters.
+    fn inflight_replayed(&self, _queue: usize, _requests: usize) {}
+
     /// Which queues each worker thread serves, one bit mask per thread.
     ///
     /// A return value of [0b11, 0b100] means: queues 0 and 1 are handled by worker thread 0,

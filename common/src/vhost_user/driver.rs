@@ -194,4 +194,53 @@ mod tests {
         complete(&q.vring, 1, 0).unwrap();
         assert_eq!(q.used_idx(), 1);
     }
+
+    #[test]
+    fn a_new_vring_on_the_same_region_resubmits_oldest_first_then_takes_new_requests() {
+        use super::super::inflight::{InflightQueue, InflightRegion};
+        use std::sync::Arc;
+        let mem = vm_memory::GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap(),
+        );
+        let (_, file, info) = InflightRegion::allocate(1, 8).unwrap();
+        let region = Arc::new(InflightRegion::map(file, &info).unwrap());
+        let attach = |q: &MockQueue| {
+            let mut st = q.vring.get_mut();
+            st.set_inflight(InflightQueue::new(region.clone(), 0));
+            st.start_inflight().unwrap()
+        };
+        let mut q = MockQueue::new(&mem, 8, 0x10000);
+        assert_eq!(attach(&q).unwrap().heads, Vec::<u16>::new());
+        for i in 0..4 {
+            q.publish(&[(0x8000 + 0x100 * i, 16, 0)]);
+        }
+        let m = mem.memory();
+        let heads: Vec<u16> = (0..4)
+            .map(|_| pop(&q.vring, &*m).unwrap().head_index())
+            .collect();
+        assert_eq!(heads, [0, 1, 2, 3]);
+        // 2 completes; the back end dies with 0, 1 and 3 in flight.
+        complete(&q.vring, 2, 0).unwrap();
+        // The front end rewinds the ring to the used index (1) and a new back end starts on the
+        // same region, with one more request published meanwhile.
+        q.publish(&[(0x9000, 16, 0)]);
+        let q2 = MockQueue::new(&mem, 8, 0x10000);
+        q2.vring.set_queue_next_avail(1);
+        let replay = attach(&q2).unwrap();
+        assert_eq!(replay.heads, [0, 1, 3]);
+        assert_eq!(
+            q2.vring.queue_next_avail(),
+            4,
+            "used index + requests in flight"
+        );
+        let heads: Vec<u16> =
+            std::iter::from_fn(|| pop(&q2.vring, &*m).map(|c| c.head_index())).collect();
+        assert_eq!(heads, [0, 1, 3, 4], "the replayed ones, then the new one");
+        // Completed, they are no longer marked: a third back end has nothing to replay.
+        for h in heads {
+            complete(&q2.vring, h, 0).unwrap();
+        }
+        let q3 = MockQueue::new(&mem, 8, 0x10000);
+        assert_eq!(attach(&q3).unwrap().heads, Vec::<u16>::new());
+    }
 }

@@ -833,6 +833,7 @@ impl<T: VhostUserBackend> Connection<T> {
                 "ring {index}: resubmitting {} requests that were in flight, oldest first",
                 replay.heads.len()
             );
+            self.backend.inflight_replayed(index, replay.heads.len());
         }
         Ok(())
     }

@@ -152,6 +152,19 @@ pub enum InflightError {
     /// The memfd cannot be created.
     #[error("cannot create the in-flight region: {0}")]
     Create(io::Error),
+    /// A ring larger than the region's queues: its higher heads could not be tracked.
+    #[error(
+        "queue {queue}: the ring has {ring_size} entries but the in-flight region tracks \
+         {queue_size} per queue (the front end must ask GET_INFLIGHT_FD for its real queue size)"
+    )]
+    RingLarger {
+        /// The queue.
+        queue: usize,
+        /// The ring's size (SET_VRING_NUM).
+        ring_size: u16,
+        /// The region's queue size.
+        queue_size: u16,
+    },
     /// A queue header that is not one of a split ring of this size.
     #[error(
         "queue {queue}: the in-flight region's header says version {version} with {desc_num} \
@@ -349,6 +362,13 @@ impl InflightQueue {
     pub fn start(&mut self, ring_used_idx: u16, ring_size: u16) -> Result<Replay, InflightError> {
         let desc_num = self.desc_num();
         let queue = self.queue;
+        if ring_size > desc_num {
+            return Err(InflightError::RingLarger {
+                queue,
+                ring_size,
+                queue_size: desc_num,
+            });
+        }
         let region = self.region.clone();
         let Some(s) = region.queue_slice(queue) else {
             return Ok(Replay::default());
@@ -581,7 +601,13 @@ mod tests {
         poke(&region, 1, 8, &1u16.to_le_bytes());
         poke(&region, 1, 10, &64u16.to_le_bytes());
         assert!(matches!(q.start(0, 16), Err(InflightError::Header { .. })));
-        assert!(InflightQueue::new(region, 2).is_none());
+        assert!(InflightQueue::new(region.clone(), 2).is_none());
+        // A ring larger than the region tracks is refused (its high heads could not be marked).
+        let mut q0 = InflightQueue::new(region, 0).unwrap();
+        assert!(matches!(
+            q0.start(0, 32),
+            Err(InflightError::RingLarger { ring_size: 32, .. })
+        ));
     }
 
     #[test]

@@ -45,6 +45,13 @@
 //!   power of two, acked features or protocol features that were not offered, and ring bases
 //!   beyond 16 bits are refused; SET_VRING_KICK on a running ring moves the registration to the
 //!   new eventfd.
+//! - **In-flight tracking** (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, for devices that offer it):
+//!   GET_INFLIGHT_FD allocates a sealed memfd in libvhost-user's split-ring layout,
+//!   SET_INFLIGHT_FD maps the one the front end kept and attaches each queue's part to its
+//!   vring ([`inflight`]); [`driver::pop`] marks each request it takes, the vring's `add_used`
+//!   clears the mark once the used element is published, and a ring that starts with marks
+//!   left by a crashed back end replays them (each entry checked), oldest first, before new
+//!   requests. vhost-user-backend answered both requests "not supported".
 //! - **Gone**: dirty-page logging bitmaps (no device logs yet), postcopy, Xen mappings, the GPU
 //!   socket, shared objects, device state transfer, shared memory regions, `VringMutex`, the
 //!   `VhostUserBackendMut` variant. Those requests are refused.
@@ -61,6 +68,10 @@
 //! - vhost-user-backend: signal a new call eventfd once on SET_VRING_CALL (libvhost-user's
 //!   "in case of I/O hang after reconnecting").
 //! - vhost: receive descriptors with MSG_CMSG_CLOEXEC.
+//! - vhost-user-backend: in-flight tracking (rust-vmm/vhost-user-backend#14, PR #20 open since
+//!   2021): the region and its validated replay as `inflight.rs` does them, and a way to build a
+//!   `DescriptorChain` for a given head (virtio-queue keeps `DescriptorChain::new` private, so
+//!   `driver.rs` carries its own bounded chain walker for resubmitted heads).
 //! - vhost-user-backend: a way to serve an already accepted `UnixStream` (the daemon wants the
 //!   peer's credentials and to shut the connection down), and refuse queue sizes that are not
 //!   a power of two instead of ignoring them in virtio-queue's `set_size`.
