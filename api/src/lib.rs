@@ -8,6 +8,7 @@
 //!   [`CdromStats`] type the `device` part for those device kinds.
 //! - [`Counter`]: a uniform counter (name, labels, value), derived from any device's stats with
 //!   [`counters_from_device`], so a monitor reads every kind of daemon the same way.
+//! - [`client`]: [`ControlClient`], a connection to a daemon's control socket;
 //! - [`histogram`]: fixed log-linear latency histograms, recorded lock-free per queue and merged
 //!   on read.
 //!
@@ -19,8 +20,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+pub mod client;
 pub mod histogram;
 
+pub use client::{ClientError, ControlClient};
 pub use histogram::{AtomicHistogram, Histogram};
 
 /// The version of the control protocol, answered by `help` as `protocol`. It grows when a

@@ -12,9 +12,8 @@ mod top;
 
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
-use vback_api::Help;
-use vback_common::control::{ClientError, ControlClient};
-use vback_common::spec::{DiskArg, DiskUname, Rate, VifSpec};
+use vback_api::{ClientError, ControlClient, Help};
+use vback_base::spec::{DiskArg, DiskUname, Rate, VifSpec};
 
 /// Manage vback backends: query and command them over their control sockets, and check Xen
 /// configuration strings before you use them.
@@ -125,7 +124,7 @@ const XM_VERBS: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
-    let cli: Cli = vback_common::docgen::parse("1");
+    let cli: Cli = vback_base::docgen::parse("1");
     if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
         eprintln!("vbctl: --timeout must be a positive number of seconds");
         return ExitCode::from(2);

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thiserror::Error;
-use vback_api::{Counter, Histogram, Stats, Status};
-use vback_common::control::{ClientError, ControlClient};
+use vback_api::{ClientError, ControlClient, Counter, Histogram, Stats, Status};
 
 /// The width `top` keeps to.
 pub const WIDTH: usize = 80;
