@@ -147,3 +147,115 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
         s.histograms
     );
 }
+
+/// Kills the exporter when the test ends, whatever happens.
+struct Exporter(std::process::Child);
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scrape(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn the_exporter_serves_counters_and_histograms_that_match_the_requests() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = &dir.path().join("bob");
+    std::fs::create_dir(d).unwrap();
+    let _disk = blkback(
+        &d.join("xvda.sock"),
+        &[
+            "--disk",
+            "null:64M",
+            "--control",
+            d.join("xvda.ctl").to_str().unwrap(),
+        ],
+        &d.join("xvda.log"),
+    )
+    .unwrap();
+    let mut child = Command::new(workspace_bin("vbctl").unwrap())
+        .args(["exporter", "--listen", "127.0.0.1:0"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let exporter = Exporter(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("vbctl exporter: listening on http://")
+        .and_then(|a| a.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("the exporter says where it listens: {line:?}"))
+        .to_owned();
+
+    let mut drv = BlkDriver::connect(&d.join("xvda.sock"));
+    drv.mem().put(HDR, &[0u8; 16]);
+    const READS: u64 = 300;
+    for i in 0..READS {
+        drv.mem().put(STATUS, &[0xff]);
+        assert!(
+            drv.submit(&[
+                (HDR, 16, 0),
+                (DATA, 4096, DESC_WRITE),
+                (STATUS, 1, DESC_WRITE)
+            ]),
+            "read {i} completed"
+        );
+    }
+
+    let (head, body) = scrape(&addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.lines().any(|l| l.eq_ignore_ascii_case(
+            "content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        )),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let value = |prefix: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let dev = r#"device="bob/xvda",kind="blkback""#;
+    assert_eq!(value(&format!("vback_up{{{dev}}}")), 1, "{body}");
+    assert_eq!(
+        value(&format!("vback_reads_total{{{dev},queue=")),
+        READS,
+        "{body}"
+    );
+    assert_eq!(
+        value(&format!(
+            "vback_latency_seconds_count{{{dev},op=\"read\",queue="
+        )),
+        READS,
+        "the histogram counts every read: {body}"
+    );
+    assert_eq!(
+        value(&format!(
+            "vback_latency_seconds_bucket{{le=\"+Inf\",{dev},op=\"read\",queue="
+        )),
+        READS,
+        "{body}"
+    );
+    // Anything but /metrics is a 404.
+    let (head, _) = scrape(&addr, "/");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    drop(exporter);
+}

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod exporter;
 mod top;
 
 use clap::{Parser, Subcommand};
@@ -74,6 +75,16 @@ enum Cmd {
         /// subdirectories); default /run/vback.
         paths: Vec<PathBuf>,
     },
+    /// Serve every daemon's counters and latency histograms to Prometheus (OpenMetrics text at
+    /// http://ADDR/metrics), sampled at each scrape.
+    Exporter {
+        /// Address to listen on, e.g. 127.0.0.1:9477 (port 0 picks one; it is printed).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Control sockets, or directories searched for `*.ctl` (and one level of
+        /// subdirectories); default /run/vback.
+        paths: Vec<PathBuf>,
+    },
     /// Check a disk uname (`tap:qcow:/path`) or a full entry (`UNAME,VDEV,MODE` or SXP) and
     /// print what it means.
     CheckDisk {
@@ -100,6 +111,7 @@ Examples:
   vbctl status /run/vback/alice-xvda.ctl
   vbctl call /run/vback/alice-xvda.ctl resize size=20G
   vbctl top -b -i 2 -d 1 /run/vback
+  vbctl exporter --listen 127.0.0.1:9477
   vbctl check-disk 'tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w'
   vbctl check-vif 'bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms'
 
@@ -207,6 +219,14 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
                 &mut std::io::stdout(),
             )
             .map_err(|e| e.to_string())?;
+        }
+        Cmd::Exporter { listen, paths } => {
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(top::DEFAULT_DIR)]
+            } else {
+                paths
+            };
+            exporter::serve(&listen, &paths, timeout).map_err(|e| e.to_string())?;
         }
         Cmd::CheckDisk { spec } => {
             let arg = DiskArg::parse(&spec).map_err(|e| e.to_string())?;
