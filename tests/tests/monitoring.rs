@@ -259,3 +259,165 @@ fn the_exporter_serves_counters_and_histograms_that_match_the_requests() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     drop(exporter);
 }
+
+/// A tmux server of the test's own (its own socket), killed at the end.
+struct Tmux(String);
+impl Tmux {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.0]);
+        c
+    }
+    fn screen(&self) -> String {
+        let o = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "top"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+    fn keys(&self, k: &str) {
+        assert!(
+            self.cmd()
+                .args(["send-keys", "-t", "top", k])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    fn alive(&self) -> bool {
+        self.cmd()
+            .args(["has-session", "-t", "top"])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").stderr(Stdio::null()).status();
+    }
+}
+
+/// Waits (up to a minute, a bound for a failure, not a measurement) until the screen satisfies
+/// `ok`, doing `work` between looks; returns the last screen.
+fn until(t: &Tmux, mut work: impl FnMut(), ok: impl Fn(&str) -> bool) -> (bool, String) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let s = t.screen();
+        if ok(&s) {
+            return (true, s);
+        }
+        if std::time::Instant::now() > end {
+            return (false, s);
+        }
+        work();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_full_screen_view_in_tmux() {
+    assert!(
+        vback_tests::process::which("tmux").is_some(),
+        "tmux is missing: scripts/setup.sh installs it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = &dir.path().join("carol");
+    std::fs::create_dir(d).unwrap();
+    let start = |name: &str| {
+        blkback(
+            &d.join(format!("{name}.sock")),
+            &[
+                "--disk",
+                "null:64M",
+                "--control",
+                d.join(format!("{name}.ctl")).to_str().unwrap(),
+            ],
+            &d.join(format!("{name}.log")),
+        )
+        .unwrap()
+    };
+    let _busy = start("busy");
+    let mut idle = start("idle");
+    let t = Tmux(format!("vback-top-{}", std::process::id()));
+    let cmd = format!(
+        "{} top -d 1 {}",
+        workspace_bin("vbctl").unwrap().display(),
+        dir.path().display()
+    );
+    assert!(
+        t.cmd()
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "80",
+                "-y",
+                "24",
+                &cmd
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut drv = BlkDriver::connect(&d.join("busy.sock"));
+    drv.mem().put(HDR, &[0u8; 16]);
+    let mut read = || {
+        for _ in 0..50 {
+            drv.mem().put(STATUS, &[0xff]);
+            assert!(drv.submit(&[
+                (HDR, 16, 0),
+                (DATA, 4096, DESC_WRITE),
+                (STATUS, 1, DESC_WRITE)
+            ]));
+        }
+    };
+    let busy_reads = |s: &str| {
+        rows(s, "carol/busy")
+            .first()
+            .is_some_and(|r| r.len() > 4 && r[1] == "blk" && r[3] != "0" && r[3] != "(new:")
+    };
+    let (ok, s) = until(&t, &mut read, busy_reads);
+    assert!(ok, "the busy disk's reads show on screen:\n{s}");
+    assert!(s.contains("DEVICE"), "{s}");
+    assert!(s.contains("q quit"), "the keys are shown:\n{s}");
+    let idle_row = rows(&s, "carol/idle");
+    assert_eq!(idle_row.first().map(|r| r[3]), Some("0"), "{s}");
+    for l in s.lines() {
+        assert!(l.chars().count() <= 80, "{l:?}");
+    }
+
+    // `b` hides block devices, and brings them back.
+    t.keys("b");
+    let (ok, s) = until(
+        &t,
+        || {},
+        |s| rows(s, "carol/busy").is_empty() && s.contains("DEVICE"),
+    );
+    assert!(ok, "b hides block rows:\n{s}");
+    t.keys("b");
+    let (ok, s) = until(&t, || {}, |s| !rows(s, "carol/busy").is_empty());
+    assert!(ok, "b shows them again:\n{s}");
+
+    // A daemon killed mid-view is shown as gone; the view goes on.
+    idle.kill();
+    let (ok, s) = until(&t, &mut read, |s| {
+        rows(s, "carol/idle")
+            .first()
+            .is_some_and(|r| r.get(3) == Some(&"gone"))
+    });
+    assert!(ok, "the killed daemon is shown as gone:\n{s}");
+    assert!(t.alive(), "top survived a daemon vanishing");
+
+    // `q` quits.
+    t.keys("q");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while t.alive() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!t.alive(), "q ends vbctl top:\n{}", t.screen());
+}

@@ -1,7 +1,8 @@
 //! vbctl: the operator's command-line tool for vback.
 //!
-//! Today it talks to a backend's control socket (`status`, `stats`, `call`) and checks Xen
-//! configuration strings (`check-disk`, `check-vif`, `check-rate`). The xm-style verbs
+//! Today it talks to a backend's control socket (`status`, `stats`, `call`), watches every
+//! daemon (`top`, `exporter`) and checks Xen configuration strings (`check-disk`, `check-vif`,
+//! `check-rate`). It links `vback-api` and `vback-base` only: no vhost-user or storage code. The xm-style verbs
 //! (`block-attach`, `usb-attach`, ...) arrive with the backends that implement them.
 
 use std::path::PathBuf;
@@ -59,13 +60,13 @@ enum Cmd {
     },
     /// Watch daemons like xentop: one row per daemon with read/write rates, latency
     /// percentiles, requests in flight and errors (block and CD), packet and bit rates (net).
-    /// Batch mode (`-b`) prints plain-text iterations for scripts; the full-screen view is
-    /// planned.
+    /// Batch mode (`-b`) prints plain-text iterations for scripts; without it, a full-screen
+    /// view with xentop's keys (d delay, b block, n network, s sort, q quit).
     Top {
-        /// Batch mode: print ITERATIONS reports and exit (required for now).
+        /// Batch mode: print ITERATIONS reports and exit.
         #[arg(short = 'b', long)]
         batch: bool,
-        /// How many reports to print.
+        /// How many reports to print (batch mode).
         #[arg(short = 'i', long, value_name = "ITERATIONS", default_value_t = 1)]
         iterations: u32,
         /// Seconds between samples (each report's rates cover one such interval).
@@ -196,13 +197,6 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
             delay,
             paths,
         } => {
-            if !batch {
-                return Err(
-                    "the full-screen view of `top` is planned, not built yet; use batch mode: \
-                     vbctl top -b [-i ITERATIONS] [-d SECONDS]"
-                        .into(),
-                );
-            }
             if !(delay.is_finite() && delay > 0.0) {
                 return Err("-d must be a positive number of seconds".into());
             }
@@ -211,13 +205,12 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
             } else {
                 paths
             };
-            top::batch(
-                &paths,
-                iterations,
-                Duration::from_secs_f64(delay),
-                timeout,
-                &mut std::io::stdout(),
-            )
+            let delay = Duration::from_secs_f64(delay);
+            if batch {
+                top::batch(&paths, iterations, delay, timeout, &mut std::io::stdout())
+            } else {
+                top::interactive(&paths, delay, timeout)
+            }
             .map_err(|e| e.to_string())?;
         }
         Cmd::Exporter { listen, paths } => {

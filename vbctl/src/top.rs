@@ -1,5 +1,6 @@
 //! `vbctl top`: a xentop for vback's daemons. Batch mode (`-b`) prints plain-text iterations for
-//! scripts: one row per daemon, rates computed between two samples, 80 columns.
+//! scripts: one row per daemon, rates computed between two samples, 80 columns; without it a
+//! full-screen view (ratatui) redraws the same rows with xentop's keys.
 //!
 //! Everything here reads the typed API's uniform counters and histograms, so a row needs no
 //! knowledge of a device kind beyond which counters to show.
@@ -28,6 +29,9 @@ pub enum TopError {
          directories holding them (*.ctl)"
     )]
     NotControl(PathBuf),
+    /// The terminal could not be set up or drawn on.
+    #[error("the terminal: {0} (use batch mode, -b, without a terminal)")]
+    Terminal(std::io::Error),
     /// A directory could not be read.
     #[error("cannot list {path}: {source}")]
     ReadDir {
@@ -443,6 +447,79 @@ mod tests {
     }
 
     #[test]
+    fn keys_change_the_view_like_xentops() {
+        let v = View {
+            delay: Duration::from_secs(1),
+            block: true,
+            net: true,
+            by_rate: false,
+        };
+        assert_eq!(key(&v, 'q'), None);
+        let d = key(&v, 'd').unwrap();
+        assert_eq!(d.delay, Duration::from_secs(2));
+        let ten = View {
+            delay: Duration::from_secs(10),
+            ..v.clone()
+        };
+        assert_eq!(key(&ten, 'd').unwrap().delay, Duration::from_secs(1));
+        assert!(!key(&v, 'b').unwrap().block);
+        assert!(!key(&v, 'n').unwrap().net);
+        assert!(key(&v, 's').unwrap().by_rate);
+        assert_eq!(key(&v, 'x').unwrap(), v);
+    }
+
+    #[test]
+    fn screen_rows_filter_by_kind_and_sort_by_rate() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let names: BTreeMap<PathBuf, String> = [("a", "a-idle"), ("b", "b-busy"), ("c", "c-net")]
+            .iter()
+            .map(|(p, n)| (PathBuf::from(p), (*n).to_owned()))
+            .collect();
+        let mut net = blk(t0, 0, 0, &[]);
+        net.kind = "netback".into();
+        let prev = BTreeMap::from([
+            (PathBuf::from("a"), Ok(blk(t0, 10, 0, &[]))),
+            (PathBuf::from("b"), Ok(blk(t0, 10, 0, &[]))),
+            (PathBuf::from("c"), Ok(net.clone())),
+        ]);
+        net.at = t1;
+        let cur = BTreeMap::from([
+            (PathBuf::from("a"), Ok(blk(t1, 10, 0, &[]))),
+            (PathBuf::from("b"), Ok(blk(t1, 500, 0, &[]))),
+            (PathBuf::from("c"), Ok(net)),
+        ]);
+        let mut v = View {
+            delay: Duration::from_secs(1),
+            block: true,
+            net: true,
+            by_rate: false,
+        };
+        let first = |rows: Vec<String>| -> Vec<String> {
+            rows.iter()
+                .map(|r| r.split_whitespace().next().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            first(screen_rows(&v, &names, &prev, &cur)),
+            ["a-idle", "b-busy", "c-net"]
+        );
+        v.by_rate = true;
+        assert_eq!(
+            first(screen_rows(&v, &names, &prev, &cur)),
+            ["b-busy", "a-idle", "c-net"]
+        );
+        v.block = false;
+        assert_eq!(first(screen_rows(&v, &names, &prev, &cur)), ["c-net"]);
+        v.block = true;
+        v.net = false;
+        assert_eq!(
+            first(screen_rows(&v, &names, &prev, &cur)),
+            ["b-busy", "a-idle"]
+        );
+    }
+
+    #[test]
     fn formats_fit_their_columns() {
         assert_eq!(format_ns(Some(850)), "850ns");
         assert_eq!(format_ns(Some(12_345)), "12.3us");
@@ -460,4 +537,152 @@ mod tests {
         assert_eq!(device_name(Path::new("alice/xvda.ctl")), "alice/xvda");
         assert_eq!(device_name(Path::new("alice-xvda.ctl")), "alice-xvda");
     }
+}
+
+/// What the full-screen view shows, changed by keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// Seconds between samples (`d` cycles 1, 2, 5, 10).
+    pub delay: Duration,
+    /// Block and CD rows shown (`b`).
+    pub block: bool,
+    /// Net rows shown (`n`).
+    pub net: bool,
+    /// Sort by reads (or received packets) per second, busiest first, instead of by name (`s`).
+    pub by_rate: bool,
+}
+
+/// What a key does to the view; `None` means quit.
+pub fn key(view: &View, c: char) -> Option<View> {
+    let mut v = view.clone();
+    match c {
+        'q' | 'Q' => return None,
+        'd' | 'D' => {
+            let steps = [1, 2, 5, 10].map(Duration::from_secs);
+            v.delay = steps
+                .iter()
+                .copied()
+                .find(|s| *s > view.delay)
+                .unwrap_or(steps[0]);
+        }
+        'b' | 'B' => v.block = !v.block,
+        'n' | 'N' => v.net = !v.net,
+        's' | 'S' => v.by_rate = !v.by_rate,
+        _ => {}
+    }
+    Some(v)
+}
+
+/// The rows of one screen, in the view's order and filter: `(name, row text)`.
+pub fn screen_rows(
+    view: &View,
+    names: &BTreeMap<PathBuf, String>,
+    prev: &BTreeMap<PathBuf, Result<Sample, String>>,
+    cur: &BTreeMap<PathBuf, Result<Sample, String>>,
+) -> Vec<String> {
+    let mut rows: Vec<(f64, String, String)> = Vec::new();
+    for (p, s) in cur {
+        let name = names.get(p).map_or("?", String::as_str);
+        let before = prev.get(p).and_then(|r| r.as_ref().ok());
+        let kind = s.as_ref().map_or("", |s| short_kind(&s.kind));
+        if (kind == "net" && !view.net) || ((kind == "blk" || kind == "cd") && !view.block) {
+            continue;
+        }
+        let busy = match (before, s) {
+            (Some(b), Ok(s)) => {
+                let secs = s.at.duration_since(b.at).as_secs_f64();
+                let (pc, cc) = (&b.stats.counters, &s.stats.counters);
+                ["reads", "read", "rx_packets"]
+                    .iter()
+                    .map(|n| rate(pc, cc, n, secs))
+                    .sum()
+            }
+            _ => 0.0,
+        };
+        rows.push((busy, name.to_owned(), row(name, before, s)));
+    }
+    if view.by_rate {
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    }
+    rows.into_iter().map(|r| r.2).collect()
+}
+
+/// The full-screen view: like the batch mode, redrawn every delay until `q`, with xentop's
+/// keys.
+pub fn interactive(paths: &[PathBuf], delay: Duration, timeout: Duration) -> Result<(), TopError> {
+    use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
+    use ratatui::text::Line;
+    use ratatui::widgets::Paragraph;
+
+    let mut names: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut prev = take(paths, &mut names, timeout)?;
+    let mut cur = prev.clone();
+    let mut view = View {
+        delay,
+        block: true,
+        net: true,
+        by_rate: false,
+    };
+    let mut terminal = ratatui::try_init().map_err(TopError::Terminal)?;
+    let mut next = Instant::now() + view.delay;
+    let result = loop {
+        let rows = screen_rows(&view, &names, &prev, &cur);
+        let title = format!(
+            "vbctl top - {}  {} daemons  delay {} s  sort: {}",
+            chrono_like_now(),
+            cur.len(),
+            view.delay.as_secs(),
+            if view.by_rate { "busiest" } else { "name" }
+        );
+        let mut lines = vec![Line::from(title), Line::from(header())];
+        lines.extend(rows.into_iter().map(Line::from));
+        let keys = "d delay  b block  n network  s sort  q quit";
+        let drawn = terminal.draw(|f| {
+            let area = f.area();
+            let mut l = lines.clone();
+            let room = usize::from(area.height).saturating_sub(1);
+            l.truncate(room);
+            while l.len() < room {
+                l.push(Line::from(""));
+            }
+            l.push(Line::from(keys));
+            f.render_widget(Paragraph::new(l), area);
+        });
+        if let Err(e) = drawn {
+            break Err(TopError::Terminal(e));
+        }
+        let wait = next.saturating_duration_since(Instant::now());
+        match event::poll(wait) {
+            Ok(true) => {
+                if let Ok(Event::Key(k)) = event::read()
+                    && k.kind == KeyEventKind::Press
+                {
+                    let c = match k.code {
+                        KeyCode::Char(c) => c,
+                        KeyCode::Esc => 'q',
+                        _ => continue,
+                    };
+                    match key(&view, c) {
+                        None => break Ok(()),
+                        Some(v) => {
+                            if v.delay != view.delay {
+                                next = Instant::now() + v.delay;
+                            }
+                            view = v;
+                        }
+                    }
+                }
+            }
+            Ok(false) => {
+                match take(paths, &mut names, timeout) {
+                    Ok(s) => prev = std::mem::replace(&mut cur, s),
+                    Err(e) => break Err(e),
+                }
+                next = Instant::now() + view.delay;
+            }
+            Err(e) => break Err(TopError::Terminal(e)),
+        }
+    };
+    ratatui::restore();
+    result
 }
