@@ -49,7 +49,10 @@ type Labels = Vec<(String, String)>;
 enum Series {
     Counter(Vec<(Labels, u64)>),
     Gauge(Vec<(Labels, i64)>),
-    Histogram(Vec<(Labels, Histogram)>),
+    /// Latency in nanoseconds, exported in seconds on [`coarse_buckets`].
+    Latency(Vec<(Labels, Histogram)>),
+    /// Another histogram (netback's burst sizes), in its own unit on [`count_buckets`].
+    Counts(Vec<(Labels, Histogram)>),
 }
 
 impl EncodeMetric for Series {
@@ -67,11 +70,22 @@ impl EncodeMetric for Series {
                     encoder.encode_family(l)?.encode_gauge(x)?;
                 }
             }
-            Series::Histogram(v) => {
+            Series::Latency(v) => {
                 for (l, h) in v {
                     let buckets = coarse_buckets(h);
                     encoder.encode_family(l)?.encode_histogram::<NoLabelSet>(
                         h.sum as f64 / 1e9,
+                        h.count,
+                        &buckets,
+                        None,
+                    )?;
+                }
+            }
+            Series::Counts(v) => {
+                for (l, h) in v {
+                    let buckets = count_buckets(h);
+                    encoder.encode_family(l)?.encode_histogram::<NoLabelSet>(
+                        h.sum as f64,
                         h.count,
                         &buckets,
                         None,
@@ -86,7 +100,7 @@ impl EncodeMetric for Series {
         match self {
             Series::Counter(_) => MetricType::Counter,
             Series::Gauge(_) => MetricType::Gauge,
-            Series::Histogram(_) => MetricType::Histogram,
+            Series::Latency(_) | Series::Counts(_) => MetricType::Histogram,
         }
     }
 }
@@ -108,6 +122,23 @@ fn coarse_buckets(h: &Histogram) -> Vec<(f64, u64)> {
     out
 }
 
+/// A count histogram (burst sizes) on buckets 1, 3, 7, ... 1023 (`2^k - 1`: where the fine
+/// buckets end, so the counts are exact) and `+Inf`, not cumulative.
+fn count_buckets(h: &Histogram) -> Vec<(f64, u64)> {
+    let bound = |k: u32| (1u64 << k) - 1;
+    let mut out: Vec<(f64, u64)> = (1..=10)
+        .map(|k| (bound(k) as f64, 0))
+        .chain(std::iter::once((f64::INFINITY, 0)))
+        .collect();
+    for &(upper, n) in &h.buckets {
+        let i = (1..=10)
+            .position(|k| upper <= bound(k))
+            .unwrap_or(out.len() - 1);
+        out[i].1 += n;
+    }
+    out
+}
+
 /// A metric name's part made of what OpenMetrics allows.
 fn sanitize(name: &str) -> String {
     name.chars()
@@ -120,6 +151,7 @@ pub fn render(samples: &[(String, Result<Sample, String>)]) -> String {
     let mut counters: BTreeMap<String, Vec<(Labels, u64)>> = BTreeMap::new();
     let mut up = Vec::new();
     let mut hists = Vec::new();
+    let mut bursts = Vec::new();
     for (device, s) in samples {
         let base = |kind: &str| -> Labels {
             vec![
@@ -146,7 +178,12 @@ pub fn render(samples: &[(String, Result<Sample, String>)]) -> String {
         for h in &s.stats.histograms {
             let mut l = base(&s.kind);
             l.extend(h.labels.iter().map(|(k, v)| (sanitize(k), v.clone())));
-            hists.push((l, h.histogram.clone()));
+            match h.name.as_str() {
+                "latency_ns" => hists.push((l, h.histogram.clone())),
+                "burst_frames" => bursts.push((l, h.histogram.clone())),
+                // A histogram this vbctl does not know is left out rather than mislabelled.
+                _ => {}
+            }
         }
     }
     let mut registry = Registry::with_prefix("vback");
@@ -178,7 +215,12 @@ pub fn render(samples: &[(String, Result<Sample, String>)]) -> String {
         "latency",
         "Request latency from pop to used-ring publish, by operation and queue",
         prometheus_client::registry::Unit::Seconds,
-        Series::Histogram(hists),
+        Series::Latency(hists),
+    );
+    registry.register(
+        "burst_frames",
+        "Frames per receive (dir=rx) or transmit (dir=tx) pass of a netback queue pair",
+        Series::Counts(bursts),
     );
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
@@ -343,6 +385,42 @@ mod tests {
                 "vback_latency_seconds_bucket{{le=\"+Inf\",{l}}} 4"
             )),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn burst_histograms_are_exported_on_exact_count_buckets() {
+        let h = AtomicHistogram::default();
+        for v in [1, 3, 4, 7, 8, 64, 2000] {
+            h.record(v);
+        }
+        let b = count_buckets(&h.snapshot());
+        let le = |x: f64| b.iter().find(|(u, _)| *u == x).unwrap().1;
+        assert_eq!((le(1.0), le(3.0), le(7.0), le(15.0)), (1, 1, 2, 1));
+        assert_eq!((le(127.0), le(f64::INFINITY)), (1, 1));
+        let s = Sample {
+            at: Instant::now(),
+            kind: "netback".into(),
+            pid: 1,
+            device: serde_json::Value::Null,
+            stats: Stats {
+                histograms: vec![LabeledHistogram {
+                    name: "burst_frames".into(),
+                    labels: BTreeMap::from([("dir".into(), "rx".into())]),
+                    histogram: h.snapshot(),
+                }],
+                ..Stats::default()
+            },
+        };
+        let text = render(&[("vif".into(), Ok(s))]);
+        assert!(
+            text.lines().any(|l| l
+                == r#"vback_burst_frames_bucket{le="7.0",device="vif",kind="netback",dir="rx"} 4"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("vback_latency_seconds_count"),
+            "bursts are not latencies: {text}"
         );
     }
 

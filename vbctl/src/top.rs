@@ -147,10 +147,10 @@ pub fn rate(prev: &[Counter], cur: &[Counter], name: &str, secs: f64) -> f64 {
     }
 }
 
-/// Every latency histogram of a sample merged (all queues and operations).
+/// Every latency histogram of a sample (not netback's burst sizes), by name and labels.
 fn merged(stats: &Stats) -> BTreeMap<String, Histogram> {
     let mut by_key: BTreeMap<String, Histogram> = BTreeMap::new();
-    for h in &stats.histograms {
+    for h in stats.histograms.iter().filter(|h| h.name == "latency_ns") {
         let key = format!("{}{:?}", h.name, h.labels);
         by_key.entry(key).or_default().merge(&h.histogram);
     }
