@@ -233,7 +233,7 @@ fn the_exporter_serves_counters_and_histograms_that_match_the_requests() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
-    let dev = r#"device="bob/xvda",kind="blkback""#;
+    let dev = r#"domain="bob",device="xvda",kind="blkback""#;
     assert_eq!(value(&format!("vback_up{{{dev}}}")), 1, "{body}");
     assert_eq!(
         value(&format!("vback_reads_total{{{dev},queue=")),

@@ -2,12 +2,13 @@
 //! OpenMetrics text format (the `prometheus-client` crate's encoder), sampled at each scrape.
 //!
 //! - Each uniform counter becomes `vback_<name>_total` (a counter) or `vback_<name>` (a gauge:
-//!   `in_flight`, `active_pairs`), labelled `device` (the row name `top` shows), `kind` (the
-//!   daemon) and the counter's own labels (`queue`, ...).
+//!   `in_flight`, `active_pairs`), labelled `domain` and `device` (from the control socket's
+//!   path, `<domain>/<vdev>.ctl`; no `domain` for a socket outside a domain's directory), `kind`
+//!   (the daemon) and the counter's own labels (`queue`, ...).
 //! - Each latency histogram becomes `vback_latency_seconds` with `op` and `queue` labels, on
 //!   fixed buckets at powers of two nanoseconds from 1.024 µs to 17.2 s (the daemons' finer
 //!   buckets add up into them exactly: each power of two starts a fine bucket).
-//! - `vback_up{device,kind}` is 1 for a daemon that answered, 0 for one that did not.
+//! - `vback_up{domain,device,kind}` is 1 for a daemon that answered, 0 for one that did not.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -152,12 +153,20 @@ pub fn render(samples: &[(String, Result<Sample, String>)]) -> String {
     let mut up = Vec::new();
     let mut hists = Vec::new();
     let mut bursts = Vec::new();
-    for (device, s) in samples {
+    for (name, s) in samples {
+        // `domain/vdev` (a domain's directory under the one given) or just the device.
+        let (domain, device) = match name.split_once('/') {
+            Some((d, v)) => (Some(d), v),
+            None => (None, name.as_str()),
+        };
         let base = |kind: &str| -> Labels {
-            vec![
-                ("device".to_owned(), device.clone()),
-                ("kind".to_owned(), kind.to_owned()),
-            ]
+            let mut l = Vec::with_capacity(3);
+            if let Some(d) = domain {
+                l.push(("domain".to_owned(), d.to_owned()));
+            }
+            l.push(("device".to_owned(), device.to_owned()));
+            l.push(("kind".to_owned(), kind.to_owned()));
+            l
         };
         let s = match s {
             Ok(s) => s,
@@ -348,20 +357,20 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(has("# TYPE vback_reads counter"), "{text}");
         assert!(
-            has(r#"vback_reads_total{device="alice/xvda",kind="blkback",queue="0"} 5"#),
+            has(r#"vback_reads_total{domain="alice",device="xvda",kind="blkback",queue="0"} 5"#),
             "{text}"
         );
         assert!(has("# TYPE vback_in_flight gauge"), "{text}");
         assert!(
-            has(r#"vback_in_flight{device="alice/xvda",kind="blkback",queue="0"} 2"#),
+            has(r#"vback_in_flight{domain="alice",device="xvda",kind="blkback",queue="0"} 2"#),
             "{text}"
         );
         assert!(
-            has(r#"vback_up{device="alice/gone",kind="unknown"} 0"#),
+            has(r#"vback_up{domain="alice",device="gone",kind="unknown"} 0"#),
             "{text}"
         );
         assert!(has("# TYPE vback_latency_seconds histogram"), "{text}");
-        let l = r#"device="alice/xvda",kind="blkback",op="read",queue="0""#;
+        let l = r#"domain="alice",device="xvda",kind="blkback",op="read",queue="0""#;
         assert!(
             has(&format!("vback_latency_seconds_count{{{l}}} 4")),
             "{text}"

@@ -223,19 +223,16 @@ fn short_kind(kind: &str) -> &str {
     }
 }
 
-/// The name a row shows for a control socket's relative path: without `.ctl`, cut to 14
-/// characters.
+/// A device's name from its control socket's relative path: without `.ctl` (rows cut it to 14
+/// characters).
 pub fn device_name(rel: &Path) -> String {
     let s = rel.to_string_lossy();
-    s.strip_suffix(".ctl")
-        .unwrap_or(&s)
-        .chars()
-        .take(14)
-        .collect()
+    s.strip_suffix(".ctl").unwrap_or(&s).to_owned()
 }
 
 /// One device's row: rates between `prev` and `cur`, or why there is none.
 pub fn row(name: &str, prev: Option<&Sample>, cur: &Result<Sample, String>) -> String {
+    let name: String = name.chars().take(14).collect();
     let mut line = String::new();
     match cur {
         Err(why) => {
