@@ -336,6 +336,10 @@ pub struct CdromStats {
     /// daemons before the key).
     #[serde(default)]
     pub resubmitted: u64,
+    /// READs the storage failed, by the error's kind (`io`, `out-of-bounds`, ...; kinds with no
+    /// error are left out).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub read_errors_by_kind: BTreeMap<String, u64>,
 }
 
 /// The uniform counters of a device's `stats`: every unsigned integer in `device`, named by its

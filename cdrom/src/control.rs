@@ -65,6 +65,7 @@ impl ControlHandler for CdControl {
             prevent_allow: cd.count(0x1e),
             start_stop: cd.count(0x1b),
             resubmitted: cd.resubmitted(),
+            read_errors_by_kind: cd.read_errors_by_kind(),
         };
         serde_json::to_value(stats).unwrap_or(Value::Null)
     }
