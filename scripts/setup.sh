@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive
 # Debian packages the build and the tests use (the guest image build needs the first line).
 PKGS=(busybox-static lz4 cpio gcc make dpkg-dev libaio-dev zlib1g-dev
       iperf3 iproute2 fio e2fsprogs util-linux systemd genisoimage nftables iputils-ping
-      acpica-tools libvirt-clients libxml2-utils)
+      acpica-tools libvirt-clients libxml2-utils tmux)
 # From bookworm-backports, matching the preinstalled qemu-utils 10.0.
 BPO_PKGS=(qemu-system-x86 qemu-utils)
 

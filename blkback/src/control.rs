@@ -1,6 +1,7 @@
 //! blkback's control commands: `status` and `stats` details, and `resize`.
 
 use serde_json::{Value, json};
+use vback_api::LabeledHistogram;
 use vback_block::FormatInfo;
 use vback_common::control::{CommandInfo, ControlError, ControlHandler, ErrorKind};
 use vback_common::spec::parse_size;
@@ -105,6 +106,15 @@ impl ControlHandler for BlkControl {
             .map(|s| s.to_json())
             .collect();
         json!({ "queues": queues })
+    }
+
+    fn histograms(&self) -> Vec<LabeledHistogram> {
+        let dev = self.backend.device();
+        dev.stats
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.histograms(i))
+            .collect()
     }
 
     fn commands(&self) -> Vec<CommandInfo> {

@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use vback_block::{
     BlockBackend, BlockError, BlockQueue, ErrorKind, QueueCompletion, Request as Io, SECTOR,
@@ -72,6 +73,8 @@ pub struct Device {
     pub last_error: Mutex<Option<LastError>>,
 }
 
+/// A request's type; `kind as usize` indexes [`QueueStats::latency`] (the order of
+/// [`crate::stats::OPS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Read,
@@ -90,6 +93,8 @@ struct Slot {
     len: u64,
     iov: Vec<libc::iovec>,
     mem: Option<Arc<Mem>>,
+    /// When its chain was popped (the pass's clock reading).
+    popped: Instant,
 }
 
 /// A queue's worker.
@@ -108,6 +113,9 @@ pub struct Worker {
     vring: Option<Vring>,
     needs_signal: bool,
     poll: std::time::Duration,
+    /// The clock read once per pop pass (for the chains it pops) and once per reap pass (for
+    /// the completions it publishes): latency costs two clock reads per batch, not per request.
+    now: Instant,
     /// Tests: run once in a pass, between its last pop and its re-enabling of notifications
     /// (where a driver publishing at the same time lands in a real run).
     #[cfg(test)]
@@ -152,6 +160,7 @@ impl Worker {
                     len: 0,
                     iov: Vec::with_capacity(max_iov),
                     mem: None,
+                    popped: Instant::now(),
                 })
                 .collect(),
             free: (0..slots as u32).rev().collect(),
@@ -161,6 +170,7 @@ impl Worker {
             vring: None,
             needs_signal: false,
             poll: std::time::Duration::ZERO,
+            now: Instant::now(),
             #[cfg(test)]
             between_pop_and_enable: None,
         }
@@ -230,6 +240,9 @@ impl Worker {
             let Some(chain) = driver::pop(vring, &**mem) else {
                 break;
             };
+            if popped == 0 {
+                self.now = Instant::now();
+            }
             popped += 1;
             self.start(chain, mem, vring);
         }
@@ -393,6 +406,9 @@ impl Worker {
         };
         let mut done = std::mem::take(&mut self.done);
         q.reap(&mut |c| done.push(c));
+        if !done.is_empty() {
+            self.now = Instant::now();
+        }
         for c in done.drain(..) {
             self.complete(c, Some(vring));
         }
@@ -439,6 +455,7 @@ impl Worker {
         };
         slot.head = head;
         slot.status = status;
+        slot.popped = self.now;
         let request = match parsed.request {
             Ok(r) => r,
             Err(st) => {
@@ -635,6 +652,11 @@ impl Worker {
             .fetch_sub(1, Ordering::Relaxed);
         let slot = &self.slots[idx as usize];
         let (kind, len) = (slot.kind, slot.len);
+        let stats = &self.dev.stats[self.queue];
+        stats.latency[kind as usize].record(
+            u64::try_from(self.now.saturating_duration_since(slot.popped).as_nanos())
+                .unwrap_or(u64::MAX),
+        );
         let (status, data) = match c.result {
             Ok(_) => {
                 match kind {
@@ -647,6 +669,7 @@ impl Worker {
                 (Status::Ok, if kind == Kind::Read { len } else { 0 })
             }
             Err(e) => {
+                QueueStats::add(&stats.errors_by_kind[e.kind as usize], 1);
                 self.storage_error(kind, &e);
                 let st = if e.kind == ErrorKind::Unsupported {
                     Status::Unsupp
@@ -732,6 +755,7 @@ impl Worker {
         if let Some(q) = self.io.as_mut() {
             let mut done = std::mem::take(&mut self.done);
             q.drain(&mut |c| done.push(c));
+            self.now = Instant::now();
             for c in done.drain(..) {
                 self.complete(c, vring.as_ref());
             }
@@ -938,6 +962,24 @@ mod tests {
         assert_eq!(s.read_bytes.load(Ordering::Relaxed), 4096);
         assert_eq!(s.flushes.load(Ordering::Relaxed), 1);
         assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+        // One latency sample per request the storage carried out, under its type; GET_ID
+        // never reaches the storage and has none.
+        let reads = s.reads.load(Ordering::Relaxed);
+        let h: Vec<(String, u64)> = s
+            .histograms(0)
+            .into_iter()
+            .map(|h| (h.labels["op"].clone(), h.histogram.count))
+            .collect();
+        assert_eq!(
+            h,
+            [
+                ("read".to_owned(), reads),
+                ("write".to_owned(), 1),
+                ("flush".to_owned(), 1)
+            ]
+        );
+        let read = s.latency[0].snapshot();
+        assert!(read.sum > 0 && read.quantile(0.5).is_some(), "{read:?}");
     }
 
     #[test]
@@ -1128,6 +1170,13 @@ mod tests {
         let s = &r.worker.dev.stats[0];
         assert_eq!(s.errors.load(Ordering::Relaxed), 1);
         assert_eq!(s.in_flight.load(Ordering::Relaxed), 0);
+        // Counted by kind, and the failed read still has its latency sample.
+        let snap = s.snapshot();
+        assert_eq!(
+            snap.errors_by_kind.into_iter().collect::<Vec<_>>(),
+            [("out-of-bounds".to_owned(), 1)]
+        );
+        assert_eq!(s.latency[0].snapshot().count, 1);
     }
 
     #[test]

@@ -40,6 +40,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order: `ALL[k as usize] == k` (counters by kind index it).
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Io,
+        ErrorKind::InvalidFormat,
+        ErrorKind::Unsupported,
+        ErrorKind::Corrupt,
+        ErrorKind::OutOfBounds,
+        ErrorKind::NotFound,
+        ErrorKind::NoSpace,
+        ErrorKind::ReadOnly,
+        ErrorKind::Busy,
+    ];
+
     /// The kind's stable name (`io`, `no-space`, ...).
     pub fn name(self) -> &'static str {
         match self {
@@ -216,6 +229,16 @@ impl BlockError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_kinds_are_listed_in_declaration_order() {
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{}", k.name());
+        }
+        let names: std::collections::HashSet<&str> =
+            ErrorKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), ErrorKind::ALL.len(), "names are distinct");
+    }
 
     #[test]
     fn kinds_come_from_errnos_and_messages_carry_the_context() {

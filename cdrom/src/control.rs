@@ -1,9 +1,11 @@
 //! cdrom's control commands: `media-insert`, `media-eject`, and the drive's `status`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
+use vback_api::{CdromStats, LabeledHistogram};
 use vback_common::control::{CommandInfo, ControlError, ControlHandler, ErrorKind};
 
 use crate::media::MediaDirs;
@@ -52,18 +54,35 @@ impl ControlHandler for CdControl {
 
     fn stats(&self) -> Value {
         let cd = self.cd();
-        json!({
-            "test_unit_ready": cd.count(0x00),
-            "inquiry": cd.count(0x12),
-            "read_capacity": cd.count(0x25),
-            "read": cd.count(0x28) + cd.count(0xa8) + cd.count(0x88),
-            "read_toc": cd.count(0x43),
-            "get_configuration": cd.count(0x46),
-            "get_event_status": cd.count(0x4a),
-            "prevent_allow": cd.count(0x1e),
-            "start_stop": cd.count(0x1b),
-            "resubmitted": cd.resubmitted(),
-        })
+        let stats = CdromStats {
+            test_unit_ready: cd.count(0x00),
+            inquiry: cd.count(0x12),
+            read_capacity: cd.count(0x25),
+            read: cd.reads(),
+            read_toc: cd.count(0x43),
+            get_configuration: cd.count(0x46),
+            get_event_status: cd.count(0x4a),
+            prevent_allow: cd.count(0x1e),
+            start_stop: cd.count(0x1b),
+            resubmitted: cd.resubmitted(),
+            read_errors_by_kind: cd.read_errors_by_kind(),
+        };
+        serde_json::to_value(stats).unwrap_or(Value::Null)
+    }
+
+    fn histograms(&self) -> Vec<LabeledHistogram> {
+        let histogram = self.cd().read_latency();
+        if histogram.count == 0 {
+            return Vec::new();
+        }
+        vec![LabeledHistogram {
+            name: "latency_ns".into(),
+            labels: BTreeMap::from([
+                ("queue".to_owned(), "0".to_owned()),
+                ("op".to_owned(), "read".to_owned()),
+            ]),
+            histogram,
+        }]
     }
 
     fn commands(&self) -> Vec<CommandInfo> {

@@ -8,6 +8,8 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vback_api::{AtomicHistogram, Histogram};
+
 use vback_block::backend::QueueFull;
 use vback_block::engine::EngineChoice;
 use vback_block::lock::ImageLock;
@@ -231,6 +233,10 @@ pub struct Cdrom {
     last_sense: Sense,
     serial: String,
     counts: Box<[u64; 256]>,
+    /// READ(10/12/16) latency from pop to used-ring publish, recorded by the request queue.
+    read_latency: AtomicHistogram,
+    /// READs the storage failed, by the error's kind (indexed by `ErrorKind as usize`).
+    read_errors: [u64; ErrorKind::ALL.len()],
     /// Commands resubmitted after a restart (in-flight tracking), for `stats`.
     resubmitted: u64,
 }
@@ -269,6 +275,8 @@ impl Cdrom {
                 .take(20)
                 .collect(),
             counts: Box::new([0; 256]),
+            read_latency: AtomicHistogram::default(),
+            read_errors: [0; ErrorKind::ALL.len()],
             resubmitted: 0,
         }
     }
@@ -314,6 +322,32 @@ impl Cdrom {
     /// How many commands with opcode `op` the guest sent.
     pub fn count(&self, op: u8) -> u64 {
         self.counts[usize::from(op)]
+    }
+
+    /// READ(10/12/16) commands the guest sent.
+    pub fn reads(&self) -> u64 {
+        self.count(0x28) + self.count(0xa8) + self.count(0x88)
+    }
+
+    /// Records a READ's latency (pop to used-ring publish).
+    pub fn record_read_latency(&self, d: std::time::Duration) {
+        self.read_latency
+            .record(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// READs the storage failed, by the error kind's name (kinds with none left out).
+    pub fn read_errors_by_kind(&self) -> std::collections::BTreeMap<String, u64> {
+        ErrorKind::ALL
+            .iter()
+            .zip(self.read_errors)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (k.name().to_owned(), n))
+            .collect()
+    }
+
+    /// The READ latency histogram so far.
+    pub fn read_latency(&self) -> Histogram {
+        self.read_latency.snapshot()
     }
 
     /// Whether a media event waits for the guest's next GET EVENT STATUS NOTIFICATION poll.
@@ -584,13 +618,17 @@ impl Cdrom {
                 r.map(|()| Response::good(buf))
             }
         };
-        result.unwrap_or_else(|e| {
-            vback_common::warn_limited!(
-                "{}: read of {count} blocks at {lba} failed: {e}",
-                m.path.display()
-            );
-            Response::check(READ_ERROR)
-        })
+        match result {
+            Ok(r) => r,
+            Err(e) => {
+                vback_common::warn_limited!(
+                    "{}: read of {count} blocks at {lba} failed: {e}",
+                    m.path.display()
+                );
+                self.read_errors[e.kind as usize] += 1;
+                Response::check(READ_ERROR)
+            }
+        }
     }
 
     fn read_toc(&self, cdb: &[u8; 16]) -> Response {
@@ -839,6 +877,11 @@ mod tests {
         assert_eq!((r.sense, r.direct), (Some(READ_ERROR), 0));
         let r = cd.execute(&[0xa8, 0, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0], 2048);
         assert_eq!(r.sense, Some(READ_ERROR));
+        assert_eq!(
+            cd.read_errors_by_kind().into_iter().collect::<Vec<_>>(),
+            [("out-of-bounds".to_owned(), 2)],
+            "counted by the storage error's kind"
+        );
         let r = cd.execute(&[0x28, 0, 0, 0, 0, 4, 0, 0, 1, 0], 2048);
         assert_eq!((r.status, r.data[0]), (GOOD, 4));
     }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use vback_common::sync::lock;
 use vback_common::vhost_user::driver;
 use vback_common::vhost_user::{VhostUserBackend, VringRwLock, VringT};
@@ -72,13 +73,23 @@ impl CdBackend {
             while let Some(chain) = driver::pop(vring, &*mem) {
                 popped += 1;
                 let head = chain.head_index();
+                // A READ's latency, from here to its publication on the used ring.
+                let mut read_since = None;
                 let len = if queue == CONTROL_QUEUE {
                     handle_control(&*mem, chain)
                 } else {
-                    handle_command(&*mem, chain, &mut lock(&self.inner.cd))
+                    let popped = Instant::now();
+                    let mut cd = lock(&self.inner.cd);
+                    let reads = cd.reads();
+                    let len = handle_command(&*mem, chain, &mut cd);
+                    read_since = (cd.reads() != reads).then_some(popped);
+                    len
                 };
                 if let Err(e) = driver::complete(vring, head, len) {
                     vback_common::warn_limited!("queue {queue}: cannot return request {head}: {e}");
+                }
+                if let Some(popped) = read_since {
+                    lock(&self.inner.cd).record_read_latency(popped.elapsed());
                 }
                 used_any = true;
             }

@@ -18,7 +18,7 @@
 //! `help` (the commands it knows), `status` and `stats`; each backend adds its own commands
 //! through [`ControlHandler`]. `vbctl` and the tests use [`ControlClient`].
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,9 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
-use thiserror::Error;
+
+use vback_api::{LabeledHistogram, PROTOCOL_VERSION, Stats, counters_from_device};
 
 use crate::socket::{BindError, SocketPerms, bind_unix_with};
 
@@ -36,86 +37,7 @@ use crate::socket::{BindError, SocketPerms, bind_unix_with};
 /// connection is closed.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// A request as sent on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Request {
-    /// The command name.
-    pub cmd: String,
-    /// Arguments, an object (absent means `{}`).
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub args: Value,
-}
-
-/// Stable error kinds of the control protocol: scripts may match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ErrorKind {
-    /// The request line is not a JSON object with a `cmd` string.
-    BadRequest,
-    /// The daemon does not know the command.
-    UnknownCommand,
-    /// An argument is missing or has a bad value.
-    BadArgument,
-    /// The command cannot run in the device's current state (for example a locked tray).
-    Busy,
-    /// The command ran and failed.
-    Failed,
-}
-
-/// An error reply.
-#[derive(Debug, Clone, Error, Serialize, Deserialize, PartialEq, Eq)]
-#[error("{message}")]
-pub struct ControlError {
-    /// Stable kind.
-    pub kind: ErrorKind,
-    /// A sentence for the operator.
-    pub message: String,
-}
-
-impl ControlError {
-    /// An error of the given kind.
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ControlError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// A bad or missing argument.
-    pub fn bad_argument(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::BadArgument, message)
-    }
-}
-
-/// A reply as sent on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Reply {
-    /// Whether the command succeeded.
-    pub ok: bool,
-    /// The result on success.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<Value>,
-    /// The error on failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ControlError>,
-}
-
-impl Reply {
-    fn from_result(r: Result<Value, ControlError>) -> Reply {
-        match r {
-            Ok(data) => Reply {
-                ok: true,
-                data: Some(data),
-                error: None,
-            },
-            Err(e) => Reply {
-                ok: false,
-                data: None,
-                error: Some(e),
-            },
-        }
-    }
-}
+pub use vback_api::{ControlError, ErrorKind, Reply, Request};
 
 /// A command a backend adds, for `help`.
 #[derive(Debug, Clone, Serialize)]
@@ -136,9 +58,15 @@ pub trait ControlHandler: Send + Sync {
         Value::Null
     }
 
-    /// Counters for `stats` (merged under `"device"`).
+    /// Counters for `stats` (merged under `"device"`; the reply's uniform `counters` are
+    /// derived from it).
     fn stats(&self) -> Value {
         Value::Null
+    }
+
+    /// Latency histograms for `stats` (under `"histograms"`).
+    fn histograms(&self) -> Vec<LabeledHistogram> {
+        Vec::new()
     }
 
     /// The backend's own commands, for `help`.
@@ -198,13 +126,26 @@ pub fn dispatch(
             for c in handler.commands() {
                 cmds.push(serde_json::to_value(c).unwrap_or(Value::Null));
             }
-            Ok(json!({ "commands": cmds }))
+            Ok(json!({ "protocol": PROTOCOL_VERSION, "commands": cmds }))
         }
         "status" => Ok(json!({
             "daemon": daemon.daemon_status(),
             "device": handler.status(),
         })),
-        "stats" => Ok(json!({ "device": handler.stats() })),
+        "stats" => {
+            let device = handler.stats();
+            let stats = Stats {
+                counters: counters_from_device(&device),
+                histograms: handler.histograms(),
+                device,
+            };
+            serde_json::to_value(stats).map_err(|e| {
+                ControlError::new(
+                    ErrorKind::Failed,
+                    format!("the stats could not be encoded: {e}"),
+                )
+            })
+        }
         cmd => handler.handle(cmd, &req.args).unwrap_or_else(|| {
             let mut known: Vec<&str> = vec!["help", "status", "stats"];
             let extra = handler.commands();
@@ -534,158 +475,12 @@ fn serve_connection(
     }
 }
 
-/// Errors of a control client.
-#[derive(Debug, Error)]
-pub enum ClientError {
-    /// Connecting failed.
-    #[error(
-        "cannot connect to control socket {path}: {source} (is the daemon running with --control {path}?)"
-    )]
-    Connect {
-        /// The socket path.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// Reading or writing failed.
-    #[error("control socket {path}: {source}")]
-    Io {
-        /// The socket path.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// The reply could not be decoded.
-    #[error("control socket {path}: the daemon sent a reply that is not valid JSON: {reply}")]
-    BadReply {
-        /// The socket path.
-        path: PathBuf,
-        /// What came back.
-        reply: String,
-    },
-    /// No reply in time.
-    #[error(
-        "no reply from {path} within {secs} s: is it a daemon's control socket (--control)? A \
-         vhost-user socket (--socket) that a front end is using keeps other clients waiting \
-         without a word (raise the wait with --timeout if the daemon is just slow)"
-    )]
-    Timeout {
-        /// The socket path.
-        path: PathBuf,
-        /// The wait, in seconds.
-        secs: u64,
-    },
-    /// The peer closed the connection without a reply: not a control socket.
-    #[error(
-        "{path} closed the connection without a reply: this looks like a vhost-user socket (a \
-         daemon's --socket), not a control socket; give the path the daemon was started with \
-         --control"
-    )]
-    NotControl {
-        /// The socket path.
-        path: PathBuf,
-    },
-    /// The daemon answered with an error.
-    #[error("{0}")]
-    Command(ControlError),
-}
-
-/// A connection to a daemon's control socket.
-#[derive(Debug)]
-pub struct ControlClient {
-    path: PathBuf,
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    timeout: Duration,
-}
-
-impl ControlClient {
-    /// Connects, with a 30 s timeout on each reply.
-    pub fn connect(path: impl AsRef<Path>) -> Result<ControlClient, ClientError> {
-        Self::connect_timeout(path, Duration::from_secs(30))
-    }
-
-    /// Connects, waiting at most `timeout` for each reply (and for each write).
-    pub fn connect_timeout(
-        path: impl AsRef<Path>,
-        timeout: Duration,
-    ) -> Result<ControlClient, ClientError> {
-        let path = path.as_ref().to_owned();
-        let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-        let io_err = |source| ClientError::Io {
-            path: path.clone(),
-            source,
-        };
-        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-        let writer = stream.try_clone().map_err(io_err)?;
-        Ok(ControlClient {
-            path,
-            reader: BufReader::new(stream),
-            writer,
-            timeout,
-        })
-    }
-
-    /// Sends a command and waits for its reply; an error reply becomes [`ClientError::Command`].
-    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, ClientError> {
-        let req = Request {
-            cmd: cmd.to_owned(),
-            args,
-        };
-        let line = serde_json::to_string(&req).unwrap_or_default();
-        let reply = self.raw(&line)?;
-        let parsed: Reply = serde_json::from_str(&reply).map_err(|_| ClientError::BadReply {
-            path: self.path.clone(),
-            reply: reply.clone(),
-        })?;
-        match (parsed.ok, parsed.data, parsed.error) {
-            (true, data, _) => Ok(data.unwrap_or(Value::Null)),
-            (false, _, Some(e)) => Err(ClientError::Command(e)),
-            (false, _, None) => Err(ClientError::BadReply {
-                path: self.path.clone(),
-                reply,
-            }),
-        }
-    }
-
-    /// Sends one raw line and returns the raw reply line (for tests of malformed input).
-    pub fn raw(&mut self, line: &str) -> Result<String, ClientError> {
-        let io_err = |source: io::Error| match source.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
-                path: self.path.clone(),
-                secs: self.timeout.as_secs().max(1),
-            },
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ClientError::NotControl {
-                path: self.path.clone(),
-            },
-            _ => ClientError::Io {
-                path: self.path.clone(),
-                source,
-            },
-        };
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(io_err)?;
-        let mut reply = String::new();
-        let n = self.reader.read_line(&mut reply).map_err(io_err)?;
-        if n == 0 {
-            // A control socket always answers a line with a line; only a peer that does not
-            // speak the protocol hangs up instead.
-            return Err(ClientError::NotControl {
-                path: self.path.clone(),
-            });
-        }
-        Ok(reply.trim_end().to_owned())
-    }
-}
+pub use vback_api::client::{ClientError, ControlClient};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
     use std::sync::Mutex;
 
     struct Info;
@@ -753,14 +548,20 @@ mod tests {
             json!({"daemon": {"name": "test"}, "device": {"size": 0}})
         );
         let r = reply(r#"{"cmd":"stats"}"#);
-        assert_eq!(r.data.unwrap()["device"]["reads"], 7);
+        let data = r.data.unwrap();
+        assert_eq!(data["device"]["reads"], 7);
+        // The typed reply: the same counters, uniform.
+        let stats: vback_api::Stats = vback_api::decode("stats", data).unwrap();
+        assert_eq!(stats.counters.len(), 1);
+        assert_eq!(
+            (stats.counters[0].name.as_str(), stats.counters[0].value),
+            ("reads", 7)
+        );
+        assert!(stats.histograms.is_empty());
         let r = reply(r#"{"cmd":"help"}"#);
-        let names: Vec<String> = r.data.unwrap()["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap().to_owned())
-            .collect();
+        let help: vback_api::Help = vback_api::decode("help", r.data.unwrap()).unwrap();
+        assert_eq!(help.protocol, vback_api::PROTOCOL_VERSION);
+        let names: Vec<&str> = help.commands.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["help", "status", "stats", "resize"]);
     }
 

@@ -203,6 +203,10 @@ impl ControlHandler for NetControl {
     fn stats(&self) -> Value {
         self.backend.stats()
     }
+
+    fn histograms(&self) -> Vec<vback_api::LabeledHistogram> {
+        self.backend.histograms()
+    }
 }
 
 /// Serves the interface until SIGTERM/SIGINT: creates the tap, runs the hotplug script's

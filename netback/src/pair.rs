@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
 use serde_json::{Value, json};
+use vback_api::AtomicHistogram;
 use vback_common::vhost_user::{VringRwLock, VringT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
@@ -76,6 +77,10 @@ pub struct PairStats {
     pub rx: Counters,
     /// Guest → host.
     pub tx: Counters,
+    /// Frames received into the guest per receive pass (bursts of at least one).
+    pub rx_burst: AtomicHistogram,
+    /// Chains taken from the transmit ring per transmit pass (bursts of at least one).
+    pub tx_burst: AtomicHistogram,
 }
 
 /// Where a pair's frames go and come from.
@@ -347,6 +352,8 @@ impl Pair {
         let stats = self.stats.clone();
         let tx = &stats.tx;
         let (mut packets, mut bytes) = (0u64, 0u64);
+        // Chains taken in this pass: its burst.
+        let mut burst = 0u64;
         let mut st = vring.get_mut();
         let Some(mut ring) = self.ring(&st, mem, Dir::Tx) else {
             return;
@@ -361,6 +368,7 @@ impl Pair {
                     break;
                 };
                 handled += 1;
+                burst += 1;
                 let checked = walked.map_err(|e| e.what()).and_then(|()| {
                     tx_frame(
                         ring.map(),
@@ -387,6 +395,7 @@ impl Pair {
                         Verdict::Send => l.charge(frame.len),
                         Verdict::StallUntil(t) => {
                             ring.unpop(1);
+                            burst -= 1;
                             tx.stalls.fetch_add(1, Ordering::Relaxed);
                             Self::arm(&mut self.tx_timer, t);
                             stalled = true;
@@ -429,6 +438,9 @@ impl Pair {
         if packets > 0 {
             tx.packets.fetch_add(packets, Ordering::Relaxed);
             tx.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if burst > 0 {
+            stats.tx_burst.record(burst);
         }
     }
 
@@ -646,6 +658,7 @@ impl Pair {
         if packets > 0 {
             self.stats.rx.packets.fetch_add(packets, Ordering::Relaxed);
             self.stats.rx.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.stats.rx_burst.record(packets);
         }
     }
 
@@ -977,6 +990,9 @@ mod tests {
         assert_eq!(&got[12..], &f[..]);
         assert_eq!(r.stats.tx.packets.load(Ordering::Relaxed), 1);
         assert_eq!(r.stats.tx.bytes.load(Ordering::Relaxed), 60);
+        // One pass took one chain: a burst of one.
+        let b = r.stats.tx_burst.snapshot();
+        assert_eq!((b.count, b.sum), (1, 1));
         // Header and frame in one buffer: one plain write.
         let mut one = vec![0u8; 12];
         one.extend(frame(100, 2));
@@ -1100,6 +1116,12 @@ mod tests {
         assert_eq!(&got[12..], &pkt[12..]);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         assert_eq!(r.stats.rx.bytes.load(Ordering::Relaxed), 100);
+        let b = r.stats.rx_burst.snapshot();
+        assert_eq!((b.count, b.sum), (1, 1), "one pass received one frame");
+        assert!(
+            r.stats.tx_burst.snapshot().count == 0,
+            "no transmit pass took a chain"
+        );
     }
 
     #[test]

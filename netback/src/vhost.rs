@@ -152,6 +152,27 @@ impl NetBackend {
         self.num_queues() as u16 + k
     }
 
+    /// Burst-size histograms for the control socket, per queue pair and direction.
+    pub fn histograms(&self) -> Vec<vback_api::LabeledHistogram> {
+        let mut out = Vec::new();
+        for (i, s) in self.inner.stats.iter().enumerate() {
+            for (dir, h) in [("rx", &s.rx_burst), ("tx", &s.tx_burst)] {
+                let histogram = h.snapshot();
+                if histogram.count > 0 {
+                    out.push(vback_api::LabeledHistogram {
+                        name: "burst_frames".into(),
+                        labels: [("queue", i.to_string()), ("dir", dir.to_owned())]
+                            .into_iter()
+                            .map(|(k, v)| (k.to_owned(), v))
+                            .collect(),
+                        histogram,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// Stats for the control socket: totals and per queue pair.
     pub fn stats(&self) -> Value {
         let (rx, tx) = (Counters::default(), Counters::default());

@@ -155,6 +155,24 @@ check umount 'umount /mnt && echo unmounted'
     }
     let discards: u64 = queues.iter().map(|q| q["discards"].as_u64().unwrap()).sum();
     assert!(discards > 0, "{s}");
+    // Every request the storage carried out has one latency sample, on its queue.
+    let typed: vback_api::Stats = vback_api::decode("stats", s.clone()).unwrap();
+    let block: vback_api::BlockStats = vback_api::decode("stats", s["device"].clone()).unwrap();
+    for (i, q) in block.queues.iter().enumerate() {
+        let carried = q.reads
+            + q.writes
+            + q.flushes
+            + q.discards
+            + q.write_zeroes
+            + q.errors_by_kind.values().sum::<u64>();
+        let sampled: u64 = typed
+            .histograms
+            .iter()
+            .filter(|h| h.labels.get("queue") == Some(&i.to_string()))
+            .map(|h| h.histogram.count)
+            .sum();
+        assert_eq!(sampled, carried, "queue {i}: {s}");
+    }
     let alloc = allocated(&image);
     eprintln!("image allocation after fstrim: {} MiB", alloc / MIB);
     assert!(

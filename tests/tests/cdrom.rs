@@ -242,6 +242,16 @@ check guest-eject 'o=$(cat /tmp/ours); echo VBACK-HOST:insert-b; i=0; while [ "$
         stats["device"]["get_event_status"].as_u64().unwrap() > 3,
         "the guest polls: {stats}"
     );
+    // Every READ the guest sent has a latency sample.
+    let typed: vback_api::Stats = vback_api::decode("stats", stats.clone()).unwrap();
+    let reads = stats["device"]["read"].as_u64().unwrap();
+    assert!(reads > 0, "{stats}");
+    let h = typed
+        .histograms
+        .iter()
+        .find(|h| h.labels.get("op").map(String::as_str) == Some("read"))
+        .expect("a read latency histogram");
+    assert_eq!(h.histogram.count, reads, "{stats}");
 
     // Disc A was released by the swap: another daemon may take it now.
     let mut other = cdrom(

@@ -83,6 +83,21 @@ check udp 'fio --name=udp --ioengine=net --protocol=udp --hostname=10.99.0.1 --p
         s["device"]["tx"]["rate_limited_stalls"].as_u64().unwrap() > 10,
         "{s}"
     );
+    // Every chain taken from the transmit ring is in one transmit burst (a chain the limiter
+    // put back is counted in the pass that sends it).
+    let typed: vback_api::Stats = vback_api::decode("stats", s.clone()).unwrap();
+    let taken: u64 = typed
+        .histograms
+        .iter()
+        .filter(|h| h.name == "burst_frames" && h.labels["dir"] == "tx")
+        .map(|h| h.histogram.sum)
+        .sum();
+    let tx = &s["device"]["tx"];
+    assert_eq!(
+        taken,
+        tx["packets"].as_u64().unwrap() + tx["drops"].as_u64().unwrap(),
+        "{s}"
+    );
     assert_eq!(
         d.terminate(Duration::from_secs(5)).and_then(|s| s.code()),
         Some(0),

@@ -1,17 +1,21 @@
 //! vbctl: the operator's command-line tool for vback.
 //!
-//! Today it talks to a backend's control socket (`status`, `stats`, `call`) and checks Xen
-//! configuration strings (`check-disk`, `check-vif`, `check-rate`). The xm-style verbs
+//! Today it talks to a backend's control socket (`status`, `stats`, `call`), watches every
+//! daemon (`top`, `exporter`) and checks Xen configuration strings (`check-disk`, `check-vif`,
+//! `check-rate`). It links `vback-api` and `vback-base` only: no vhost-user or storage code. The xm-style verbs
 //! (`block-attach`, `usb-attach`, ...) arrive with the backends that implement them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod exporter;
+mod top;
+
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
-use vback_common::control::{ClientError, ControlClient};
-use vback_common::spec::{DiskArg, DiskUname, Rate, VifSpec};
+use vback_api::{ClientError, ControlClient, Help};
+use vback_base::spec::{DiskArg, DiskUname, Rate, VifSpec};
 
 /// Manage vback backends: query and command them over their control sockets, and check Xen
 /// configuration strings before you use them.
@@ -54,6 +58,34 @@ enum Cmd {
         /// Arguments as KEY=VALUE.
         args: Vec<String>,
     },
+    /// Watch daemons like xentop: one row per daemon with read/write rates, latency
+    /// percentiles, requests in flight and errors (block and CD), packet and bit rates (net).
+    /// Batch mode (`-b`) prints plain-text iterations for scripts; without it, a full-screen
+    /// view with xentop's keys (d delay, b block, n network, s sort, q quit).
+    Top {
+        /// Batch mode: print ITERATIONS reports and exit.
+        #[arg(short = 'b', long)]
+        batch: bool,
+        /// How many reports to print (batch mode).
+        #[arg(short = 'i', long, value_name = "ITERATIONS", default_value_t = 1)]
+        iterations: u32,
+        /// Seconds between samples (each report's rates cover one such interval).
+        #[arg(short = 'd', long, value_name = "SECONDS", default_value_t = 1.0)]
+        delay: f64,
+        /// Control sockets, or directories searched for `*.ctl` (and one level of
+        /// subdirectories); default /run/vback.
+        paths: Vec<PathBuf>,
+    },
+    /// Serve every daemon's counters and latency histograms to Prometheus (OpenMetrics text at
+    /// http://ADDR/metrics), sampled at each scrape.
+    Exporter {
+        /// Address to listen on, e.g. 127.0.0.1:9477 (port 0 picks one; it is printed).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Control sockets, or directories searched for `*.ctl` (and one level of
+        /// subdirectories); default /run/vback.
+        paths: Vec<PathBuf>,
+    },
     /// Check a disk uname (`tap:qcow:/path`) or a full entry (`UNAME,VDEV,MODE` or SXP) and
     /// print what it means.
     CheckDisk {
@@ -79,6 +111,8 @@ const AFTER_HELP: &str = "\
 Examples:
   vbctl status /run/vback/alice-xvda.ctl
   vbctl call /run/vback/alice-xvda.ctl resize size=20G
+  vbctl top -b -i 2 -d 1 /run/vback
+  vbctl exporter --listen 127.0.0.1:9477
   vbctl check-disk 'tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w'
   vbctl check-vif 'bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms'
 
@@ -103,7 +137,7 @@ const XM_VERBS: &[&str] = &[
 ];
 
 fn main() -> ExitCode {
-    let cli: Cli = vback_common::docgen::parse("1");
+    let cli: Cli = vback_base::docgen::parse("1");
     if !(cli.timeout.is_finite() && cli.timeout > 0.0) {
         eprintln!("vbctl: --timeout must be a positive number of seconds");
         return ExitCode::from(2);
@@ -135,14 +169,11 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
         Cmd::Status { control } => print_json(&call(&control, "status", Value::Null, timeout)?),
         Cmd::Stats { control } => print_json(&call(&control, "stats", Value::Null, timeout)?),
         Cmd::Commands { control } => {
-            let v = call(&control, "help", Value::Null, timeout)?;
-            for c in v["commands"].as_array().into_iter().flatten() {
-                let (name, args, help) = (
-                    c["name"].as_str().unwrap_or_default(),
-                    c["args"].as_str().unwrap_or_default(),
-                    c["help"].as_str().unwrap_or_default(),
-                );
-                println!("{:<28} {help}", format!("{name} {args}"));
+            let help: Help =
+                vback_api::decode("help", call(&control, "help", Value::Null, timeout)?)
+                    .map_err(|e| e.to_string())?;
+            for c in &help.commands {
+                println!("{:<28} {}", format!("{} {}", c.name, c.args), c.help);
             }
         }
         Cmd::Call {
@@ -159,6 +190,36 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
                 map.insert(k.to_owned(), value);
             }
             print_json(&call(&control, &command, Value::Object(map), timeout)?);
+        }
+        Cmd::Top {
+            batch,
+            iterations,
+            delay,
+            paths,
+        } => {
+            if !(delay.is_finite() && delay > 0.0) {
+                return Err("-d must be a positive number of seconds".into());
+            }
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(top::DEFAULT_DIR)]
+            } else {
+                paths
+            };
+            let delay = Duration::from_secs_f64(delay);
+            if batch {
+                top::batch(&paths, iterations, delay, timeout, &mut std::io::stdout())
+            } else {
+                top::interactive(&paths, delay, timeout)
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        Cmd::Exporter { listen, paths } => {
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(top::DEFAULT_DIR)]
+            } else {
+                paths
+            };
+            exporter::serve(&listen, &paths, timeout).map_err(|e| e.to_string())?;
         }
         Cmd::CheckDisk { spec } => {
             let arg = DiskArg::parse(&spec).map_err(|e| e.to_string())?;
