@@ -5,11 +5,12 @@
 //!
 //! On a kick the worker pops every available chain, parses it into a preallocated slot (the
 //! slot's iovecs point straight into guest memory: no copies, no allocation), queues the
-//! request, and hands the whole batch to the storage in one submit. Completions arrive on the
-//! queue object's eventfd; the worker writes each status byte, returns the chains on the used
-//! ring and interrupts the guest once per batch (or not at all, when EVENT_IDX says the guest is
-//! still busy). A slot keeps a reference to the guest memory map it points into, so a
-//! memory-table change while I/O is in flight cannot unmap buffers under the kernel.
+//! request and submits it to the storage at once (not batched per pass: see `pop_all`).
+//! Completions arrive on the queue object's eventfd; the worker writes each status byte,
+//! returns the chains on the used ring and interrupts the guest once per batch (or not at all,
+//! when EVENT_IDX says the guest is still busy). A slot keeps a reference to the guest memory
+//! map it points into, so a memory-table change while I/O is in flight cannot unmap buffers
+//! under the kernel.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
