@@ -25,6 +25,18 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
+/// Runs blkback once to its exit (used where it must refuse to start).
+fn blkback_once(sock: &Path, disk: &str, script_dir: &Path) -> Output {
+    Command::new(workspace_bin("blkback").unwrap())
+        .arg("--socket")
+        .arg(sock)
+        .args(["--disk", disk])
+        .arg("--script-dir")
+        .arg(script_dir)
+        .output()
+        .unwrap()
+}
+
 /// A script that records its action, environment, and how many of blkback's descriptors
 /// (its parent's) point at the image at that moment.
 fn recorder(dir: &Path, record: &Path, image: &Path) -> PathBuf {
@@ -110,17 +122,11 @@ fn an_error_stops_blkback_with_the_scripts_message() {
         ),
     );
     let sock = dir.path().join("vu.sock");
-    let o = Command::new(workspace_bin("blkback").unwrap())
-        .arg("--socket")
-        .arg(&sock)
-        .args([
-            "--disk",
-            &format!("phy:{},xvda,w,script=refuse", img.display()),
-        ])
-        .arg("--script-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = blkback_once(
+        &sock,
+        &format!("phy:{},xvda,w,script=refuse", img.display()),
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let t = text(&o);
     assert!(
@@ -133,14 +139,7 @@ fn an_error_stops_blkback_with_the_scripts_message() {
     assert_eq!(std::fs::read_to_string(&record).unwrap(), "add\n");
 
     // A script that cannot be found names where it was looked for.
-    let o = Command::new(workspace_bin("blkback").unwrap())
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--disk", "null:1M,xvda,w,script=no-such-script"])
-        .arg("--script-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = blkback_once(&sock, "null:1M,xvda,w,script=no-such-script", dir.path());
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains(&format!("{}/no-such-script", dir.path().display())),
@@ -156,17 +155,11 @@ fn an_error_stops_blkback_with_the_scripts_message() {
         &format!("echo \"$1\" >> {}", record2.display()),
     );
     let missing = dir.path().join("missing.img");
-    let o = Command::new(workspace_bin("blkback").unwrap())
-        .arg("--socket")
-        .arg(&sock)
-        .args([
-            "--disk",
-            &format!("file:{},xvda,w,script=ok", missing.display()),
-        ])
-        .arg("--script-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let o = blkback_once(
+        &sock,
+        &format!("file:{},xvda,w,script=ok", missing.display()),
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(
         std::fs::read_to_string(&record2).unwrap(),
@@ -219,16 +212,7 @@ fn block_says_busy_for_a_device_in_use() {
     let held = MountedLoop::new();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vu.sock");
-    let blkback = |disk: &str| {
-        Command::new(workspace_bin("blkback").unwrap())
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--disk", disk])
-            .arg("--script-dir")
-            .arg(&scripts)
-            .output()
-            .unwrap()
-    };
+    let blkback = |disk: &str| blkback_once(&sock, disk, &scripts);
     for mode in ["w", "r"] {
         let o = blkback(&format!("phy:{},xvda,{mode},script=block", held.dev));
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));

@@ -25,6 +25,22 @@ fn stats(ctl: &Path) -> vback_api::Stats {
     vback_api::decode("stats", v).unwrap()
 }
 
+/// A blkback serving a null disk as `<dir>/<name>.sock`, with `<name>.ctl` and `<name>.log`
+/// beside it (the layout under /run/vback/<domain>).
+fn null_disk(dir: &Path, name: &str) -> vback_tests::process::Daemon {
+    blkback(
+        &dir.join(format!("{name}.sock")),
+        &[
+            "--disk",
+            "null:64M",
+            "--control",
+            dir.join(format!("{name}.ctl")).to_str().unwrap(),
+        ],
+        &dir.join(format!("{name}.log")),
+    )
+    .unwrap()
+}
+
 /// The rows of `vbctl top -b` output for the device named `name`, split into columns.
 fn rows<'a>(out: &'a str, name: &str) -> Vec<Vec<&'a str>> {
     out.lines()
@@ -39,19 +55,7 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     // As under /run/vback: one directory per domain.
     let d = &dir.path().join("alice");
     std::fs::create_dir(d).unwrap();
-    let start = |name: &str| {
-        blkback(
-            &d.join(format!("{name}.sock")),
-            &[
-                "--disk",
-                "null:64M",
-                "--control",
-                d.join(format!("{name}.ctl")).to_str().unwrap(),
-            ],
-            &d.join(format!("{name}.log")),
-        )
-        .unwrap()
-    };
+    let start = |name: &str| null_disk(d, name);
     let busy = start("busy");
     let _idle = start("idle");
     let mut dead = start("dead");
@@ -326,19 +330,7 @@ fn the_full_screen_view_in_tmux() {
     let dir = tempfile::tempdir().unwrap();
     let d = &dir.path().join("carol");
     std::fs::create_dir(d).unwrap();
-    let start = |name: &str| {
-        blkback(
-            &d.join(format!("{name}.sock")),
-            &[
-                "--disk",
-                "null:64M",
-                "--control",
-                d.join(format!("{name}.ctl")).to_str().unwrap(),
-            ],
-            &d.join(format!("{name}.log")),
-        )
-        .unwrap()
-    };
+    let start = |name: &str| null_disk(d, name);
     let _busy = start("busy");
     let mut idle = start("idle");
     let t = Tmux(format!("vback-top-{}", std::process::id()));

@@ -201,7 +201,9 @@ impl DirtyLog {
             // len`), which lives as long as `self`. AtomicU8 has the size and alignment of u8;
             // the front end reads and clears the same bytes with atomic operations too.
             let cell = unsafe { AtomicU8::from_ptr(at) };
-            cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+            // Release: the guest-memory write this marks happened before, so a front end that
+            // sees the bit (and then copies the page) sees the data too, on any architecture.
+            cell.fetch_or(1 << (page % 8), Ordering::Release);
         }
         Ok(())
     }
