@@ -154,22 +154,10 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         DiskMode::ReadWriteShared => LockMode::None,
     };
     if config.incoming {
-        if matches!(
-            config.disk,
-            vback_common::spec::DiskUname::Image {
-                format: vback_common::spec::ImageFormat::Qcow2,
-                ..
-            }
-        ) {
-            return Err(Error::Config(
-                "--incoming serves raw images and block devices only: a qcow2 image's metadata \
-                 would be read before the migration's source stops writing it"
-                    .into(),
-            ));
-        }
         log::info!(
             "--incoming: the image is opened without its lock, which is taken when the front \
-             end starts the device (once the migration's source has released it)"
+             end starts the device (once the migration's source has released it); a qcow2 \
+             image's metadata is read again then"
         );
     }
     let disk = open_backend(
@@ -177,12 +165,9 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         DiskOptions {
             read_only,
             direct: !config.page_cache,
-            lock: if config.incoming {
-                LockMode::None
-            } else {
-                lock
-            },
+            lock,
             qcow2: config.qcow2.clone(),
+            incoming: config.incoming,
         },
         config.engine,
     )?;

@@ -68,7 +68,8 @@ struct Args {
     /// Be a live migration's destination: open the image without its lock and take the lock
     /// only when the front end starts the device, after the source's blkback released it (it
     /// does when its front end stops the device while logging dirty pages). If the lock cannot
-    /// be taken then, the device does not start. Raw images and block devices.
+    /// be taken then, the device does not start. A qcow2 image's metadata is only read until
+    /// then, and read again when the lock is taken (the source wrote it meanwhile).
     #[arg(long)]
     incoming: bool,
 

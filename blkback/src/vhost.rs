@@ -288,8 +288,9 @@ impl VhostUserBackend for BlkBackend {
         match disk.take_lock(self.inner.lock_mode) {
             Ok(true) => {
                 log::info!(
-                    "the device starts: took the image lock (the disk was opened without it, \
-                     as a migration's destination, or a migration released it)"
+                    "the device starts: took the image lock and read its metadata anew (the \
+                     disk was opened without it, as a migration's destination, or a migration \
+                     released it)"
                 );
                 Ok(())
             }

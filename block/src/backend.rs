@@ -204,8 +204,9 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     }
 
     /// Locks the disk for `mode` if it is not locked (a migration's destination opened it
-    /// without the lock; a source that released it resumes): an error while another process
-    /// holds a conflicting lock. True if it took the lock now.
+    /// without the lock; a source that released it resumes), and reads a format's metadata
+    /// anew if the other side may have changed it: an error while another process holds a
+    /// conflicting lock. True if it took the lock or reread the metadata now.
     fn take_lock(&self, _mode: crate::lock::LockMode) -> Result<bool, BlockError> {
         Ok(false)
     }

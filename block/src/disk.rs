@@ -101,6 +101,10 @@ pub struct DiskOptions {
     pub lock: LockMode,
     /// qcow2: metadata cache budget in bytes and backing chain policy.
     pub qcow2: qcow2::OpenOptions,
+    /// A live migration's destination: the image is opened without its lock (whatever `lock`
+    /// says), and a qcow2 image's metadata is only read (the source is still writing it): the
+    /// metadata is read again, writable, when [`Disk::take_lock`] takes the lock.
+    pub incoming: bool,
 }
 
 impl Default for DiskOptions {
@@ -111,6 +115,7 @@ impl Default for DiskOptions {
             direct: true,
             lock: LockMode::Exclusive,
             qcow2: qcow2::OpenOptions::default(),
+            incoming: false,
         }
     }
 }
@@ -134,6 +139,9 @@ pub struct Disk {
     pub discard: bool,
     /// The qcow2 metadata, for [`DiskKind::Qcow2`] (the engine files are the image's).
     pub qcow2: Option<Mutex<Image>>,
+    /// qcow2: how the image is opened again when a migration hands it over (see
+    /// [`Disk::take_lock`]).
+    qcow2_opts: Option<qcow2::OpenOptions>,
     capacity: AtomicU64,
     /// Set when a raw disk begins with another format's signature (see [`format_warning`]).
     pub format_warning: Option<String>,
@@ -236,6 +244,7 @@ impl Disk {
                     physical_block: 512,
                     discard: true,
                     qcow2: None,
+                    qcow2_opts: None,
                     capacity: AtomicU64::new(*size),
                     format_warning: None,
                     lock: Mutex::new(None),
@@ -318,7 +327,12 @@ impl Disk {
         };
         // Not on `main`, which the engine registers with io_uring (see ImageLock). A previous
         // daemon of an older version that just died may still hold its lock for a moment.
-        let lock = ImageLock::acquire(&main, &path, opts.lock, std::time::Duration::from_secs(3))?;
+        let lock_mode = if opts.incoming {
+            LockMode::None
+        } else {
+            opts.lock
+        };
+        let lock = ImageLock::acquire(&main, &path, lock_mode, std::time::Duration::from_secs(3))?;
         let buffered = if opts.direct {
             Some(Arc::new(
                 open_file(&path, opts.read_only, false).map_err(|e| io("open", e))?,
@@ -333,17 +347,23 @@ impl Disk {
                 ..
             }
         );
-        let image = if is_qcow2 {
+        let qcow2_opts = is_qcow2.then(|| qcow2::OpenOptions {
+            writable: !opts.read_only,
+            ..opts.qcow2.clone()
+        });
+        let image = if let Some(q) = &qcow2_opts {
             let meta_fd = buffered
                 .as_deref()
                 .unwrap_or(&main)
                 .try_clone()
                 .map_err(|e| io("open", e))?;
-            let q = qcow2::OpenOptions {
-                writable: !opts.read_only,
-                ..opts.qcow2.clone()
+            // A migration's destination only reads: opening for writing may write the header
+            // (auto-clear bits, a dirty image's refcounts) while the source still owns it.
+            let now = qcow2::OpenOptions {
+                writable: q.writable && !opts.incoming,
+                ..q.clone()
             };
-            Some(Image::open(&path, meta_fd, &q)?)
+            Some(Image::open(&path, meta_fd, &now)?)
         } else {
             None
         };
@@ -396,6 +416,7 @@ impl Disk {
             },
             discard,
             qcow2: image.map(Mutex::new),
+            qcow2_opts,
             capacity: AtomicU64::new(size - size % SECTOR),
             format_warning,
             lock: Mutex::new(Some(lock)),
@@ -468,6 +489,7 @@ impl Disk {
             },
             discard,
             qcow2: None,
+            qcow2_opts: None,
             capacity: AtomicU64::new(size - size % SECTOR),
             format_warning: None,
             lock: Mutex::new(lock),
@@ -490,13 +512,15 @@ impl Disk {
     }
 
     /// Live migration's handoff on the source, once no queue has requests in flight: makes
-    /// every write durable (a qcow2 image's metadata too) and releases the image's lock, so
-    /// that the destination's daemon can take it. The disk stays open: if the migration fails
-    /// the front end starts the device here again, and [`Disk::take_lock`] locks it again.
+    /// every write durable and releases the image's lock, so that the destination's daemon can
+    /// take it. A qcow2 image is closed as at exit (its reserved clusters given back, so the
+    /// destination finds no leaks) and refuses writes from then on. The disk stays open: if
+    /// the migration fails the front end starts the device here again, and
+    /// [`Disk::take_lock`] locks it again and reads the qcow2 metadata anew.
     pub fn release_lock(&self) -> Result<(), DiskError> {
         // Not released when the flush failed: the destination must not take over an image
         // whose last writes may not be on it.
-        self.make_durable(false)?;
+        self.make_durable(self.qcow2.is_some())?;
         vback_common::sync::lock(&self.lock).take();
         Ok(())
     }
@@ -522,23 +546,55 @@ impl Disk {
 
     /// Locks the image for `mode` if it is not locked now (a destination of a migration
     /// opened it unlocked; a source released it): fails, naming who holds it, while another
-    /// process holds a conflicting lock. True if it took the lock now.
+    /// process holds a conflicting lock. True if it took the lock now, or read a qcow2
+    /// image's metadata anew: then the caller must drop every copy of the old mapping (the
+    /// [`DataPath`](crate::qcow2::DataPath)) before serving requests.
+    ///
+    /// A qcow2 image is opened again (its header, tables and refcounts read from the file,
+    /// writable unless the disk is read-only) when the lock is taken now, or when it was
+    /// opened for reading only as a migration's destination or closed by
+    /// [`Disk::release_lock`]: what was cached may be stale, since the other side wrote it.
     pub fn take_lock(&self, mode: LockMode) -> Result<bool, DiskError> {
         let (Some(files), Some(path)) = (&self.files, self.path()) else {
             return Ok(false);
         };
         let mut held = vback_common::sync::lock(&self.lock);
-        if held.as_ref().is_some_and(ImageLock::is_held) || mode == LockMode::None {
+        let took = if held.as_ref().is_some_and(ImageLock::is_held) || mode == LockMode::None {
+            false
+        } else {
+            // No patience: the source released its lock before its front end stopped the
+            // device (a close, synchronous), so a lock still there is a process still using
+            // the image.
+            *held = Some(ImageLock::acquire(
+                &files.main,
+                path,
+                mode,
+                std::time::Duration::ZERO,
+            )?);
+            true
+        };
+        let (Some(img), Some(opts)) = (&self.qcow2, &self.qcow2_opts) else {
+            return Ok(took);
+        };
+        let mut img = vback_common::sync::lock(img);
+        if !took && img.is_writable() == opts.writable {
             return Ok(false);
         }
-        // No patience: the source released its lock before its front end stopped the device
-        // (a close, synchronous), so a lock still there is a process still using the image.
-        *held = Some(ImageLock::acquire(
-            &files.main,
-            path,
-            mode,
-            std::time::Duration::ZERO,
-        )?);
+        let meta_fd = files
+            .buffered
+            .as_deref()
+            .unwrap_or(&files.main)
+            .try_clone()
+            .map_err(|source| DiskError::Io {
+                op: "open",
+                path: path.to_owned(),
+                source,
+            })?;
+        let fresh = Image::open(path, meta_fd, opts)?;
+        let size = fresh.size();
+        // The old image is closed (released) or was read-only: dropping it writes nothing.
+        *img = fresh;
+        self.capacity.store(size - size % SECTOR, Ordering::Release);
         Ok(true)
     }
 
@@ -695,6 +751,7 @@ fn block_discard_supported(meta: &std::fs::Metadata) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vback_common::sync::lock;
 
     fn opts(read_only: bool) -> DiskOptions {
         DiskOptions {
@@ -706,6 +763,7 @@ mod tests {
                 LockMode::Exclusive
             },
             qcow2: Default::default(),
+            incoming: false,
         }
     }
 
@@ -747,6 +805,67 @@ mod tests {
         drop(d);
         // Released on close.
         crate::lock::until_released(|| Disk::open(&uname, opts(true)));
+    }
+
+    /// A migration's handoff of a qcow2 image between two disks on it: the destination opens
+    /// it while the source still allocates, reads nothing stale once it took over, and the
+    /// image is clean (no leaks) with both closed.
+    #[test]
+    fn a_qcow2_image_is_handed_over_with_its_metadata_read_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.qcow2");
+        let ps = p.to_str().unwrap();
+        crate::qcow2::tests::qemu_img(&["create", "-q", "-f", "qcow2", ps, "8M"]);
+        let uname = DiskUname::parse(&format!("tap:qcow2:{ps}")).unwrap();
+        let pattern = |b: u8| vec![b; 64 << 10];
+        let src = Disk::open(&uname, opts(false)).unwrap();
+        let write =
+            |d: &Disk, at: u64, b: u8| lock(d.qcow2.as_ref().unwrap()).write(at, &pattern(b));
+        let read = |d: &Disk, at: u64| {
+            let mut buf = vec![0u8; 64 << 10];
+            lock(d.qcow2.as_ref().unwrap()).read(at, &mut buf).unwrap();
+            buf
+        };
+        write(&src, 0, 1).unwrap();
+        let dst = Disk::open(
+            &uname,
+            DiskOptions {
+                incoming: true,
+                ..opts(false)
+            },
+        )
+        .unwrap();
+        assert!(!dst.lock_held());
+        assert!(
+            write(&dst, 3 << 20, 9).is_err(),
+            "the destination does not write before the handoff"
+        );
+        // Allocated after the destination read the metadata.
+        write(&src, 1 << 20, 2).unwrap();
+        assert!(
+            dst.take_lock(LockMode::Exclusive).is_err(),
+            "the source still holds the image"
+        );
+        src.release_lock().unwrap();
+        assert!(
+            write(&src, 4 << 20, 7).is_err(),
+            "the source writes no more once it handed the image over"
+        );
+        assert!(dst.take_lock(LockMode::Exclusive).unwrap());
+        assert!(dst.lock_held());
+        assert_eq!(read(&dst, 0), pattern(1));
+        assert_eq!(read(&dst, 1 << 20), pattern(2), "no stale mapping");
+        write(&dst, 2 << 20, 3).unwrap();
+        // Nothing more to take or read again.
+        assert!(!dst.take_lock(LockMode::Exclusive).unwrap());
+        dst.close().unwrap();
+        drop((src, dst));
+        // Exits 0 only when clean: no corruption, no leaked cluster (qemu_img asserts it).
+        crate::qcow2::tests::qemu_img(&["check", "-f", "qcow2", ps]);
+        let again = Disk::open(&uname, opts(true)).unwrap();
+        for (at, b) in [(0, 1), (1 << 20, 2), (2 << 20, 3)] {
+            assert_eq!(read(&again, at), pattern(b), "at {at}");
+        }
     }
 
     #[test]

@@ -166,9 +166,16 @@ impl BlockBackend for LocalBackend {
     }
 
     fn take_lock(&self, mode: crate::lock::LockMode) -> Result<bool, BlockError> {
-        self.disk
+        let changed = self
+            .disk
             .take_lock(mode)
-            .map_err(|e| BlockError::disk(Operation::Open, e))
+            .map_err(|e| BlockError::disk(Operation::Open, e))?;
+        if changed && let (Some(img), Some((dp, _))) = (&self.disk.qcow2, &self.qcow2) {
+            // The image was read anew: no lookup may use the old mapping. No request is in
+            // flight (the device is starting), so nothing races this.
+            lock(img).reset_data_path(dp);
+        }
+        Ok(changed)
     }
 
     fn lock_held(&self) -> Option<bool> {

@@ -390,6 +390,10 @@ impl VhostUserBackend for NetBackend {
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_CTRL_VQ
             | 1 << VIRTIO_NET_F_CTRL_RX
+            // After a live migration QEMU asks the guest to announce itself (gratuitous ARP,
+            // IPv6 neighbour advertisements) through the config status; without it the
+            // switches would keep sending the guest's frames to the source host's port.
+            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_HOST_TSO4
             | 1 << VIRTIO_NET_F_HOST_TSO6

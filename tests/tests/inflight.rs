@@ -168,7 +168,7 @@ fn requests_in_flight_at_a_crash_complete_once_with_tracking_and_are_lost_withou
 
 /// A guest on a vhost-user device whose chardev reconnects, served by daemon `bin` started
 /// with `args` on a socket in `dir`: when the script prints `VBACK-HOST:kills`, the daemon is
-/// SIGKILLed and started again `kills` times, 4 s apart. Each start logs to `{bin}{n}.log`
+/// SIGKILLed and started again `kills` times, `every` apart. Each start logs to `{bin}{n}.log`
 /// in `dir`. `props` go to the QEMU device.
 fn guest_across_kills(
     dir: &Path,
@@ -176,6 +176,7 @@ fn guest_across_kills(
     args: Vec<String>,
     props: &str,
     kills: u32,
+    every: Duration,
     script: &str,
 ) -> vback_tests::GuestRun {
     let sock = dir.join(format!("{bin}.sock"));
@@ -205,7 +206,7 @@ fn guest_across_kills(
         .timeout(Duration::from_secs(240))
         .on_host("kills", move || {
             for round in 1..=kills {
-                std::thread::sleep(Duration::from_secs(4));
+                std::thread::sleep(every);
                 let mut d = held.lock().unwrap();
                 d.kill();
                 *d = start(round);
@@ -264,13 +265,15 @@ fn fio_across_kills(queues: u16, disk: impl Fn(&Path) -> String) -> tempfile::Te
 check fio 'wait_dev /dev/vda && echo VBACK-HOST:kills && fio --name=v --filename=/dev/vda \
   --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k --size=32M \
   --numjobs={queues} --offset_increment=32M --cpus_allowed=0-1 --cpus_allowed_policy=split \
-  --time_based --runtime=35 --verify=crc32c --verify_fatal=1 --verify_backlog=256 \
+  --time_based --runtime=60 --verify=crc32c --verify_fatal=1 --verify_backlog=256 \
   --randrepeat=0 --group_reporting --output-format=terse >/tmp/fio.out; st=$?; \
   cut -d";" -f5,6 /tmp/fio.out; echo fio-status=$st'
 "#
     );
     let props = format!("num-queues={queues}");
-    let run = guest_across_kills(d, "blkback", args, &props, KILLS, &script);
+    // Spread over the 60 s run (a restart takes about a second).
+    let every = Duration::from_secs(9);
+    let run = guest_across_kills(d, "blkback", args, &props, KILLS, every, &script);
     let first = std::fs::read_to_string(d.join("blkback0.log")).unwrap_or_default();
     assert!(
         first.contains(&format!("in-flight tracking on for {queues} queues")),
@@ -369,6 +372,7 @@ fn cdrom_reads_survive_three_kills_with_the_same_md5() {
         args,
         "",
         KILLS,
+        Duration::from_secs(4),
         r#"
 check reads 'wait_dev /dev/sr0 && echo VBACK-HOST:kills && i=0; end=$(( $(date +%s) + 25 )); \
   while [ $(date +%s) -lt $end ]; do \

@@ -570,6 +570,11 @@ impl Image {
         }
     }
 
+    /// Whether the image takes writes (opened writable, and not closed since).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         self.layers[0].size
@@ -630,6 +635,12 @@ impl Image {
             tables: std::collections::HashMap::new(),
             max_tables: m.cache.capacity(),
         })
+    }
+
+    /// Makes `dp` this image's empty copy (as [`Image::data_path`]), forgetting what it held
+    /// of another image (the same file before it was opened again).
+    pub fn reset_data_path(&self, dp: &DataPath) {
+        dp.replace(self.data_path());
     }
 
     /// Copies this image's mapping of `[guest, guest + len)` (the L1 entries and the L2 tables

@@ -50,6 +50,15 @@ impl DataPath {
         }
     }
 
+    /// Takes `fresh`'s contents in place of this copy's.
+    pub(super) fn replace(&self, fresh: DataPath) {
+        let fresh = fresh
+            .inner
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *lock(&self.inner) = fresh;
+    }
+
     pub(super) fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
         f(&mut lock(&self.inner))
     }

@@ -174,10 +174,15 @@ impl<M: GuestAddressSpace> VringState<M> {
             inflight.pre_put(desc_index);
         }
         let slot = self.queue.next_used() & self.queue.size().wrapping_sub(1);
+        // The chain is read while it is still the device's: once the used element is out the
+        // driver may reuse its descriptors at once (another vCPU), and a chain read then can
+        // name any address.
+        if let Some(log) = &self.log {
+            self.log_buffers(log, desc_index);
+        }
         self.queue
             .add_used(self.mem.memory().deref(), desc_index, len)?;
         if let Some(log) = &self.log {
-            self.log_buffers(log, desc_index);
             log.used_elem(slot);
             log.used_idx();
         }
@@ -188,8 +193,9 @@ impl<M: GuestAddressSpace> VringState<M> {
     }
 
     /// Logs every device-writable buffer of chain `head` (whole buffers: a page logged that
-    /// was not written only costs the migration a copy; the descriptors are read again, so a
-    /// driver that changed them meanwhile only harms its own migration).
+    /// was not written only costs the migration a copy). Called before the chain is given
+    /// back; the descriptors are read again, so only a driver that changed a chain it had
+    /// handed to the device harms its own migration).
     fn log_buffers(&self, log: &VringLog, head: u16) {
         let mem = self.mem.memory();
         let table = GuestAddress(self.queue.desc_table());
