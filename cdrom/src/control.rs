@@ -47,6 +47,7 @@ impl ControlHandler for CdControl {
             "medium": path.map(|p| p.display().to_string()),
             "medium_served_by": served_by,
             "shared": self.shared,
+            "medium_locked": cd.medium().map(|m| m.lock_held()),
             "media_dirs": self.media.dirs().iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
             "media_event_pending": cd.event_pending(),
         })

@@ -38,6 +38,9 @@ pub struct Config {
     pub medium: Option<PathBuf>,
     /// Share media with other cdrom daemons that also pass --shared.
     pub shared: bool,
+    /// A live migration's destination (`--incoming`): no power-on unit attention, and the
+    /// medium's lock taken when the front end starts the device.
+    pub incoming: bool,
     /// `--media-dir`: where `media-insert` may take media from (empty: the directory of
     /// `medium`, or nowhere without one).
     pub media_dirs: Vec<PathBuf>,
@@ -158,7 +161,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     let medium = config
         .medium
         .as_deref()
-        .map(|p| open_medium(p, config.shared))
+        .map(|p| crate::media::open_medium_as(p, config.shared, config.incoming))
         .transpose()?;
     let serial = format!("vback-cd-{}", std::process::id());
     match &medium {
@@ -170,7 +173,15 @@ pub fn run(config: Config) -> Result<(), Error> {
     } else {
         log::info!("media-insert takes media from {media_dirs}");
     }
-    let cd = Arc::new(Mutex::new(Cdrom::new(medium, &serial)));
+    let mut drive = Cdrom::new(medium, &serial);
+    if config.incoming {
+        log::info!(
+            "--incoming: the guest has been using this drive (no power-on attention); the \
+             medium's lock is taken when the front end starts the device"
+        );
+        drive.take_over();
+    }
+    let cd = Arc::new(Mutex::new(drive));
     let control = Arc::new(CdControl::new(cd.clone(), config.shared, media_dirs));
     let daemon = Daemon::new(INFO, config.common.clone(), control)?;
     daemon.run(CdBackend::new(cd, config.inflight))?;

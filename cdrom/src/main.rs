@@ -31,6 +31,14 @@ struct Args {
     #[arg(long)]
     shared: bool,
 
+    /// Be a live migration's destination: the guest has been using this drive on the source,
+    /// so it raises no power-on unit attention (which would fail the guest's read in progress
+    /// with an I/O error), and the medium is opened without its lock, taken when the front end
+    /// starts the device (the source's cdrom releases it when its front end stops the device
+    /// while logging dirty pages).
+    #[arg(long)]
+    incoming: bool,
+
     /// Let media-insert take images and drives from DIR (repeatable). A path is taken only if,
     /// symlinks resolved, it lies under one of these directories and is a regular file or a
     /// block device (not a FIFO, a character device, or a file of /proc or /sys). Default: the
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
     let config = cdrom::Config {
         medium: args.disk,
         shared: args.shared,
+        incoming: args.incoming,
         media_dirs: args.media_dirs,
         inflight: !args.no_inflight,
         common: args.common,

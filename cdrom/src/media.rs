@@ -124,7 +124,7 @@ impl MediaDirs {
                 dirs: self.clone(),
             });
         }
-        medium_from(resolved, file, shared)
+        medium_from(resolved, file, shared, false)
     }
 
     /// Opens `resolved` (a canonical path under one of the directories) so that the kernel
@@ -228,6 +228,13 @@ impl fmt::Display for MediaDirs {
 /// other `--shared` users. For the medium named at start (an operator's choice: symlinks are
 /// followed, no directory applies); `media-insert` goes through [`MediaDirs::open`].
 pub fn open_medium(path: &Path, shared: bool) -> Result<Medium, MediumError> {
+    open_medium_as(path, shared, false)
+}
+
+/// [`open_medium`], for a live migration's destination when `incoming`: the medium is opened
+/// without its lock, which [`Medium::take_lock`] takes when the front end starts the device
+/// (the source's cdrom released it by then).
+pub fn open_medium_as(path: &Path, shared: bool, incoming: bool) -> Result<Medium, MediumError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -238,7 +245,7 @@ pub fn open_medium(path: &Path, shared: bool) -> Result<Medium, MediumError> {
             source,
         })?;
     check_opened(path, &file)?;
-    medium_from(path.to_owned(), file, shared)
+    medium_from(path.to_owned(), file, shared, incoming)
 }
 
 fn kind_name(t: std::fs::FileType) -> &'static str {
@@ -321,7 +328,12 @@ fn fd_path(fd: RawFd) -> std::io::Result<PathBuf> {
 }
 
 /// Sizes and locks an opened, checked medium.
-fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, MediumError> {
+fn medium_from(
+    path: PathBuf,
+    file: File,
+    shared: bool,
+    incoming: bool,
+) -> Result<Medium, MediumError> {
     let io = |op, source| MediumError::Io {
         op,
         path: path.clone(),
@@ -335,21 +347,24 @@ fn medium_from(path: PathBuf, file: File, shared: bool) -> Result<Medium, Medium
     };
     // Not on `file`, which the engine registers with io_uring (see ImageLock); the backend
     // holds it while the medium is in the drive.
-    let lock =
-        ImageLock::acquire(&file, &path, mode, std::time::Duration::from_secs(3)).map_err(|e| {
-            match e {
-                // The lock's own words speak of writing, which cdrom never does: say it in
-                // cdrom's terms.
-                LockError::InUse { path, holder, .. } => MediumError::Locked {
-                    path,
-                    holder,
-                    shared,
-                },
-                other => MediumError::Lock(other),
-            }
-        })?;
-    Medium::new(path.clone(), file, size, Some(lock))
+    let now = if incoming { LockMode::None } else { mode };
+    let lock = ImageLock::acquire(&file, &path, now, std::time::Duration::from_secs(3))
+        .map_err(|e| locked(e, shared))?;
+    Medium::new(path.clone(), file, size, Some(lock), mode)
         .map_err(|source| MediumError::Backend { path, source })
+}
+
+/// A lock error in cdrom's terms (the lock's own words speak of writing, which cdrom never
+/// does).
+pub(crate) fn locked(e: LockError, shared: bool) -> MediumError {
+    match e {
+        LockError::InUse { path, holder, .. } => MediumError::Locked {
+            path,
+            holder,
+            shared,
+        },
+        other => MediumError::Lock(other),
+    }
 }
 
 #[cfg(test)]

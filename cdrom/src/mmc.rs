@@ -12,7 +12,7 @@ use vback_api::{AtomicHistogram, Histogram};
 
 use vback_block::backend::QueueFull;
 use vback_block::engine::EngineChoice;
-use vback_block::lock::ImageLock;
+use vback_block::lock::{ImageLock, LockMode};
 use vback_block::{
     BlockBackend, BlockError, BlockQueue, ErrorKind, Operation, Request, open_backend_from_file,
 };
@@ -90,6 +90,8 @@ pub struct Medium {
     /// The disc as vback-block serves it; it holds the medium's lock.
     backend: Arc<dyn BlockBackend>,
     queue: Box<dyn BlockQueue>,
+    /// The lock the medium holds while the drive runs (exclusive, or shared with `--shared`).
+    lock_mode: LockMode,
 }
 
 impl std::fmt::Debug for Medium {
@@ -110,11 +112,14 @@ impl Medium {
     /// The lock must be on a descriptor of its own ([`ImageLock`]): `file` is registered with
     /// the engine's io_uring, whose files the kernel releases only some time after a crashed
     /// process is gone.
+    /// `lock_mode` is the lock it should hold: [`Medium::take_lock`] takes it if `lock` is not
+    /// held (a migration's destination).
     pub fn new(
         path: PathBuf,
         file: File,
         size: u64,
         lock: Option<ImageLock>,
+        lock_mode: LockMode,
     ) -> Result<Medium, BlockError> {
         let backend = open_backend_from_file(&path, file, lock, true, EngineChoice::Auto)
             .map_err(|e| BlockError::disk(Operation::Open, e))?;
@@ -124,7 +129,26 @@ impl Medium {
             size,
             backend,
             queue,
+            lock_mode,
         })
+    }
+
+    /// Takes the medium's lock if it does not hold it (a migration's destination opened it
+    /// without; a source that released it resumes): true if it took it now; an error while
+    /// another process holds it in a conflicting way.
+    pub fn take_lock(&self) -> Result<bool, BlockError> {
+        self.backend.take_lock(self.lock_mode)
+    }
+
+    /// Releases the medium's lock for a migration's destination (the disc stays open and
+    /// readable; [`Medium::take_lock`] takes it back if the migration fails).
+    pub fn release_lock(&self) -> Result<(), BlockError> {
+        self.backend.release_lock()
+    }
+
+    /// Whether the medium holds its lock now.
+    pub fn lock_held(&self) -> bool {
+        self.backend.lock_held().unwrap_or(false)
     }
 
     /// What serves the disc, for `status`: the backend's kind and the queue's engine.
@@ -814,6 +838,7 @@ mod tests {
             t.reopen().unwrap(),
             blocks * BLOCK,
             None,
+            LockMode::None,
         )
         .unwrap();
         (t, m)
@@ -1087,6 +1112,7 @@ mod tests {
             t.reopen().unwrap(),
             CD_MAX + BLOCK,
             None,
+            LockMode::None,
         )
         .unwrap();
         let mut dvd = Cdrom::new(Some(big), "d");

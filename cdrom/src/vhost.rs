@@ -178,6 +178,46 @@ impl VhostUserBackend for CdBackend {
         vec![0b111]
     }
 
+    fn device_starting(&self) -> io::Result<()> {
+        let cd = lock(&self.inner.cd);
+        let Some(m) = cd.medium() else {
+            return Ok(());
+        };
+        match m.take_lock() {
+            Ok(true) => {
+                log::info!(
+                    "the device starts: took the medium's lock (it was opened without it, as \
+                     a migration's destination, or a migration released it)"
+                );
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                let e = format!(
+                    "the device cannot start: the medium's lock cannot be taken ({e}); is the \
+                     migration's source still running the device?"
+                );
+                log::error!("{e}");
+                Err(io::Error::other(e))
+            }
+        }
+    }
+
+    fn device_stopped(&self, migrating: bool) -> io::Result<()> {
+        if !migrating {
+            return Ok(());
+        }
+        let cd = lock(&self.inner.cd);
+        if let Some(m) = cd.medium() {
+            m.release_lock().map_err(io::Error::other)?;
+            log::info!(
+                "the front end stopped the device while logging dirty pages (a live \
+                 migration's source): the medium's lock is released for the destination"
+            );
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,

@@ -266,8 +266,14 @@ mod tests {
         let mut t = tempfile::NamedTempFile::new().unwrap();
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
         t.write_all(&data).unwrap();
-        let medium =
-            crate::mmc::Medium::new(t.path().to_owned(), t.reopen().unwrap(), 8192, None).unwrap();
+        let medium = crate::mmc::Medium::new(
+            t.path().to_owned(),
+            t.reopen().unwrap(),
+            8192,
+            None,
+            vback_block::lock::LockMode::None,
+        )
+        .unwrap();
         let mut cd = Cdrom::new(Some(medium), "s");
         cd.execute(&[0, 0, 0, 0, 0, 0], 0); // power-on attention
         // READ(10) LBA 1, 2 blocks, into 1000 + 3096 bytes of buffers.

@@ -271,13 +271,15 @@ fn ping_summary(out: &str) -> (u64, u64) {
     (n[0], n[1])
 }
 
-/// #15's migration case end to end: a guest on QEMU A with a qcow2 disk on blkback and a NIC
-/// on netback (tap on a bridge in a "dom0" namespace) runs fio `--verify=crc32c` and a ping
-/// flood to a LAN host while it migrates to QEMU B, whose devices are a second blkback
-/// (`--incoming`, the same image) and a second netback (its own tap on the same bridge, as
-/// the destination host's vif). fio: 0 errors; ping: under 1% lost, and the LAN host is
-/// reached through the destination's vif afterwards; the image lock never held twice; the
-/// qcow2 image `qemu-img check` clean (no leaks) once both blkbacks have exited.
+/// #15's migration case end to end: a guest on QEMU A with a qcow2 disk on blkback, a NIC on
+/// netback (tap on a bridge in a "dom0" namespace) and a CD drive on cdrom runs fio
+/// `--verify=crc32c`, a ping flood to a LAN host and md5 reads of the disc while it migrates
+/// to QEMU B, whose devices are a second blkback (`--incoming`, the same image), a second
+/// netback (its own tap on the same bridge, as the destination host's vif) and a second
+/// cdrom on the same disc. fio: 0 errors; ping: under 1% lost, and the LAN host is reached
+/// through the destination's vif afterwards; every md5 right (what cdrom read into guest
+/// memory during the migration was logged); the image lock never held twice; the qcow2 image
+/// `qemu-img check` clean (no leaks) once both blkbacks have exited.
 #[test]
 fn a_guest_with_a_qcow2_disk_and_a_tap_nic_migrates_under_fio_and_a_ping_flood() {
     use vback_tests::netns::Netns;
@@ -337,6 +339,48 @@ fn a_guest_with_a_qcow2_disk_and_a_tap_nic_migrates_under_fio_and_a_ping_flood()
     let mut na_d = netback("1", &na, &nca);
     let mut nb_d = netback("2", &nb, &ncb);
 
+    // A disc of 4 MiB of noise, and a cdrom for each QEMU: the destination's `--incoming`
+    // (without it, its power-on unit attention fails the guest's read in progress).
+    let src = d.join("iso-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut x = 0x9e37_79b9u32;
+    let noise: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(src.join("noise.bin"), &noise).unwrap();
+    let iso = d.join("disc.iso");
+    let st = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-V", "MIGRATE", "-r", "-o"])
+        .arg(&iso)
+        .arg(&src)
+        .status()
+        .expect("genisoimage (scripts/setup.sh)");
+    assert!(st.success());
+    let md5 = std::process::Command::new("md5sum")
+        .arg(&iso)
+        .output()
+        .unwrap();
+    let md5 = String::from_utf8_lossy(&md5.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let cd = format!("tap:cdrom:{}", iso.display());
+    let (cda, cdb) = (d.join("cda.sock"), d.join("cdb.sock"));
+    let (cdca, cdcb) = (d.join("cda.ctl"), d.join("cdb.ctl"));
+    let cdrom = |sock: &Path, ctl: &Path, extra: &[&str], log: &str| {
+        let mut args = vec!["--disk", &cd, "--control", ctl.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        vback_tests::process::vback_daemon("cdrom", sock, &args, &d.join(log)).unwrap()
+    };
+    let mut cda_d = cdrom(&cda, &cdca, &[], "cda.log");
+    let mut cdb_d = cdrom(&cdb, &cdcb, &["--incoming"], "cdb.log");
+
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = watch_locks(ca.clone(), cb.clone(), stop.clone());
     // fio and a ping flood (busybox: the next echo as soon as the reply came, at least every
@@ -348,7 +392,10 @@ check mig 'wait_dev /dev/vda && { fio --name=v --filename=/dev/vda --direct=1 --
   --iodepth=16 --rw=randwrite --bs=4k --size=32M --time_based --runtime=14 --verify=crc32c \
   --verify_fatal=1 --verify_backlog=256 --randrepeat=0 --output-format=terse >/tmp/fio.out; \
   echo fio-status=$? >/tmp/fio.st; } & ping -q -A -i 0.01 -w 14 10.231.9.20 >/tmp/ping.out 2>&1 & \
-  sleep 3; echo VBACK-HOST:migrate; wait; cut -d";" -f5,6 /tmp/fio.out; cat /tmp/fio.st; cat /tmp/ping.out'
+  { wait_dev /dev/sr0; end=$(( $(date +%s) + 14 )); while [ $(date +%s) -lt $end ]; do \
+    echo md5=$(dd if=/dev/sr0 bs=64k iflag=direct 2>>/tmp/dd.err | md5sum | cut -d" " -f1); done >/tmp/cd.out; } & \
+  sleep 3; echo VBACK-HOST:migrate; wait; cut -d";" -f5,6 /tmp/fio.out; cat /tmp/fio.st; cat /tmp/ping.out; cat /tmp/cd.out; \
+  grep -i error /tmp/dd.err; dmesg | grep -i -E "sr0|scsi" | tail -5'
 check after 'ping -c 3 -W 2 10.231.9.20 | tail -2; echo VBACK-HOST:fdb; sleep 2'
 "#;
     // The bridge's forwarding table while the guest runs on B (a vif whose front end went
@@ -367,10 +414,12 @@ check after 'ping -c 3 -W 2 10.231.9.20 | tail -2; echo VBACK-HOST:fdb; sleep 2'
         })
         .vhost_blk(&sa, "")
         .vhost_net(&na, &format!("mac={mac}"))
+        .vhost_scsi(&cda, "")
         .migrate_to(
             vback_tests::Guest::new()
                 .vhost_blk(&sb, "")
-                .vhost_net(&nb, &format!("mac={mac}")),
+                .vhost_net(&nb, &format!("mac={mac}"))
+                .vhost_scsi(&cdb, ""),
         )
         .run(script)
         .unwrap_or_else(|e| panic!("{e}\n--- a ---\n{}\n--- b ---\n{}", a.log(), b.log()));
@@ -378,11 +427,13 @@ check after 'ping -c 3 -W 2 10.231.9.20 | tail -2; echo VBACK-HOST:fdb; sleep 2'
     let (both, polls) = watcher.join().unwrap();
     let logs = || {
         format!(
-            "--- blkback a ---\n{}\n--- blkback b ---\n{}\n--- netback a ---\n{}\n--- netback b ---\n{}",
+            "--- blkback a ---\n{}\n--- blkback b ---\n{}\n--- netback a ---\n{}\n--- netback b ---\n{}\n--- cdrom a ---\n{}\n--- cdrom b ---\n{}",
             a.log(),
             b.log(),
             na_d.log(),
-            nb_d.log()
+            nb_d.log(),
+            cda_d.log(),
+            cdb_d.log()
         )
     };
     eprintln!("{}\n{}", run.summary(), logs());
@@ -392,6 +443,15 @@ check after 'ping -c 3 -W 2 10.231.9.20 | tail -2; echo VBACK-HOST:fdb; sleep 2'
         out.contains("fio-status=0"),
         "fio failed across the migration:\n{out}\n{}",
         logs()
+    );
+    let sums: Vec<&str> = out.lines().filter_map(|l| l.strip_prefix("md5=")).collect();
+    assert!(
+        sums.len() >= 3,
+        "the disc was read across the migration: {out}"
+    );
+    assert!(
+        sums.iter().all(|s| *s == md5),
+        "every read of the disc has its md5 {md5}: {sums:?}\n{out}"
     );
     let (sent, got) = ping_summary(&out);
     let lost = sent - got.min(sent);
@@ -414,25 +474,40 @@ check after 'ping -c 3 -W 2 10.231.9.20 | tail -2; echo VBACK-HOST:fdb; sleep 2'
         tx_b > 100 && rx_b > 100,
         "the destination netback carries the guest's traffic: tx {tx_b} rx {rx_b}"
     );
-    assert!(
-        na_d.log().contains("dirty page logging on"),
-        "the source netback logged dirty pages: {}",
-        na_d.log()
-    );
     assert!(polls > 10, "the lock states were watched ({polls} polls)");
     assert!(!both, "both blkbacks held the image lock at once");
-    for (who, log) in [("blkback", a.log()), ("netback", na_d.log())] {
+    for (who, log) in [
+        ("blkback", a.log()),
+        ("netback", na_d.log()),
+        ("cdrom", cda_d.log()),
+    ] {
+        assert!(
+            log.contains("dirty page logging on"),
+            "the source {who} logged dirty pages: {log}"
+        );
         assert!(
             !log.contains("beyond the"),
             "the source {who} logged only addresses inside guest memory: {log}"
         );
     }
+    let medium_locked = |ctl: &Path| {
+        ControlClient::connect(ctl)
+            .unwrap()
+            .call("status", Value::Null)
+            .unwrap()["device"]["medium_locked"]
+            .as_bool()
+    };
+    assert_eq!(
+        (medium_locked(&cdca), medium_locked(&cdcb)),
+        (Some(false), Some(true)),
+        "the disc's lock moved to the destination's cdrom"
+    );
     assert!(
         b.log().contains("read its metadata anew"),
         "the destination read the qcow2 metadata at the handoff: {}",
         b.log()
     );
-    for p in [&mut a, &mut b, &mut na_d, &mut nb_d] {
+    for p in [&mut a, &mut b, &mut na_d, &mut nb_d, &mut cda_d, &mut cdb_d] {
         assert_eq!(
             p.terminate(Duration::from_secs(10)).and_then(|s| s.code()),
             Some(0)
