@@ -13,6 +13,16 @@ use vback_common::control::ControlClient;
 use vback_tests::frontend::{BlkDriver, DESC_WRITE, SharedMemory, blk_layout};
 use vback_tests::process::{Daemon, blkback};
 
+/// The guest tests migrate one at a time: a migration's downtime (and so the ping flood's loss)
+/// grows with the CPU the other QEMUs take from it on a 2-core machine.
+static QEMUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_migration_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    QEMUS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn image_locked(ctl: &Path) -> bool {
     let st = ControlClient::connect(ctl)
         .unwrap()
@@ -187,6 +197,7 @@ fn watch_locks(
 
 #[test]
 fn a_guest_running_fio_verify_migrates_to_a_second_qemu_with_an_incoming_blkback() {
+    let _alone = one_migration_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b, [sa, sb, ca, cb]) = Pair::start(dir.path(), 64 << 20).parts();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -282,6 +293,7 @@ fn ping_summary(out: &str) -> (u64, u64) {
 /// `qemu-img check` clean (no leaks) once both blkbacks have exited.
 #[test]
 fn a_guest_with_a_qcow2_disk_and_a_tap_nic_migrates_under_fio_and_a_ping_flood() {
+    let _alone = one_migration_at_a_time();
     use vback_tests::netns::Netns;
     use vback_tests::qemu_tools::{path_str, qcow2_create, qemu_img};
 
