@@ -81,8 +81,16 @@ impl Iterator for Qcow2Ops {
 
     fn next(&mut self) -> Option<Qcow2Op> {
         self.n += 1;
-        let off = self.rand() % self.size / 512 * 512;
-        let len = ((self.rand() % (192 << 10)) / 512 + 1) * 512;
+        let (off, len) = if self.rand().is_multiple_of(4) {
+            // Whole 64 KiB clusters, aligned: a first write of them is split by the metadata
+            // worker (data on its engine, mapped when written).
+            let c = 64 << 10;
+            let off = self.rand() % self.size / c * c;
+            (off, (1 + self.rand() % 3) * c)
+        } else {
+            let off = self.rand() % self.size / 512 * 512;
+            (off, ((self.rand() % (192 << 10)) / 512 + 1) * 512)
+        };
         let len = len.min(self.size - off);
         Some(if self.rand().is_multiple_of(8) {
             Qcow2Op::Zero { off, len }

@@ -37,8 +37,14 @@ pub use header::{Compression, Header, HeaderError};
 use l2::{COPIED, Ext, L2Cache, OFFSET_MASK, ZERO, decode_l2};
 pub use shared::DataPath;
 
-/// Clusters reserved (refcounts raised, made durable) at a time, in bytes.
+/// Clusters reserved (refcounts raised, made durable) at a time, in bytes, at first.
 const RESERVE_BYTES: u64 = 8 << 20;
+/// The most reserved at a time: a reservation used up within [`FAST_RESERVATION`] doubles the
+/// next one (each costs an fdatasync, and a guest filling a fresh image at disk speed would
+/// otherwise wait for one every few milliseconds); a slower one halves it.
+const MAX_RESERVE_BYTES: u64 = 256 << 20;
+/// See [`MAX_RESERVE_BYTES`].
+const FAST_RESERVATION: std::time::Duration = std::time::Duration::from_secs(1);
 /// Pending refcount decrements before a flush is forced.
 const MAX_PENDING_FREES: usize = 65536;
 /// The default backing chain depth limit.
@@ -229,6 +235,48 @@ pub struct CheckReport {
     pub image_end_offset: u64,
 }
 
+/// Most clusters one prepared write covers (2 MiB of 64 KiB clusters).
+const MAX_PREPARED_CLUSTERS: u64 = 32;
+
+/// An allocating write between [`Image::prepare_write`] and [`Image::commit_write`] (or
+/// [`Image::abandon_write`]): the host clusters its data goes to.
+#[derive(Debug)]
+pub struct PreparedWrite {
+    guest: u64,
+    clusters: Vec<PreparedCluster>,
+}
+
+#[derive(Debug)]
+struct PreparedCluster {
+    /// The L2 table and entry that will map it.
+    l2: u64,
+    idx: usize,
+    /// The new host cluster.
+    host: u64,
+    /// What the entry mapped before (freed at the next flush once replaced).
+    old: Ext,
+}
+
+impl PreparedWrite {
+    /// Where the data goes: (host offset, length) runs in guest order, consecutive clusters
+    /// merged.
+    pub fn extents(&self, cluster_size: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for c in &self.clusters {
+            match out.last_mut() {
+                Some((h, l)) if *h + *l == c.host => *l += cluster_size,
+                _ => out.push((c.host, cluster_size)),
+            }
+        }
+        out
+    }
+
+    /// The guest range it covers.
+    pub fn range(&self, cluster_size: u64) -> (u64, u64) {
+        (self.guest, self.clusters.len() as u64 * cluster_size)
+    }
+}
+
 /// Guest clusters as [`CheckReport`] counts them.
 #[derive(Debug, Clone, Copy, Default)]
 struct Allocation {
@@ -249,6 +297,9 @@ pub struct Image {
     /// Next reserved cluster to hand out, and the end of the reservation.
     next: u64,
     reserved_end: u64,
+    /// The size of the next reservation, and when the current one was made.
+    reserve_bytes: u64,
+    reserved_at: Option<std::time::Instant>,
     /// Host clusters whose refcount drops at the next flush.
     pending_free: Vec<u64>,
     /// The last decompressed cluster: (layer, host offset, data).
@@ -458,6 +509,8 @@ impl Image {
             end: file_len.div_ceil(cs) * cs,
             next: 0,
             reserved_end: 0,
+            reserve_bytes: RESERVE_BYTES,
+            reserved_at: None,
             pending_free: Vec::new(),
             decompressed: None,
             #[cfg(test)]
@@ -1417,14 +1470,55 @@ impl Image {
     fn alloc_cluster(&mut self) -> Result<u64> {
         if self.next >= self.reserved_end {
             let cs = self.cluster_size();
-            let n = (RESERVE_BYTES / cs).clamp(1, 4096);
+            let now = std::time::Instant::now();
+            if let Some(at) = self.reserved_at {
+                self.reserve_bytes = if now.duration_since(at) < FAST_RESERVATION {
+                    (self.reserve_bytes * 2).min(MAX_RESERVE_BYTES)
+                } else {
+                    (self.reserve_bytes / 2).max(RESERVE_BYTES)
+                };
+            }
+            let n = (self.reserve_bytes / cs).clamp(1, 4096);
             let start = self.alloc_contiguous(n)?;
             self.next = start;
             self.reserved_end = start + n * cs;
+            self.reserved_at = Some(now);
+            self.extend_file(start, n * cs);
         }
         let h = self.next;
         self.next += self.cluster_size();
         Ok(h)
+    }
+
+    /// Makes the file reach past a new reservation (`len` bytes at `start`), so that data
+    /// written there does not extend the file: a write past the end of the file is serialized
+    /// by the file system (it changes the size), one at the end of every new cluster would
+    /// stop the writes in flight from overlapping. Allocated (`fallocate`) where the file
+    /// system can, else a hole (`ftruncate`). Best effort: a failure (no space) only leaves the
+    /// writes to extend the file themselves, and fail as they would have.
+    fn extend_file(&self, start: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let f = &self.layers[0].file;
+        let Ok(size) = f.metadata().map(|m| m.len()) else {
+            return;
+        };
+        let end = start + len;
+        if size >= end {
+            return;
+        }
+        let from = size.max(start);
+        // SAFETY: fallocate takes plain integers; the descriptor is open for the call.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                0,
+                from as libc::off_t,
+                (end - from) as libc::off_t,
+            )
+        };
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            let _ = f.set_len(end);
+        }
     }
 
     /// Returns cluster `h`, just handed out by [`Image::alloc_cluster`] and referenced by
@@ -1810,6 +1904,103 @@ impl Image {
         self.maybe_flush()
     }
 
+    /// First half of an allocating write whose data the caller writes itself (the metadata
+    /// worker, with O_DIRECT from the guest's buffers, several in flight): if `[guest, guest +
+    /// len)` covers whole clusters of an image with standard L2 entries and none of them is
+    /// data referenced once (so every one needs a new host cluster and nothing is copied on
+    /// write), allocates their host clusters (and any L2 table they need) and returns where
+    /// the data goes. `None`: the write is not of that kind (use [`Image::write`]). Until
+    /// [`Image::commit_write`] nothing maps the new clusters: a reader sees the old contents,
+    /// and the caller must not let another request touch the range meanwhile.
+    pub fn prepare_write(&mut self, guest: u64, len: u64) -> Result<Option<PreparedWrite>> {
+        let cs = self.cluster_size();
+        if self.top().h.extended_l2()
+            || len == 0
+            || !guest.is_multiple_of(cs)
+            || !len.is_multiple_of(cs)
+            || len > MAX_PREPARED_CLUSTERS * cs
+        {
+            return Ok(None);
+        }
+        self.check_writable(guest, len)?;
+        // Look first, allocate only if every cluster qualifies.
+        let mut olds = Vec::with_capacity((len / cs) as usize);
+        for g in (guest..guest + len).step_by(cs as usize) {
+            let (ext, _) = self.lookup(0, g)?;
+            match ext {
+                Ext::Data { copied: true, .. } => return Ok(None),
+                Ext::Zero {
+                    cluster,
+                    copied: true,
+                } if cluster != 0 => return Ok(None),
+                old => olds.push(old),
+            }
+        }
+        self.test_gate();
+        let mut clusters: Vec<PreparedCluster> = Vec::with_capacity(olds.len());
+        for (i, old) in olds.into_iter().enumerate() {
+            let g = guest + i as u64 * cs;
+            let slot = self.l2_for_write(g).and_then(|(off, idx)| {
+                let h = self.alloc_cluster()?;
+                Ok((off, idx, h))
+            });
+            match slot {
+                Ok((l2, idx, host)) => clusters.push(PreparedCluster { l2, idx, host, old }),
+                Err(e) => {
+                    self.abandon_write(PreparedWrite { guest, clusters });
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Some(PreparedWrite { guest, clusters }))
+    }
+
+    /// Second half of a prepared write, once its data is written: maps the clusters (data
+    /// before the L2 entry that maps it, as [`Image::write`]) and frees the old ones at the next
+    /// flush. Publish the range to the data path afterwards.
+    pub fn commit_write(&mut self, w: PreparedWrite) -> Result<()> {
+        let mut rest = w.clusters.into_iter();
+        while let Some(c) = rest.next() {
+            if let Err(e) = self.set_l2(c.l2, c.idx, c.host | COPIED) {
+                // This entry may have reached the file: its cluster stays taken; the others
+                // were never mapped.
+                let undone: Vec<_> = rest.collect();
+                self.abandon_write(PreparedWrite {
+                    guest: w.guest,
+                    clusters: undone,
+                });
+                return Err(e);
+            }
+            self.free_later(c.old);
+        }
+        Ok(())
+    }
+
+    /// Gives up a prepared write whose data could not be written: its clusters go back to the
+    /// reservation when they were the last handed out, else they stay allocated and unused (a
+    /// leak `qemu-img check` reports, never a corruption).
+    pub fn abandon_write(&mut self, w: PreparedWrite) {
+        for c in w.clusters.iter().rev() {
+            self.unalloc_cluster(c.host);
+        }
+    }
+
+    /// Writes data bytes at host offset `off` of the top image (the rest of a split write's
+    /// data after a short transfer), through the image's own descriptor.
+    pub fn write_data(&self, data: &[u8], off: u64) -> std::io::Result<()> {
+        self.layers[0].file.write_all_at(data, off)
+    }
+
+    /// The error of a split write's data that could not be written at guest offset `guest`.
+    pub fn data_error(&self, source: std::io::Error, guest: u64) -> Qcow2Error {
+        Qcow2Error::Io {
+            path: self.path().to_owned(),
+            op: "write data",
+            offset: guest,
+            source,
+        }
+    }
+
     fn maybe_flush(&mut self) -> Result<()> {
         if self.pending_free.len() > MAX_PENDING_FREES {
             self.flush()?;
@@ -1968,13 +2159,25 @@ impl Image {
             return Ok(());
         }
         self.flush()?;
+        let mut unused_tail = None;
         if self.next < self.reserved_end {
             let cs = self.cluster_size();
             let n = (self.reserved_end - self.next) / cs;
             self.set_refcounts(self.next, n, 0)?;
+            if self.reserved_end == self.end {
+                // Nothing lies past the reservation: the file can end where its use ends.
+                unused_tail = Some(self.next);
+            }
             self.next = self.reserved_end;
         }
         self.sync()?;
+        if let Some(end) = unused_tail
+            && self.layers[0].file.set_len(end).is_ok()
+        {
+            self.end = end;
+            self.next = end;
+            self.reserved_end = end;
+        }
         self.writable = false;
         Ok(())
     }
