@@ -96,7 +96,10 @@ struct Workload {
     target: Target,
     pattern: Pattern,
     bs: usize,
+    /// Requests in flight in all, spread over `queues` client queues (each backend serves as
+    /// many device queues).
     qd: usize,
+    queues: usize,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -106,6 +109,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "null-randread-qd32",
@@ -113,6 +117,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "file-randread-qd1",
@@ -120,6 +125,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "file-randread-qd32",
@@ -127,6 +133,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "file-randwrite-qd1",
@@ -134,6 +141,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandWrite,
         bs: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "file-randwrite-qd32",
@@ -141,6 +149,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandWrite,
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "file-seqread-128k-qd8",
@@ -148,6 +157,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::SeqRead,
         bs: 128 << 10,
         qd: 8,
+        queues: 1,
     },
     Workload {
         name: "qcow2-randread-qd1",
@@ -155,6 +165,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 1,
+        queues: 1,
     },
     Workload {
         name: "qcow2-randread-qd32",
@@ -162,6 +173,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandRead,
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "qcow2-randwrite-qd32",
@@ -169,6 +181,7 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::RandWrite,
         bs: 4096,
         qd: 32,
+        queues: 1,
     },
     Workload {
         name: "qcow2-firstwrite-64k-qd8",
@@ -176,6 +189,15 @@ const WORKLOADS: &[Workload] = &[
         pattern: Pattern::SeqWrite,
         bs: 64 << 10,
         qd: 8,
+        queues: 1,
+    },
+    Workload {
+        name: "qcow2-firstwrite-64k-qd8-4q",
+        target: Target::Qcow2Fresh,
+        pattern: Pattern::SeqWrite,
+        bs: 64 << 10,
+        qd: 8,
+        queues: 4,
     },
 ];
 
@@ -234,19 +256,22 @@ fn drive(
     b.set_str("path", &socket.to_string_lossy())
         .map_err(|x| e("path", x))?;
     b.connect().map_err(|x| e("connect", x))?;
-    // A poll queue: the client busy-waits for completions (as fio's --hipri would), so what is
+    // Poll queues: the client busy-waits for completions (as fio's --hipri would), so what is
     // measured is the backend, not the client's own wake-up latency.
-    let (nq, npq) = if client_poll { (0, 1) } else { (1, 0) };
+    let n = w.queues as i32;
+    let (nq, npq) = if client_poll { (0, n) } else { (n, 0) };
     b.set_i32("num-queues", nq)
         .map_err(|x| e("num-queues", x))?;
     b.set_i32("num-poll-queues", npq)
         .map_err(|x| e("num-poll-queues", x))?;
-    let mut started = b.start().map_err(|x| e("start", x))?;
-    let mut q = if client_poll {
-        started.poll_queues.remove(0)
+    let started = b.start().map_err(|x| e("start", x))?;
+    let mut queues = if client_poll {
+        started.poll_queues
     } else {
-        started.queues.remove(0)
+        started.queues
     };
+    // Slot `s` (a buffer) belongs to queue `s % queues`.
+    let nqueues = queues.len().max(1);
     let region = b.alloc_mem_region(w.bs * w.qd).map_err(|x| e("alloc", x))?;
     b.map_mem_region(&region).map_err(|x| e("map", x))?;
     let base = region.addr as *mut u8;
@@ -278,7 +303,7 @@ fn drive(
     };
     for slot in 0..w.qd {
         let off = next_offset(&mut rng);
-        submit(&mut q, slot, off);
+        submit(&mut queues[slot % nqueues], slot, off);
     }
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
@@ -289,9 +314,14 @@ fn drive(
     let warm = t0 + Duration::from_millis(secs * 100);
     let mut counted_from = None;
     let mut in_flight = w.qd;
+    // One queue: wait in do_io. Several: look at each in turn without waiting.
+    let min = usize::from(nqueues == 1);
+    let mut turn = 0;
     while in_flight > 0 {
-        let n = q
-            .do_io(&mut completions, 1, None, None)
+        let qi = turn % nqueues;
+        turn += 1;
+        let n = queues[qi]
+            .do_io(&mut completions, min, None, None)
             .map_err(|x| e("do_io", x))?;
         let now = Instant::now();
         if counted_from.is_none() && now >= warm {
@@ -306,7 +336,7 @@ fn drive(
             done += 1;
             if now < deadline {
                 let off = next_offset(&mut rng);
-                submit(&mut q, c.user_data, off);
+                submit(&mut queues[qi], c.user_data, off);
             } else {
                 in_flight -= 1;
             }
@@ -316,7 +346,7 @@ fn drive(
     let elapsed = Instant::now().duration_since(from).as_secs_f64();
     let n = (done - done_before) as f64;
     let iops = n / elapsed;
-    drop(q);
+    drop(queues);
     drop(b);
     Ok(Result1 {
         iops,
@@ -364,12 +394,18 @@ fn host_fio(file: &Path, w: &Workload, secs: u64) -> Result<Result1, String> {
     })
 }
 
-fn start_blkback(dir: &Path, disk: &str, extra: &[String]) -> Result<Daemon, String> {
+fn start_blkback(
+    dir: &Path,
+    disk: &str,
+    queues: usize,
+    extra: &[String],
+) -> Result<Daemon, String> {
     let sock = dir.join("blkback.sock");
     let mut cmd = pinned(&workspace_bin("blkback").map_err(|e| e.to_string())?);
     cmd.arg("--socket")
         .arg(&sock)
         .args(["--disk", disk, "--log-level", "warn"])
+        .args(["--queues", &queues.to_string()])
         .args(extra);
     let mut d =
         Daemon::spawn("blkback", cmd, &dir.join("blkback.log")).map_err(|e| e.to_string())?;
@@ -378,7 +414,13 @@ fn start_blkback(dir: &Path, disk: &str, extra: &[String]) -> Result<Daemon, Str
     Ok(d)
 }
 
-fn start_qsd(dir: &Path, target: Target, file: &Path, size: u64) -> Result<Daemon, String> {
+fn start_qsd(
+    dir: &Path,
+    target: Target,
+    file: &Path,
+    size: u64,
+    queues: usize,
+) -> Result<Daemon, String> {
     let sock = dir.join("qsd.sock");
     let qsd = which("qemu-storage-daemon").ok_or("qemu-storage-daemon not found (qemu-utils)")?;
     let mut cmd = pinned(&qsd);
@@ -400,7 +442,7 @@ fn start_qsd(dir: &Path, target: Target, file: &Path, size: u64) -> Result<Daemo
         )),
     };
     cmd.arg("--export").arg(format!(
-        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
         sock.display()
     ));
     let mut d = Daemon::spawn("qemu-storage-daemon", cmd, &dir.join("qsd.log"))
@@ -449,6 +491,9 @@ fn median(mut runs: Vec<Result<Result1, String>>) -> Result<Result1, String> {
 
 /// Runs the benchmark and prints the table.
 pub fn run(args: &Args) -> Result<(), String> {
+    // A ratio taken while other work loads the machine is not a result: record the load, here
+    // before this run's own setup (writing the test file) raises it.
+    let load = load_average();
     pin_self(1);
     let tmp = match &args.dir {
         Some(d) => tempfile::Builder::new()
@@ -512,13 +557,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
 
     // Idle RSS of blkback with a file disk and one front end connected then gone.
-    let mut idle = start_blkback(dir, &file_disk, &args.blkback_args)?;
+    let mut idle = start_blkback(dir, &file_disk, 1, &args.blkback_args)?;
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = idle.pid().and_then(rss_kib);
     idle.terminate(Duration::from_secs(5));
 
-    // A ratio taken while other work loads the machine is not a result: record the load.
-    let load = load_average();
     match load {
         Some(l) if l >= 1.0 => eprintln!(
             "warning: load average {l:.2} at the start (1 or more): other work is running, and \
@@ -571,11 +614,11 @@ pub fn run(args: &Args) -> Result<(), String> {
         let (mut bbs, mut qss, mut fios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.repeat {
             bbs.push(measure(
-                &|| start_blkback(dir, bb_disk, &args.blkback_args),
+                &|| start_blkback(dir, bb_disk, w.queues, &args.blkback_args),
                 "blkback.sock",
             ));
             qss.push(measure(
-                &|| start_qsd(dir, w.target, qsd_file, args.size),
+                &|| start_qsd(dir, w.target, qsd_file, args.size, w.queues),
                 "qsd.sock",
             ));
             // Host fio measures the raw file only (the limit of the raw rows).

@@ -61,8 +61,9 @@ pub struct Config {
     pub page_cache: bool,
     /// Which I/O engine.
     pub engine: EngineChoice,
-    /// Busy-poll window after activity (zero: never poll).
-    pub poll: std::time::Duration,
+    /// Busy-poll window after activity (zero: never poll); None: [`DEFAULT_POLL`], unless
+    /// there are more queues than CPUs to run them on (then no polling).
+    pub poll: Option<std::time::Duration>,
     /// Offer in-flight tracking (on unless a test turns it off).
     pub inflight: bool,
     /// qcow2 images: metadata cache size and backing chain policy (`writable` is set from
@@ -145,6 +146,23 @@ pub enum Error {
     Hotplug(#[from] HotplugError),
 }
 
+/// The busy-poll window when `--poll-us` is not given and every queue has a CPU.
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(32);
+
+/// The CPUs this process may run on (its affinity mask; 1 if it cannot be read).
+fn usable_cpus() -> usize {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`, which
+    // lives on our stack for the call.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return 1;
+    }
+    // SAFETY: CPU_COUNT reads the set we own.
+    (unsafe { libc::CPU_COUNT(&set) }).max(1) as usize
+}
+
 /// Opens the disk and builds the backend (without serving it).
 pub fn build(config: &Config) -> Result<BlkBackend, Error> {
     let read_only = !config.mode.writable();
@@ -196,6 +214,19 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
         max_discard_sectors: (1 << 30) / 512,
         last_error: Mutex::new(None),
     });
+    let poll = config.poll.unwrap_or_else(|| {
+        let cpus = usable_cpus();
+        if usize::from(config.queues) > cpus {
+            log::info!(
+                "{} queues on {cpus} CPU(s): queues do not busy-poll (one would take the CPU \
+                 another needs); --poll-us sets it anyway",
+                config.queues
+            );
+            std::time::Duration::ZERO
+        } else {
+            DEFAULT_POLL
+        }
+    });
     let mut workers = Vec::new();
     for q in 0..usize::from(config.queues) {
         let io = dev
@@ -203,7 +234,7 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
             .open_queue(u32::from(queue_size))
             .map_err(Error::Queue)?;
         let mut w = Worker::new(q, dev.clone(), Some(io), usize::from(queue_size));
-        w.set_poll(config.poll);
+        w.set_poll(poll);
         workers.push(w);
     }
     let backend = BlkBackend::new(dev.clone(), workers, queue_size, config.inflight, lock);

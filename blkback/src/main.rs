@@ -91,8 +91,10 @@ struct Args {
     /// Busy-poll each queue for this many microseconds after the last request or completion
     /// (four times as long while I/O is in flight) before sleeping again, like QEMU's iothread
     /// polling: lower latency at low queue depth for some CPU time. 0 disables polling.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 32)]
-    poll_us: u64,
+    /// Default: 32, or 0 when there are more queues than CPUs blkback may run on (a polling
+    /// queue would take the CPU another queue needs).
+    #[arg(long, value_name = "MICROSECONDS")]
+    poll_us: Option<u64>,
 
     /// qcow2: memory for cached L2 tables (the metadata mapping guest to host clusters), shared
     /// by the images of the chain; at least two tables per image are kept whatever this says.
@@ -233,7 +235,7 @@ fn main() -> ExitCode {
             Engine::IoUring => EngineChoice::IoUring,
             Engine::ThreadPool => EngineChoice::ThreadPool,
         },
-        poll: std::time::Duration::from_micros(args.poll_us),
+        poll: args.poll_us.map(std::time::Duration::from_micros),
         inflight: !args.no_inflight,
         incoming: args.incoming,
         qcow2: vback_block::qcow2::OpenOptions {
