@@ -149,6 +149,16 @@ pub enum Error {
 /// The busy-poll window when `--poll-us` is not given and every queue has a CPU.
 pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(32);
 
+/// The busy-poll window without `--poll-us`: [`DEFAULT_POLL`] while every queue has a CPU of
+/// its own, else none.
+fn default_poll(queues: u16, cpus: usize) -> std::time::Duration {
+    if usize::from(queues) > cpus {
+        std::time::Duration::ZERO
+    } else {
+        DEFAULT_POLL
+    }
+}
+
 /// The CPUs this process may run on (its affinity mask; 1 if it cannot be read).
 fn usable_cpus() -> usize {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
@@ -216,16 +226,15 @@ pub fn build(config: &Config) -> Result<BlkBackend, Error> {
     });
     let poll = config.poll.unwrap_or_else(|| {
         let cpus = usable_cpus();
-        if usize::from(config.queues) > cpus {
+        let poll = default_poll(config.queues, cpus);
+        if poll.is_zero() {
             log::info!(
                 "{} queues on {cpus} CPU(s): queues do not busy-poll (one would take the CPU \
                  another needs); --poll-us sets it anyway",
                 config.queues
             );
-            std::time::Duration::ZERO
-        } else {
-            DEFAULT_POLL
         }
+        poll
     });
     let mut workers = Vec::new();
     for q in 0..usize::from(config.queues) {
@@ -296,4 +305,18 @@ fn serve(config: &Config) -> Result<(), Error> {
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_poll_only_when_each_has_a_cpu() {
+        assert_eq!(default_poll(1, 1), DEFAULT_POLL);
+        assert_eq!(default_poll(2, 2), DEFAULT_POLL);
+        assert!(default_poll(4, 1).is_zero());
+        assert!(default_poll(3, 2).is_zero());
+        assert!(usable_cpus() >= 1);
+    }
 }
