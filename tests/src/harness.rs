@@ -842,51 +842,19 @@ impl Migration {
     }
 }
 
-/// A QMP client (one command at a time; events are skipped).
-struct Qmp {
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-}
+/// A QMP connection (vback's QMP client) with errors as messages.
+struct Qmp(vback_qmp::Qmp);
 
 impl Qmp {
     fn connect(path: &Path) -> Result<Qmp, String> {
-        let s = std::os::unix::net::UnixStream::connect(path)
-            .map_err(|e| format!("cannot connect to QMP at {}: {e}", path.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let writer = s.try_clone().map_err(|e| e.to_string())?;
-        let mut q = Qmp {
-            reader: std::io::BufReader::new(s),
-            writer,
-        };
-        q.line()?; // the greeting
-        q.execute("qmp_capabilities", serde_json::json!({}))?;
-        Ok(q)
-    }
-
-    fn line(&mut self) -> Result<serde_json::Value, String> {
-        use std::io::BufRead;
-        let mut l = String::new();
-        match self.reader.read_line(&mut l) {
-            Ok(0) => Err("QMP closed".into()),
-            Ok(_) => serde_json::from_str(&l).map_err(|e| format!("QMP sent `{l}`: {e}")),
-            Err(e) => Err(format!("reading QMP: {e}")),
-        }
+        vback_qmp::Qmp::connect(path, Duration::from_secs(30))
+            .map(Qmp)
+            .map_err(|e| e.to_string())
     }
 
     /// Runs `cmd`; its `return` value, or its error as the message.
     fn execute(&mut self, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
-        let req = serde_json::json!({"execute": cmd, "arguments": args});
-        writeln!(self.writer, "{req}").map_err(|e| format!("writing QMP: {e}"))?;
-        loop {
-            let v = self.line()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(format!("QMP {cmd}: {e}"));
-            }
-        }
+        self.0.execute(cmd, args).map_err(|e| e.to_string())
     }
 }
 
