@@ -22,7 +22,14 @@ fn image() -> &'static std::path::Path {
 fuzz_target!(|data: &[u8]| {
     let medium = std::fs::File::open(image())
         .ok()
-        .and_then(|file| Medium::new(image().to_owned(), file, 64 * 1024 + 100, None).ok());
+        .and_then(|file| Medium::new(
+            image().to_owned(),
+            file,
+            64 * 1024 + 100,
+            None,
+            vback_block::lock::LockMode::None,
+        )
+        .ok());
     let mut cd = Cdrom::new(medium, "fuzz");
     // A sequence of commands: [alloc_lo, alloc_hi, len, cdb...]*
     let mut rest = data;

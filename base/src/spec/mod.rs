@@ -5,17 +5,21 @@
 //! - [`vif`]: network interface specs, `key=value` lists such as
 //!   `bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms`;
 //! - [`rate`]: Xen's `rate=RATE[@INTERVAL]` credit windows;
-//! - [`size`]: byte sizes with binary suffixes (`512M`, `1G`).
+//! - [`size`]: byte sizes with binary suffixes (`512M`, `1G`);
+//! - [`domain`]: whole domain files in xm/xl style (`name=`, `memory=`, `disk=[...]`,
+//!   `vif=[...]`, ...).
 //!
 //! Every malformed string yields a [`SpecError`] whose message names the bad part and says
 //! what is accepted.
 
 pub mod disk;
+pub mod domain;
 pub mod rate;
 pub mod size;
 pub mod vif;
 
 pub use disk::{DiskArg, DiskEntry, DiskMode, DiskUname, ImageFormat, Vdev};
+pub use domain::{DomainConfig, DomainConfigError};
 pub use rate::Rate;
 pub use size::parse_size;
 pub use vif::{MacAddr, VifSpec};
