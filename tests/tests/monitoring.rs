@@ -41,11 +41,31 @@ fn null_disk(dir: &Path, name: &str) -> vback_tests::process::Daemon {
     .unwrap()
 }
 
-/// The rows of `vbctl top -b` output for the device named `name`, split into columns.
-fn rows<'a>(out: &'a str, name: &str) -> Vec<Vec<&'a str>> {
+/// The rows of `vbctl top` output for device `vdev` of `domain` (indented below the domain's
+/// row), split into columns.
+fn rows<'a>(out: &'a str, domain: &str, vdev: &str) -> Vec<Vec<&'a str>> {
+    let mut in_domain = false;
+    let mut found = Vec::new();
+    for l in out.lines() {
+        let c: Vec<&str> = l.split_whitespace().collect();
+        if c.is_empty() {
+            continue;
+        }
+        if !l.starts_with(' ') {
+            in_domain = c[0] == domain && c.get(1) == Some(&"dom");
+        } else if in_domain && l.starts_with("  ") && c[0] == vdev {
+            found.push(c);
+        }
+    }
+    found
+}
+
+/// The rows of `vbctl top` output for `domain` itself (its devices folded in).
+fn domain_rows<'a>(out: &'a str, domain: &str) -> Vec<Vec<&'a str>> {
     out.lines()
+        .filter(|l| !l.starts_with(' '))
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|c| c.first() == Some(&name))
+        .filter(|c| c.first() == Some(&domain) && c.get(1) == Some(&"dom"))
         .collect()
 }
 
@@ -104,7 +124,7 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     );
 
     let pid = busy.pid().unwrap().to_string();
-    let busy_rows = rows(&stdout, "alice/busy");
+    let busy_rows = rows(&stdout, "alice", "busy");
     assert_eq!(busy_rows.len(), 2, "{stdout}");
     for r in &busy_rows {
         // DEVICE KIND PID RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
@@ -119,15 +139,39 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
         );
         assert_eq!(r[10], "0", "no errors: {stdout}");
     }
-    for r in rows(&stdout, "alice/idle") {
+    for r in rows(&stdout, "alice", "idle") {
         assert_eq!(&r[3..5], ["0", "0"], "the idle disk: {stdout}");
         assert_eq!(r[7], "-", "no latency without requests: {stdout}");
     }
-    let dead_rows = rows(&stdout, "alice/dead");
+    let dead_rows = rows(&stdout, "alice", "dead");
     assert_eq!(dead_rows.len(), 2, "{stdout}");
     for r in dead_rows {
         assert_eq!(r[3], "gone", "the killed daemon: {stdout}");
     }
+    // The domain's row, above its devices: all three folded in, the busy disk's reads in its
+    // totals (the idle one adds none, the killed one nothing).
+    let alice = domain_rows(&stdout, "alice");
+    assert_eq!(alice.len(), 2, "one alice row per report: {stdout}");
+    for r in &alice {
+        // DOMAIN dom NDEV RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
+        assert_eq!(r[2], "3dev", "{stdout}");
+        assert_ne!(r[3], "0", "the busy disk's reads: {stdout}");
+        assert_eq!(r[4], "0", "{stdout}");
+        assert_ne!(r[7], "-", "a read latency: {stdout}");
+        assert_eq!(r[10], "0", "{stdout}");
+    }
+    let first_report: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("DEVICE"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(
+        first_report
+            .first()
+            .is_some_and(|l| l.starts_with("alice ")),
+        "the domain's row comes first, then its devices: {stdout}"
+    );
 
     // One latency sample per read served, on the read histogram.
     let s = stats(&d.join("busy.ctl"));
@@ -369,7 +413,7 @@ fn the_full_screen_view_in_tmux() {
         }
     };
     let busy_reads = |s: &str| {
-        rows(s, "carol/busy")
+        rows(s, "carol", "busy")
             .first()
             .is_some_and(|r| r.len() > 4 && r[1] == "blk" && r[3] != "0" && r[3] != "(new:")
     };
@@ -377,28 +421,35 @@ fn the_full_screen_view_in_tmux() {
     assert!(ok, "the busy disk's reads show on screen:\n{s}");
     assert!(s.contains("DEVICE"), "{s}");
     assert!(s.contains("q quit"), "the keys are shown:\n{s}");
-    let idle_row = rows(&s, "carol/idle");
+    let idle_row = rows(&s, "carol", "idle");
     assert_eq!(idle_row.first().map(|r| r[3]), Some("0"), "{s}");
     for l in s.lines() {
         assert!(l.chars().count() <= 80, "{l:?}");
     }
 
-    // `b` hides block devices, and brings them back.
+    assert!(
+        domain_rows(&s, "carol")
+            .first()
+            .is_some_and(|r| r[2] == "2dev" && r[3] != "0"),
+        "the domain's row folds in the busy disk's reads:\n{s}"
+    );
+
+    // `b` hides block devices (not their domain's row), and brings them back.
     t.keys("b");
     let (ok, s) = until(
         &t,
         || {},
-        |s| rows(s, "carol/busy").is_empty() && s.contains("DEVICE"),
+        |s| rows(s, "carol", "busy").is_empty() && !domain_rows(s, "carol").is_empty(),
     );
     assert!(ok, "b hides block rows:\n{s}");
     t.keys("b");
-    let (ok, s) = until(&t, || {}, |s| !rows(s, "carol/busy").is_empty());
+    let (ok, s) = until(&t, || {}, |s| !rows(s, "carol", "busy").is_empty());
     assert!(ok, "b shows them again:\n{s}");
 
     // A daemon killed mid-view is shown as gone; the view goes on.
     idle.kill();
     let (ok, s) = until(&t, &mut read, |s| {
-        rows(s, "carol/idle")
+        rows(s, "carol", "idle")
             .first()
             .is_some_and(|r| r.get(3) == Some(&"gone"))
     });

@@ -60,10 +60,11 @@ enum Cmd {
         /// Arguments as KEY=VALUE.
         args: Vec<String>,
     },
-    /// Watch daemons like xentop: one row per daemon with read/write rates, latency
-    /// percentiles, requests in flight and errors (block and CD), packet and bit rates (net).
-    /// Batch mode (`-b`) prints plain-text iterations for scripts; without it, a full-screen
-    /// view with xentop's keys (d delay, b block, n network, s sort, q quit).
+    /// Watch daemons like xentop: one row per domain (`<dir>/<domain>/*.ctl`) with its devices
+    /// folded in, then one row per device with read/write rates, latency percentiles, requests
+    /// in flight and errors (block and CD), packet and bit rates (net). Batch mode (`-b`) prints
+    /// plain-text iterations for scripts; without it, a full-screen view with xentop's keys (d
+    /// delay, b block, n network, s sort, q quit).
     Top {
         /// Batch mode: print ITERATIONS reports and exit.
         #[arg(short = 'b', long)]
