@@ -464,3 +464,99 @@ fn the_full_screen_view_in_tmux() {
     }
     assert!(!t.alive(), "q ends vbctl top:\n{}", t.screen());
 }
+
+/// `vbctl top -b` started by the guest (`VBACK-HOST:top`) while it loads both its devices.
+type TopRun = std::sync::Arc<std::sync::Mutex<Option<std::process::Child>>>;
+
+#[test]
+fn top_over_a_guest_loading_its_disk_and_its_nic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = &dir.path().join("dave");
+    std::fs::create_dir(d).unwrap();
+    let _disk = null_disk(d, "xvda");
+    let _nic = vback_tests::process::netback(
+        &d.join("vif0.sock"),
+        &[
+            "--host",
+            "null",
+            "--vif",
+            "mac=00:16:3e:00:00:01",
+            "--control",
+            d.join("vif0.ctl").to_str().unwrap(),
+        ],
+        &d.join("vif0.log"),
+    )
+    .unwrap();
+    let top: TopRun = TopRun::default();
+    let (top2, root) = (top.clone(), dir.path().to_owned());
+    // The guest reads its disk in a loop and sends UDP (fio's net engine) to netback's null
+    // host side, which also sends it a frame every 100 ms; meanwhile the host runs
+    // `vbctl top -b -i 2 -d 1` over the domain.
+    let run = vback_tests::Guest::new()
+        .vhost_blk(d.join("xvda.sock"), "")
+        .vhost_net(d.join("vif0.sock"), "mac=00:16:3e:00:00:01")
+        .timeout(std::time::Duration::from_secs(120))
+        .on_host("top", move || {
+            let child = Command::new(workspace_bin("vbctl").unwrap())
+                .args(["top", "-b", "-i", "2", "-d", "1"])
+                .arg(&root)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            *top2.lock().unwrap() = Some(child);
+        })
+        .run(
+            r#"
+check load 'wait_dev /dev/vda && ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0 && \
+  arp -s 10.99.0.1 02:00:00:00:00:01 && \
+  (while :; do dd if=/dev/vda of=/dev/null bs=4096 count=256 iflag=direct 2>/dev/null; done) & r=$!; \
+  fio --name=udp --ioengine=net --protocol=udp --hostname=10.99.0.1 --port=5000 --rw=write \
+    --bs=1400 --size=4G --time_based --runtime=9 >/tmp/fio.out 2>&1 & f=$!; \
+  sleep 2; echo VBACK-HOST:top; sleep 6; kill $r; wait $f; echo loaded'
+"#,
+        )
+        .expect("the guest runs");
+    eprintln!("guest: {}", run.summary());
+    run.assert_checks(&["load"]);
+    let child = top
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the guest started vbctl top");
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "vbctl top failed: {stderr}\n{stdout}");
+    eprintln!("{stdout}");
+    for l in stdout.lines() {
+        assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
+    }
+    let disk = rows(&stdout, "dave", "xvda");
+    let nic = rows(&stdout, "dave", "vif0");
+    let dom = domain_rows(&stdout, "dave");
+    assert_eq!(
+        (disk.len(), nic.len(), dom.len()),
+        (2, 2, 2),
+        "two reports: {stdout}"
+    );
+    for r in &disk {
+        // DEVICE KIND PID RD/s ...
+        assert_eq!(r[1], "blk", "{stdout}");
+        assert_ne!(r[3], "0", "the guest reads its disk: {stdout}");
+    }
+    for r in &nic {
+        // vif0 net PID rx Npps X.XMb/s tx Npps X.XMb/s drop/s N stall N
+        assert_eq!(&r[1..2], ["net"], "{stdout}");
+        assert_eq!((r[3], r[6]), ("rx", "tx"), "{stdout}");
+        assert_ne!(r[4], "0pps", "netback's frames reach the guest: {stdout}");
+        assert_ne!(r[7], "0pps", "the guest's UDP leaves: {stdout}");
+        assert_ne!(r[8], "0.0Mb/s", "{stdout}");
+    }
+    for r in &dom {
+        assert_eq!(&r[1..3], ["dom", "2dev"], "{stdout}");
+        assert_ne!(r[3], "0", "the disk's reads folded in: {stdout}");
+    }
+}
