@@ -9,7 +9,8 @@
 //! - [`qemu_tools`]: qemu-img and qemu-io, the independent judges of images;
 //! - [`process`]: start daemons (vback backends, qemu-storage-daemon), wait until they listen,
 //!   stop them, read their logs;
-//! - [`qcow2_ops`]: the seeded operation stream of the qcow2 crash test.
+//! - [`qcow2_ops`]: the seeded operation stream of the qcow2 crash test;
+//! - [`vhostmd`]: a reader of vhostmd's metrics disk (what `vbctl host-metrics` writes).
 //!
 //! Nothing here skips silently: a missing QEMU, kernel or tool is an error that fails the test
 //! with the command that fixes it.
@@ -23,6 +24,7 @@ pub mod netns;
 pub mod process;
 pub mod qcow2_ops;
 pub mod qemu_tools;
+pub mod vhostmd;
 
 pub use harness::{Accel, Check, Guest, GuestRun};
 

@@ -41,11 +41,31 @@ fn null_disk(dir: &Path, name: &str) -> vback_tests::process::Daemon {
     .unwrap()
 }
 
-/// The rows of `vbctl top -b` output for the device named `name`, split into columns.
-fn rows<'a>(out: &'a str, name: &str) -> Vec<Vec<&'a str>> {
+/// The rows of `vbctl top` output for device `vdev` of `domain` (indented below the domain's
+/// row), split into columns.
+fn rows<'a>(out: &'a str, domain: &str, vdev: &str) -> Vec<Vec<&'a str>> {
+    let mut in_domain = false;
+    let mut found = Vec::new();
+    for l in out.lines() {
+        let c: Vec<&str> = l.split_whitespace().collect();
+        if c.is_empty() {
+            continue;
+        }
+        if !l.starts_with(' ') {
+            in_domain = c[0] == domain && c.get(1) == Some(&"dom");
+        } else if in_domain && l.starts_with("  ") && c[0] == vdev {
+            found.push(c);
+        }
+    }
+    found
+}
+
+/// The rows of `vbctl top` output for `domain` itself (its devices folded in).
+fn domain_rows<'a>(out: &'a str, domain: &str) -> Vec<Vec<&'a str>> {
     out.lines()
+        .filter(|l| !l.starts_with(' '))
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|c| c.first() == Some(&name))
+        .filter(|c| c.first() == Some(&domain) && c.get(1) == Some(&"dom"))
         .collect()
 }
 
@@ -104,7 +124,7 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
     );
 
     let pid = busy.pid().unwrap().to_string();
-    let busy_rows = rows(&stdout, "alice/busy");
+    let busy_rows = rows(&stdout, "alice", "busy");
     assert_eq!(busy_rows.len(), 2, "{stdout}");
     for r in &busy_rows {
         // DEVICE KIND PID RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
@@ -119,15 +139,39 @@ fn top_shows_a_busy_disk_an_idle_one_and_a_killed_one() {
         );
         assert_eq!(r[10], "0", "no errors: {stdout}");
     }
-    for r in rows(&stdout, "alice/idle") {
+    for r in rows(&stdout, "alice", "idle") {
         assert_eq!(&r[3..5], ["0", "0"], "the idle disk: {stdout}");
         assert_eq!(r[7], "-", "no latency without requests: {stdout}");
     }
-    let dead_rows = rows(&stdout, "alice/dead");
+    let dead_rows = rows(&stdout, "alice", "dead");
     assert_eq!(dead_rows.len(), 2, "{stdout}");
     for r in dead_rows {
         assert_eq!(r[3], "gone", "the killed daemon: {stdout}");
     }
+    // The domain's row, above its devices: all three folded in, the busy disk's reads in its
+    // totals (the idle one adds none, the killed one nothing).
+    let alice = domain_rows(&stdout, "alice");
+    assert_eq!(alice.len(), 2, "one alice row per report: {stdout}");
+    for r in &alice {
+        // DOMAIN dom NDEV RD/s WR/s RDMB/s WRMB/s P50 P99 INFL ERR
+        assert_eq!(r[2], "3dev", "{stdout}");
+        assert_ne!(r[3], "0", "the busy disk's reads: {stdout}");
+        assert_eq!(r[4], "0", "{stdout}");
+        assert_ne!(r[7], "-", "a read latency: {stdout}");
+        assert_eq!(r[10], "0", "{stdout}");
+    }
+    let first_report: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("DEVICE"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(
+        first_report
+            .first()
+            .is_some_and(|l| l.starts_with("alice ")),
+        "the domain's row comes first, then its devices: {stdout}"
+    );
 
     // One latency sample per read served, on the read histogram.
     let s = stats(&d.join("busy.ctl"));
@@ -369,7 +413,7 @@ fn the_full_screen_view_in_tmux() {
         }
     };
     let busy_reads = |s: &str| {
-        rows(s, "carol/busy")
+        rows(s, "carol", "busy")
             .first()
             .is_some_and(|r| r.len() > 4 && r[1] == "blk" && r[3] != "0" && r[3] != "(new:")
     };
@@ -377,28 +421,35 @@ fn the_full_screen_view_in_tmux() {
     assert!(ok, "the busy disk's reads show on screen:\n{s}");
     assert!(s.contains("DEVICE"), "{s}");
     assert!(s.contains("q quit"), "the keys are shown:\n{s}");
-    let idle_row = rows(&s, "carol/idle");
+    let idle_row = rows(&s, "carol", "idle");
     assert_eq!(idle_row.first().map(|r| r[3]), Some("0"), "{s}");
     for l in s.lines() {
         assert!(l.chars().count() <= 80, "{l:?}");
     }
 
-    // `b` hides block devices, and brings them back.
+    assert!(
+        domain_rows(&s, "carol")
+            .first()
+            .is_some_and(|r| r[2] == "2dev" && r[3] != "0"),
+        "the domain's row folds in the busy disk's reads:\n{s}"
+    );
+
+    // `b` hides block devices (not their domain's row), and brings them back.
     t.keys("b");
     let (ok, s) = until(
         &t,
         || {},
-        |s| rows(s, "carol/busy").is_empty() && s.contains("DEVICE"),
+        |s| rows(s, "carol", "busy").is_empty() && !domain_rows(s, "carol").is_empty(),
     );
     assert!(ok, "b hides block rows:\n{s}");
     t.keys("b");
-    let (ok, s) = until(&t, || {}, |s| !rows(s, "carol/busy").is_empty());
+    let (ok, s) = until(&t, || {}, |s| !rows(s, "carol", "busy").is_empty());
     assert!(ok, "b shows them again:\n{s}");
 
     // A daemon killed mid-view is shown as gone; the view goes on.
     idle.kill();
     let (ok, s) = until(&t, &mut read, |s| {
-        rows(s, "carol/idle")
+        rows(s, "carol", "idle")
             .first()
             .is_some_and(|r| r.get(3) == Some(&"gone"))
     });
@@ -412,4 +463,100 @@ fn the_full_screen_view_in_tmux() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(!t.alive(), "q ends vbctl top:\n{}", t.screen());
+}
+
+/// `vbctl top -b` started by the guest (`VBACK-HOST:top`) while it loads both its devices.
+type TopRun = std::sync::Arc<std::sync::Mutex<Option<std::process::Child>>>;
+
+#[test]
+fn top_over_a_guest_loading_its_disk_and_its_nic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = &dir.path().join("dave");
+    std::fs::create_dir(d).unwrap();
+    let _disk = null_disk(d, "xvda");
+    let _nic = vback_tests::process::netback(
+        &d.join("vif0.sock"),
+        &[
+            "--host",
+            "null",
+            "--vif",
+            "mac=00:16:3e:00:00:01",
+            "--control",
+            d.join("vif0.ctl").to_str().unwrap(),
+        ],
+        &d.join("vif0.log"),
+    )
+    .unwrap();
+    let top: TopRun = TopRun::default();
+    let (top2, root) = (top.clone(), dir.path().to_owned());
+    // The guest reads its disk in a loop and sends UDP (fio's net engine) to netback's null
+    // host side, which also sends it a frame every 100 ms; meanwhile the host runs
+    // `vbctl top -b -i 2 -d 1` over the domain.
+    let run = vback_tests::Guest::new()
+        .vhost_blk(d.join("xvda.sock"), "")
+        .vhost_net(d.join("vif0.sock"), "mac=00:16:3e:00:00:01")
+        .timeout(std::time::Duration::from_secs(120))
+        .on_host("top", move || {
+            let child = Command::new(workspace_bin("vbctl").unwrap())
+                .args(["top", "-b", "-i", "2", "-d", "1"])
+                .arg(&root)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            *top2.lock().unwrap() = Some(child);
+        })
+        .run(
+            r#"
+check load 'wait_dev /dev/vda && ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0 && \
+  arp -s 10.99.0.1 02:00:00:00:00:01 && \
+  (while :; do dd if=/dev/vda of=/dev/null bs=4096 count=256 iflag=direct 2>/dev/null; done) & r=$!; \
+  fio --name=udp --ioengine=net --protocol=udp --hostname=10.99.0.1 --port=5000 --rw=write \
+    --bs=1400 --size=4G --time_based --runtime=9 >/tmp/fio.out 2>&1 & f=$!; \
+  sleep 2; echo VBACK-HOST:top; sleep 6; kill $r; wait $f; echo loaded'
+"#,
+        )
+        .expect("the guest runs");
+    eprintln!("guest: {}", run.summary());
+    run.assert_checks(&["load"]);
+    let child = top
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the guest started vbctl top");
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "vbctl top failed: {stderr}\n{stdout}");
+    eprintln!("{stdout}");
+    for l in stdout.lines() {
+        assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
+    }
+    let disk = rows(&stdout, "dave", "xvda");
+    let nic = rows(&stdout, "dave", "vif0");
+    let dom = domain_rows(&stdout, "dave");
+    assert_eq!(
+        (disk.len(), nic.len(), dom.len()),
+        (2, 2, 2),
+        "two reports: {stdout}"
+    );
+    for r in &disk {
+        // DEVICE KIND PID RD/s ...
+        assert_eq!(r[1], "blk", "{stdout}");
+        assert_ne!(r[3], "0", "the guest reads its disk: {stdout}");
+    }
+    for r in &nic {
+        // vif0 net PID rx Npps X.XMb/s tx Npps X.XMb/s drop/s N stall N
+        assert_eq!(&r[1..2], ["net"], "{stdout}");
+        assert_eq!((r[3], r[6]), ("rx", "tx"), "{stdout}");
+        assert_ne!(r[4], "0pps", "netback's frames reach the guest: {stdout}");
+        assert_ne!(r[7], "0pps", "the guest's UDP leaves: {stdout}");
+        assert_ne!(r[8], "0.0Mb/s", "{stdout}");
+    }
+    for r in &dom {
+        assert_eq!(&r[1..3], ["dom", "2dev"], "{stdout}");
+        assert_ne!(r[3], "0", "the disk's reads folded in: {stdout}");
+    }
 }

@@ -1,15 +1,17 @@
 //! vbctl: the operator's command-line tool for vback.
 //!
 //! Today it talks to a backend's control socket (`status`, `stats`, `call`), watches every
-//! daemon (`top`, `exporter`) and checks Xen configuration strings (`check-disk`, `check-vif`,
-//! `check-rate`). It links `vback-api` and `vback-base` only: no vhost-user or storage code. The xm-style verbs
-//! (`block-attach`, `usb-attach`, ...) arrive with the backends that implement them.
+//! daemon (`top`, `exporter`), writes host metrics for guests (`host-metrics`) and checks Xen
+//! configuration strings (`check-disk`, `check-vif`, `check-rate`). It links `vback-api` and
+//! `vback-base` only: no vhost-user or storage code. The xm-style verbs (`block-attach`,
+//! `usb-attach`, ...) arrive with the backends that implement them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 mod exporter;
+mod host_metrics;
 mod top;
 
 use clap::{Parser, Subcommand};
@@ -58,10 +60,11 @@ enum Cmd {
         /// Arguments as KEY=VALUE.
         args: Vec<String>,
     },
-    /// Watch daemons like xentop: one row per daemon with read/write rates, latency
-    /// percentiles, requests in flight and errors (block and CD), packet and bit rates (net).
-    /// Batch mode (`-b`) prints plain-text iterations for scripts; without it, a full-screen
-    /// view with xentop's keys (d delay, b block, n network, s sort, q quit).
+    /// Watch daemons like xentop: one row per domain (`<dir>/<domain>/*.ctl`) with its devices
+    /// folded in, then one row per device with read/write rates, latency percentiles, requests
+    /// in flight and errors (block and CD), packet and bit rates (net). Batch mode (`-b`) prints
+    /// plain-text iterations for scripts; without it, a full-screen view with xentop's keys (d
+    /// delay, b block, n network, s sort, q quit).
     Top {
         /// Batch mode: print ITERATIONS reports and exit.
         #[arg(short = 'b', long)]
@@ -84,6 +87,32 @@ enum Cmd {
         listen: String,
         /// Control sockets, or directories searched for `*.ctl` (and one level of
         /// subdirectories); default /run/vback.
+        paths: Vec<PathBuf>,
+    },
+    /// Write host metrics for guests in vhostmd's metrics disk format: the host's name, CPUs,
+    /// memory, paging and CPU time, and each domain's device counters, every INTERVAL seconds.
+    /// Attach the file to a guest read-only (`tap:aio:/dev/shm/vhostmd0,xvdb,r`) and read it there
+    /// with vhostmd's `vm-dump-metrics`.
+    HostMetrics {
+        /// The metrics disk file, updated in place (created full size if missing).
+        #[arg(short = 'o', long, value_name = "FILE", default_value = host_metrics::DEFAULT_OUTPUT)]
+        output: PathBuf,
+        /// Seconds between updates (vhostmd's default update period is 5).
+        #[arg(short = 'i', long, value_name = "SECONDS", default_value_t = 5.0)]
+        interval: f64,
+        /// Write the disk once and exit.
+        #[arg(long)]
+        once: bool,
+        /// The disk's size: bytes, or with K or M (a multiple of 512 between 1024 and 256M;
+        /// the default is what vhostmd's shipped configuration sets).
+        #[arg(long, value_name = "SIZE", default_value = "256K")]
+        size: String,
+        /// Only this domain (repeatable); default every domain found. A guest's vhostmd
+        /// reader expects its own metrics only: give each guest its own disk and --domain.
+        #[arg(long = "domain", value_name = "NAME")]
+        domains: Vec<String>,
+        /// Control sockets, or directories searched for `*.ctl` (and one level of
+        /// subdirectories: `<dir>/<domain>/<vdev>.ctl`); default /run/vback.
         paths: Vec<PathBuf>,
     },
     /// Check a disk uname (`tap:qcow:/path`) or a full entry (`UNAME,VDEV,MODE` or SXP) and
@@ -113,6 +142,7 @@ Examples:
   vbctl call /run/vback/alice-xvda.ctl resize size=20G
   vbctl top -b -i 2 -d 1 /run/vback
   vbctl exporter --listen 127.0.0.1:9477
+  vbctl host-metrics --output /dev/shm/vhostmd0 --interval 5 --domain alice
   vbctl check-disk 'tap:qcow:/var/lib/xen/images/alice/disk0,xvda,w'
   vbctl check-vif 'bridge=br0,mac=00:16:3e:4f:94:a9,rate=100Mb/s@20ms'
 
@@ -220,6 +250,34 @@ fn run(cmd: Cmd, timeout: Duration) -> Result<(), String> {
                 paths
             };
             exporter::serve(&listen, &paths, timeout).map_err(|e| e.to_string())?;
+        }
+        Cmd::HostMetrics {
+            output,
+            interval,
+            once,
+            size,
+            domains,
+            paths,
+        } => {
+            if !(interval.is_finite() && interval > 0.0) {
+                return Err("--interval must be a positive number of seconds".into());
+            }
+            let size = host_metrics::parse_size(&size).map_err(|e| e.to_string())?;
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(top::DEFAULT_DIR)]
+            } else {
+                paths
+            };
+            host_metrics::run(
+                &output,
+                size,
+                Duration::from_secs_f64(interval),
+                once,
+                &paths,
+                &domains,
+                timeout,
+            )
+            .map_err(|e| e.to_string())?;
         }
         Cmd::CheckDisk { spec } => {
             let arg = DiskArg::parse(&spec).map_err(|e| e.to_string())?;

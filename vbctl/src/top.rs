@@ -1,6 +1,7 @@
 //! `vbctl top`: a xentop for vback's daemons. Batch mode (`-b`) prints plain-text iterations for
-//! scripts: one row per daemon, rates computed between two samples, 80 columns; without it a
-//! full-screen view (ratatui) redraws the same rows with xentop's keys.
+//! scripts: one row per domain with its devices folded in, then one per device, rates computed
+//! between two samples, 80 columns; without it a full-screen view (ratatui) redraws the same
+//! rows with xentop's keys.
 //!
 //! Everything here reads the typed API's uniform counters and histograms, so a row needs no
 //! knowledge of a device kind beyond which counters to show.
@@ -230,6 +231,83 @@ pub fn device_name(rel: &Path) -> String {
     s.strip_suffix(".ctl").unwrap_or(&s).to_owned()
 }
 
+/// What a row shows: rates over one interval and gauges, for one device or summed over a
+/// domain's.
+#[derive(Debug, Default)]
+struct Totals {
+    reads: f64,
+    writes: f64,
+    read_bytes: f64,
+    write_bytes: f64,
+    latency: Histogram,
+    in_flight: u64,
+    errors: u64,
+    rx_packets: f64,
+    rx_bytes: f64,
+    tx_packets: f64,
+    tx_bytes: f64,
+    drops: f64,
+    stalls: u64,
+}
+
+impl Totals {
+    /// Adds a device: its gauges from `cur`, its rates if `prev` is an earlier sample of the
+    /// same process.
+    fn add(&mut self, prev: Option<&Sample>, cur: &Sample) {
+        let cc = &cur.stats.counters;
+        self.in_flight += total(cc, "in_flight");
+        self.errors += total(cc, "errors");
+        self.stalls += total(cc, "rx_rate_limited_stalls") + total(cc, "tx_rate_limited_stalls");
+        let Some(p) = prev.filter(|p| p.pid == cur.pid) else {
+            return;
+        };
+        let secs = cur.at.duration_since(p.at).as_secs_f64();
+        let r = |n: &str| rate(&p.stats.counters, cc, n, secs);
+        self.reads += if short_kind(&cur.kind) == "cd" {
+            r("read")
+        } else {
+            r("reads")
+        };
+        self.writes += r("writes");
+        self.read_bytes += r("read_bytes");
+        self.write_bytes += r("write_bytes");
+        self.latency.merge(&interval_latency(&p.stats, &cur.stats));
+        self.rx_packets += r("rx_packets");
+        self.rx_bytes += r("rx_bytes");
+        self.tx_packets += r("tx_packets");
+        self.tx_bytes += r("tx_bytes");
+        self.drops += r("rx_drops") + r("tx_drops");
+    }
+
+    /// The block and CD columns.
+    fn block_cols(&self) -> String {
+        format!(
+            "{:>6} {:>6} {:>6.1} {:>6.1} {:>6} {:>6} {:>4} {:>4}",
+            format_rate(self.reads),
+            format_rate(self.writes),
+            self.read_bytes / 1e6,
+            self.write_bytes / 1e6,
+            format_ns(self.latency.quantile(0.5)),
+            format_ns(self.latency.quantile(0.99)),
+            self.in_flight,
+            self.errors,
+        )
+    }
+
+    /// The net columns.
+    fn net_cols(&self) -> String {
+        format!(
+            "rx {}pps {:.1}Mb/s tx {}pps {:.1}Mb/s drop/s {} stall {}",
+            format_rate(self.rx_packets),
+            self.rx_bytes * 8.0 / 1e6,
+            format_rate(self.tx_packets),
+            self.tx_bytes * 8.0 / 1e6,
+            format_rate(self.drops),
+            self.stalls,
+        )
+    }
+}
+
 /// One device's row: rates between `prev` and `cur`, or why there is none.
 pub fn row(name: &str, prev: Option<&Sample>, cur: &Result<Sample, String>) -> String {
     let name: String = name.chars().take(14).collect();
@@ -241,52 +319,62 @@ pub fn row(name: &str, prev: Option<&Sample>, cur: &Result<Sample, String>) -> S
         Ok(s) => {
             let kind = short_kind(&s.kind);
             let _ = write!(line, "{name:<14} {kind:<4} {:>6} ", s.pid);
-            let Some(p) = prev.filter(|p| p.pid == s.pid) else {
+            if prev.is_none_or(|p| p.pid != s.pid) {
                 line.push_str("(new: rates from the next sample)");
                 return fit(line);
-            };
-            let secs = s.at.duration_since(p.at).as_secs_f64();
-            let (pc, cc) = (&p.stats.counters, &s.stats.counters);
-            let r = |n: &str| rate(pc, cc, n, secs);
-            match kind {
-                "net" => {
-                    let drops = r("rx_drops") + r("tx_drops");
-                    let _ = write!(
-                        line,
-                        "rx {}pps {:.1}Mb/s tx {}pps {:.1}Mb/s drop/s {} stall {}",
-                        format_rate(r("rx_packets")),
-                        r("rx_bytes") * 8.0 / 1e6,
-                        format_rate(r("tx_packets")),
-                        r("tx_bytes") * 8.0 / 1e6,
-                        format_rate(drops),
-                        total(cc, "rx_rate_limited_stalls") + total(cc, "tx_rate_limited_stalls"),
-                    );
-                }
-                _ => {
-                    let lat = interval_latency(&p.stats, &s.stats);
-                    let reads = if kind == "cd" { r("read") } else { r("reads") };
-                    let errors = total(cc, "errors");
-                    let _ = write!(
-                        line,
-                        "{:>6} {:>6} {:>6.1} {:>6.1} {:>6} {:>6} {:>4} {:>4}",
-                        format_rate(reads),
-                        format_rate(r("writes")),
-                        r("read_bytes") / 1e6,
-                        r("write_bytes") / 1e6,
-                        format_ns(lat.quantile(0.5)),
-                        format_ns(lat.quantile(0.99)),
-                        total(cc, "in_flight"),
-                        errors,
-                    );
-                    if kind == "cd" {
-                        let tray = s.device["tray"].as_str().unwrap_or("?");
-                        let _ = write!(line, " tray {tray}");
-                    }
+            }
+            let mut t = Totals::default();
+            t.add(prev, s);
+            if kind == "net" {
+                line.push_str(&t.net_cols());
+            } else {
+                line.push_str(&t.block_cols());
+                if kind == "cd" {
+                    let tray = s.device["tray"].as_str().unwrap_or("?");
+                    let _ = write!(line, " tray {tray}");
                 }
             }
         }
     }
     fit(line)
+}
+
+/// A domain's row: its devices folded in, `KIND` `dom` and the number of devices in the `PID`
+/// column. The block columns sum its block and CD devices (latency percentiles over all their
+/// requests; devices that did not answer or restarted add no rates); a domain with network
+/// devices only shows their summed net columns instead.
+pub fn domain_row(domain: &str, devices: &[(Option<&Sample>, &Result<Sample, String>)]) -> String {
+    let name: String = domain.chars().take(14).collect();
+    let (mut blk, mut net) = (Totals::default(), Totals::default());
+    let (mut has_blk, mut has_net) = (false, false);
+    for (p, s) in devices {
+        let Ok(s) = s else { continue };
+        if short_kind(&s.kind) == "net" {
+            has_net = true;
+            net.add(*p, s);
+        } else {
+            has_blk = true;
+            blk.add(*p, s);
+        }
+    }
+    let cols = if has_net && !has_blk {
+        net.net_cols()
+    } else {
+        blk.block_cols()
+    };
+    fit(format!(
+        "{name:<14} {:<4} {:>6} {cols}",
+        "dom",
+        format!("{}dev", devices.len())
+    ))
+}
+
+/// A row's name split into its domain and device (`alice/xvda`), or no domain.
+fn split_name(name: &str) -> (Option<&str>, &str) {
+    match name.split_once('/') {
+        Some((d, v)) => (Some(d), v),
+        None => (None, name),
+    }
 }
 
 /// Cuts a line to [`WIDTH`] characters.
@@ -321,10 +409,14 @@ pub fn batch(
             delay.as_secs_f64(),
             header()
         );
-        for (p, s) in &cur {
-            let before = prev.get(p).and_then(|r| r.as_ref().ok());
-            let name = names.get(p).map_or("?", String::as_str);
-            text.push_str(&row(name, before, s));
+        let all = View {
+            delay,
+            block: true,
+            net: true,
+            by_rate: false,
+        };
+        for r in screen_rows(&all, &names, &prev, &cur) {
+            text.push_str(&r);
             text.push('\n');
         }
         text.push('\n');
@@ -517,6 +609,107 @@ mod tests {
     }
 
     #[test]
+    fn domains_fold_their_devices_then_list_them() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut net0 = blk(t0, 0, 0, &[]);
+        net0.kind = "netback".into();
+        net0.stats.counters = counters_from_device(&serde_json::json!({"rx_packets": 100,
+            "rx_bytes": 150_000, "tx_packets": 0, "tx_bytes": 0}));
+        let mut net1 = net0.clone();
+        net1.at = t1;
+        net1.stats.counters = counters_from_device(&serde_json::json!({"rx_packets": 1100,
+            "rx_bytes": 1_650_000, "tx_packets": 0, "tx_bytes": 0}));
+        let p = |s: &str| PathBuf::from(s);
+        let paths = [
+            "aaron/xvda",
+            "alice/xvda",
+            "alice/xvdb",
+            "alice/vif0",
+            "bob/vif0",
+            "lone",
+        ];
+        let names: BTreeMap<PathBuf, String> =
+            paths.iter().map(|k| (p(k), (*k).to_owned())).collect();
+        // Reads per second: aaron's disk 0, alice's 300 and 900; alice's and bob's NICs
+        // receive 1000 packets per second.
+        let prev = BTreeMap::from([
+            (p(paths[0]), Ok(blk(t0, 5, 0, &[]))),
+            (p(paths[1]), Ok(blk(t0, 100, 0, &[]))),
+            (p(paths[2]), Ok(blk(t0, 100, 0, &[]))),
+            (p(paths[3]), Ok(net0.clone())),
+            (p(paths[4]), Ok(net0)),
+            (p(paths[5]), Ok(blk(t0, 0, 0, &[]))),
+        ]);
+        let cur = BTreeMap::from([
+            (p(paths[0]), Ok(blk(t1, 5, 0, &[]))),
+            (p(paths[1]), Ok(blk(t1, 400, 0, &[]))),
+            (p(paths[2]), Ok(blk(t1, 1000, 0, &[]))),
+            (p(paths[3]), Ok(net1.clone())),
+            (p(paths[4]), Ok(net1)),
+            (p(paths[5]), Err("no reply".to_owned())),
+        ]);
+        let mut v = View {
+            delay: Duration::from_secs(1),
+            block: true,
+            net: true,
+            by_rate: false,
+        };
+        let first = |rows: &[String]| -> Vec<String> {
+            rows.iter()
+                .map(|r| r.split_whitespace().next().unwrap().to_owned())
+                .collect()
+        };
+        let rows = screen_rows(&v, &names, &prev, &cur);
+        for r in &rows {
+            assert!(r.chars().count() <= WIDTH, "{r}");
+        }
+        assert_eq!(
+            first(&rows),
+            [
+                "aaron", "xvda", "alice", "vif0", "xvda", "xvdb", "bob", "vif0", "lone"
+            ],
+            "{rows:#?}"
+        );
+        let cols: Vec<Vec<&str>> = rows
+            .iter()
+            .map(|r| r.split_whitespace().collect())
+            .collect();
+        // alice: 3 devices, its two disks' reads summed (300 + 900 per second), in flight 3 +
+        // 3, errors 1 + 1; its devices indented below.
+        assert_eq!(&cols[2][1..4], ["dom", "3dev", "1.2k"], "{rows:#?}");
+        assert_eq!(&cols[2][9..], ["6", "2"], "{rows:#?}");
+        assert!(rows[4].starts_with("  xvda "), "{rows:#?}");
+        assert_eq!(cols[4][3], "300", "{rows:#?}");
+        // bob has a NIC only: his row shows the net columns.
+        assert_eq!(
+            &cols[6][1..6],
+            ["dom", "1dev", "rx", "1.0kpps", "12.0Mb/s"],
+            "{rows:#?}"
+        );
+        assert_eq!(&cols[8][1..], ["-", "-", "no", "reply"], "{rows:#?}");
+        // `b` hides block devices' rows, not their domains' (nor a daemon of unknown kind).
+        v.block = false;
+        let rows = screen_rows(&v, &names, &prev, &cur);
+        assert_eq!(
+            first(&rows),
+            ["aaron", "alice", "vif0", "bob", "vif0", "lone"],
+            "{rows:#?}"
+        );
+        // Sorted by rate: the busiest domain first, and its busiest device.
+        v.block = true;
+        v.by_rate = true;
+        let rows = screen_rows(&v, &names, &prev, &cur);
+        assert_eq!(
+            first(&rows),
+            [
+                "alice", "vif0", "xvdb", "xvda", "bob", "vif0", "aaron", "xvda", "lone"
+            ],
+            "{rows:#?}"
+        );
+    }
+
+    #[test]
     fn formats_fit_their_columns() {
         assert_eq!(format_ns(Some(850)), "850ns");
         assert_eq!(format_ns(Some(12_345)), "12.3us");
@@ -570,23 +763,34 @@ pub fn key(view: &View, c: char) -> Option<View> {
     Some(v)
 }
 
-/// The rows of one screen, in the view's order and filter: `(name, row text)`.
+/// The rows of one screen (and of a batch report), in the view's order and filter: each
+/// domain's row (`<dir>/<domain>/<vdev>.ctl`) followed by its devices' rows, named `  vdev`;
+/// a socket outside a domain's directory has its own row, unindented. `b` and `n` hide device
+/// rows, not domains; sorting by rate orders domains (and devices within them) by reads plus
+/// received packets per second.
 pub fn screen_rows(
     view: &View,
     names: &BTreeMap<PathBuf, String>,
     prev: &BTreeMap<PathBuf, Result<Sample, String>>,
     cur: &BTreeMap<PathBuf, Result<Sample, String>>,
 ) -> Vec<String> {
-    let mut rows: Vec<(f64, String, String)> = Vec::new();
+    struct Dev<'a> {
+        busy: f64,
+        name: &'a str,
+        prev: Option<&'a Sample>,
+        cur: &'a Result<Sample, String>,
+        shown: bool,
+    }
+    // By domain (or, for a socket outside one, by its name: `None` marks it).
+    let mut groups: BTreeMap<&str, (Option<&str>, Vec<Dev>)> = BTreeMap::new();
     for (p, s) in cur {
         let name = names.get(p).map_or("?", String::as_str);
         let before = prev.get(p).and_then(|r| r.as_ref().ok());
         let kind = s.as_ref().map_or("", |s| short_kind(&s.kind));
-        if (kind == "net" && !view.net) || ((kind == "blk" || kind == "cd") && !view.block) {
-            continue;
-        }
+        let shown =
+            !((kind == "net" && !view.net) || ((kind == "blk" || kind == "cd") && !view.block));
         let busy = match (before, s) {
-            (Some(b), Ok(s)) => {
+            (Some(b), Ok(s)) if b.pid == s.pid => {
                 let secs = s.at.duration_since(b.at).as_secs_f64();
                 let (pc, cc) = (&b.stats.counters, &s.stats.counters);
                 ["reads", "read", "rx_packets"]
@@ -596,12 +800,44 @@ pub fn screen_rows(
             }
             _ => 0.0,
         };
-        rows.push((busy, name.to_owned(), row(name, before, s)));
+        let (domain, vdev) = split_name(name);
+        let g = groups
+            .entry(domain.unwrap_or(name))
+            .or_insert((domain, Vec::new()));
+        g.1.push(Dev {
+            busy,
+            name: vdev,
+            prev: before,
+            cur: s,
+            shown,
+        });
     }
+    let mut ordered: Vec<(f64, &str, Option<&str>, Vec<Dev>)> = groups
+        .into_iter()
+        .map(|(key, (domain, devs))| (devs.iter().map(|d| d.busy).sum(), key, domain, devs))
+        .collect();
     if view.by_rate {
-        rows.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        ordered.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
     }
-    rows.into_iter().map(|r| r.2).collect()
+    let mut rows = Vec::new();
+    for (_, key, domain, mut devs) in ordered {
+        let Some(domain) = domain else {
+            // A socket of its own: one row, if its kind is shown.
+            for d in devs.iter().filter(|d| d.shown) {
+                rows.push(row(key, d.prev, d.cur));
+            }
+            continue;
+        };
+        let all: Vec<_> = devs.iter().map(|d| (d.prev, d.cur)).collect();
+        rows.push(domain_row(domain, &all));
+        if view.by_rate {
+            devs.sort_by(|a, b| b.busy.total_cmp(&a.busy).then_with(|| a.name.cmp(b.name)));
+        }
+        for d in devs.iter().filter(|d| d.shown) {
+            rows.push(row(&format!("  {}", d.name), d.prev, d.cur));
+        }
+    }
+    rows
 }
 
 /// The full-screen view: like the batch mode, redrawn every delay until `q`, with xentop's
